@@ -1,0 +1,71 @@
+"""Report files: written atomically, never with NaN, always with the environment they were measured in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = "1.0"
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and an ``os.replace``.
+
+    A reader (or a Ctrl-C) never sees a half-written file: either the old content or the new.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Serialise ``data`` strictly (``allow_nan=False``: NaN is not JSON) and write it atomically."""
+    text = json.dumps(data, indent=2, allow_nan=False, sort_keys=False, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "value") and hasattr(obj, "name"):  # enums
+        return obj.value
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def git_sha(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """The current commit, or ``None`` outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """The environment block of every report: device facts, git sha and a UTC timestamp."""
+    from ryzen_opt.device import device_info
+
+    env = device_info(device)
+    env["git_sha"] = git_sha()
+    env["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return env

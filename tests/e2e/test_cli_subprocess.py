@@ -1,0 +1,51 @@
+"""Drive the installed `ryzen-opt` console script as a user would: a subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _cli() -> list[str]:
+    exe = shutil.which("ryzen-opt")
+    return [exe] if exe else [sys.executable, "-m", "ryzen_opt"]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*_cli(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False)
+
+
+def test_help() -> None:
+    proc = _run("--help")
+    assert proc.returncode == 0
+    assert "run" in proc.stdout
+    assert "env" in proc.stdout
+
+
+def test_env_json_subprocess() -> None:
+    proc = _run("env", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["versions"]["torch"]
+
+
+def test_unknown_command_is_usage_error() -> None:
+    proc = _run("frobnicate")
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
+
+
+@pytest.mark.slow
+def test_run_writes_report_in_cwd(tmp_path: Path) -> None:
+    proc = _run("run", "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "ryzen_results" / "phase2_final_report.json").read_text())
+    assert report["schema_version"]
+    assert report["environment"]["versions"]["torch"]
+    assert not list((tmp_path / "ryzen_results").glob(".*.tmp")), "a temp file was left behind"
