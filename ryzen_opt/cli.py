@@ -68,6 +68,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# The quality bars of the reference models (issue #3): what `ryzen-opt zoo --eval` compares against.
+ZOO_BARS = {"target_top1": 0.25, "draft_agreement": 0.60}
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from ryzen_opt import zoo
+
+    path = zoo.build(args.recipe, force=args.force, progress=not args.json)
+    build = json.loads((path / "build.json").read_text())
+    if not args.eval:
+        if args.json:
+            print(json.dumps({"path": str(path), "build": build}, indent=2))
+        else:
+            print(f"zoo {args.recipe!r}: {path}")
+            print(
+                f"trained {build['steps']} steps, {build['tokens']} tokens, {build['tokens_per_s']:.0f} tokens/s, "
+                f"{build['build_seconds']:.0f}s to build"
+            )
+        return 0
+    quality = zoo.evaluate_zoo(args.recipe)
+    quality["path"] = str(path)
+    quality["bars"] = ZOO_BARS
+    if args.json:
+        print(json.dumps(quality, indent=2))
+        return 0
+    t, d = quality["target"], quality["draft"]
+    print(f"zoo {args.recipe!r} at {path}: measured on {quality['heldout_tokens']} held-out tokens")
+    print_table(
+        [
+            ("target next-token top-1", f"{t['accuracy']:.4f}", f">= {ZOO_BARS['target_top1']}"),
+            ("target perplexity", f"{t['perplexity']:.1f}", ""),
+            ("draft next-token top-1", f"{d['accuracy']:.4f}", ""),
+            (
+                "draft greedy agreement with target",
+                f"{d['agreement_with_target']:.4f}",
+                f">= {ZOO_BARS['draft_agreement']}",
+            ),
+            ("target greedy distinct-token fraction", f"{quality['generation']['distinct_token_fraction']:.3f}", ""),
+        ],
+        header=("measure", "value", "bar"),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ryzen-opt",
@@ -87,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--device", default=None, help="override the config's device (auto|cpu|cuda|rocm|mps)")
     p_run.add_argument("--output-dir", default=None, help="override the report directory (default ryzen_results/)")
     p_run.set_defaults(func=cmd_run)
+
+    p_zoo = sub.add_parser("zoo", help="train (or load from cache) the reference models and show their quality")
+    p_zoo.add_argument("--recipe", default="default", choices=("default", "tiny"), help="which zoo (default: default)")
+    p_zoo.add_argument("--eval", action="store_true", help="measure held-out quality now")
+    p_zoo.add_argument("--force", action="store_true", help="retrain even if an intact cached copy exists")
+    p_zoo.add_argument("--json", action="store_true", help="print JSON")
+    p_zoo.set_defaults(func=cmd_zoo)
     return parser
 
 

@@ -17,8 +17,8 @@ def _cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "ryzen_opt"]
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _run(*args: str, cwd: Path | None = None, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_extra}
     return subprocess.run([*_cli(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False)
 
 
@@ -43,7 +43,8 @@ def test_unknown_command_is_usage_error() -> None:
 
 @pytest.mark.slow
 def test_run_writes_report_in_cwd(tmp_path: Path) -> None:
-    proc = _run("run", "--device", "cpu", cwd=tmp_path)
+    (tmp_path / "tiny.toml").write_text('zoo_recipe = "tiny"\n')
+    proc = _run("run", "tiny.toml", "--device", "cpu", cwd=tmp_path, RYZEN_OPT_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "ryzen_results" / "phase2_final_report.json").read_text())
     assert report["schema_version"]

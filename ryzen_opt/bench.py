@@ -1,0 +1,572 @@
+"""The paired A/B sampler: how ryzen-opt measures a speedup, and how sure it is.
+
+A speedup (DESIGN.md, "Definitions") is the baseline's time over the candidate's, measured on paired,
+interleaved samples in one process, after warm-up, with the same thread count for both arms. Why each piece:
+
+- **Pairs, not two separate runs.** Machine state drifts (thermal throttling, turbo budgets, a neighbour
+  process). Timing A and B back to back and taking the per-pair ratio cancels drift slower than one pair.
+- **ABBA order** (A-B, B-A, A-B, ...): the classic counterbalanced design from crossover trials. Whichever arm
+  runs second in a pair inherits warmer caches or a cooler core; alternating the order cancels that carry-over
+  to first order instead of handing it to one arm.
+- **Median of the per-pair ratios** with a **percentile bootstrap** interval (Efron & Tibshirani, "An
+  Introduction to the Bootstrap", 1993, ch. 13): timing noise is skewed and has outliers (a GC, an
+  interrupt); the median ignores them and the bootstrap needs no normality assumption.
+- **Three-state verdict**: PASS only when the interval's lower bound clears the threshold, FAIL only when its
+  upper bound is below it, INCONCLUSIVE otherwise, so that noise is never reported as a regression or a win.
+- **Adaptive stopping**: sample until the verdict is decided (or, with no threshold, until the interval is
+  narrow) or a pair/time budget runs out. Stopping at the first of many looks that happens to clear the gate
+  inflates the error rate ("optional stopping": at a true ratio equal to the threshold, 39 looks at a 95%
+  interval PASS about 16% of runs, not 2.5%). So an early stop needs the verdict to hold at a Bonferroni-
+  corrected confidence ``1 - (1 - confidence) / looks``; the reported interval stays at ``confidence``.
+
+The clock is injectable (``timer``) so that the statistics are tested with fake clocks, never real timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+
+from ryzen_opt.errors import ConfigError, RyzenOptError
+
+try:  # flock is released by the kernel when its holder dies: a crashed worker never wedges the suite
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: serial_lock is a logged no-op there
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOCK_NAME = "ryzen_opt_perf.lock"
+STOP_REASONS = ("decided", "max_pairs", "max_time")
+_NS_PER_S = 1e9
+# Fewer pairs than this give no interval worth the name: a bootstrap of 2 values has 3 distinct medians.
+_MIN_PAIRS_FLOOR = 3
+# Cap on elements of one bootstrap block (n_boot x n doubles), so a long run never allocates gigabytes.
+_BOOT_BLOCK_ELEMENTS = 2_000_000
+# Resamples per interval: enough that the quantiles' Monte-Carlo error stays well below timing noise.
+_N_BOOT = 2000
+
+
+class MeasurementError(RyzenOptError, ValueError):
+    """A timing that cannot be a real measurement: zero, negative or non-finite (a coarse or broken timer)."""
+
+
+class Verdict(str, Enum):
+    """Outcome of a speedup gate; see :func:`verdict_for`."""
+
+    PASS = "PASS"
+    FAIL = "FAIL"
+    INCONCLUSIVE = "INCONCLUSIVE"
+
+
+def verdict_for(ci_low: float, ci_high: float, threshold: float) -> Verdict:
+    """Three-state verdict of DESIGN.md: PASS when ``ci_low >= threshold``, FAIL when ``ci_high < threshold``.
+
+    Anything else (the interval straddles the threshold) is INCONCLUSIVE: the data cannot tell, and saying
+    PASS or FAIL would be reporting noise.
+
+    Example:
+        >>> verdict_for(2.1, 2.6, 2.0)
+        <Verdict.PASS: 'PASS'>
+    """
+    if ci_low > ci_high:
+        raise ValueError(f"ci_low ({ci_low!r}) must not exceed ci_high ({ci_high!r})")
+    if ci_low >= threshold:
+        return Verdict.PASS
+    if ci_high < threshold:
+        return Verdict.FAIL
+    return Verdict.INCONCLUSIVE
+
+
+def _check_confidence(confidence: float) -> None:
+    if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
+        raise ConfigError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
+
+
+def bootstrap_ci(
+    ratios: Sequence[float] | np.ndarray,
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+    statistic: Callable[..., Any] = np.median,
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval ``(low, high)`` of ``statistic`` (Efron & Tibshirani 1993, ch. 13).
+
+    Resamples ``ratios`` (finite, at least one) with replacement ``n_boot`` times, vectorised as one
+    ``(n_boot, n)`` index draw, applies ``statistic(samples, axis=1)`` (a numpy reducer; the median by default,
+    robust to timing outliers) and returns its ``(1-c)/2`` and ``(1+c)/2`` quantiles. Seeded with
+    ``numpy.random.default_rng(seed)``: the same data always give the same interval.
+    """
+    _check_confidence(confidence)
+    return _percentile_interval(_bootstrap_distribution(ratios, n_boot, seed, statistic), confidence)
+
+
+def _bootstrap_distribution(
+    ratios: Sequence[float] | np.ndarray, n_boot: int, seed: int, statistic: Callable[..., Any] = np.median
+) -> np.ndarray:
+    """``n_boot`` values of ``statistic`` over resamples of ``ratios`` (vectorised, in bounded blocks)."""
+    data = np.asarray(ratios, dtype=float)
+    if data.ndim != 1 or data.size == 0:
+        raise ValueError(f"bootstrap needs a non-empty 1-D sequence, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"bootstrap got non-finite values: {data[~np.isfinite(data)].tolist()}")
+    if n_boot < 1:
+        raise ConfigError(f"n_boot must be >= 1, got {n_boot!r}")
+    rng = np.random.default_rng(seed)
+    rows_per_block = max(1, _BOOT_BLOCK_ELEMENTS // data.size)
+    stats = np.empty(n_boot, dtype=float)
+    for start in range(0, n_boot, rows_per_block):
+        rows = min(rows_per_block, n_boot - start)
+        stats[start : start + rows] = statistic(data[rng.integers(0, data.size, size=(rows, data.size))], axis=1)
+    return stats
+
+
+def _percentile_interval(stats: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = 1.0 - confidence
+    low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)
+
+
+def _require_finite(owner: str, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{owner}.{name} must be finite (NaN/inf is not JSON and not a measurement), got {value}")
+
+
+@dataclass(frozen=True)
+class SpeedupMeasurement:
+    """One paired A/B measurement: the speedup, its interval, and everything needed to judge it.
+
+    ``ratio`` is the median of ``ratios`` (baseline time / candidate time per pair); ``ci_low``/``ci_high`` the
+    seeded percentile-bootstrap interval of that median at ``confidence``.
+    """
+
+    ratios: tuple[float, ...]
+    ratio: float
+    ci_low: float
+    ci_high: float
+    n: int  # pairs
+    confidence: float
+    baseline_median_s: float
+    candidate_median_s: float
+    cv_baseline: float  # coefficient of variation (std/mean) of the baseline's times: how noisy the arm was
+    cv_candidate: float
+    threshold: float | None
+    verdict: Verdict | None  # None exactly when threshold is None
+    warmup: int  # untimed calls per arm before sampling
+    threads: int  # torch.get_num_threads() while sampling; both arms share it
+    elapsed_s: float  # wall time of the timed sampling (warm-up and lock wait excluded)
+    stopped_because: str  # "decided" | "max_pairs" | "max_time"
+    lock_wait_s: float = 0.0
+    baseline_name: str = "baseline"
+    candidate_name: str = "candidate"
+
+    def __post_init__(self) -> None:
+        # Validate here so that to_dict() is JSON-safe by construction: a NaN never reaches a report.
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        if self.n != len(self.ratios):
+            raise ValueError(f"SpeedupMeasurement.n ({self.n}) != len(ratios) ({len(self.ratios)})")
+        _require_finite("SpeedupMeasurement", {f.name: getattr(self, f.name) for f in fields(self)})
+        if any(not math.isfinite(r) or r <= 0 for r in self.ratios):
+            raise ValueError("SpeedupMeasurement.ratios must be finite and positive")
+        if self.stopped_because not in STOP_REASONS:
+            raise ValueError(f"stopped_because must be one of {STOP_REASONS}, got {self.stopped_because!r}")
+        if (self.threshold is None) != (self.verdict is None):
+            raise ValueError("verdict must be given exactly when threshold is")
+        if self.verdict is not None and not isinstance(self.verdict, Verdict):
+            object.__setattr__(self, "verdict", Verdict(self.verdict))
+
+    def describe(self) -> str:
+        """One line for logs and terminal summaries, e.g. ``2.41x (95% CI 2.30-2.52, 24 pairs)``."""
+        text = f"{self.ratio:.2f}x ({self.confidence * 100:g}% CI {self.ci_low:.2f}-{self.ci_high:.2f}, {self.n} pairs)"
+        if self.verdict is not None:
+            text += f" vs {self.threshold:g}x: {self.verdict.value}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (``json.dumps(..., allow_nan=False)`` accepts it); inverse of :meth:`from_dict`."""
+        data = asdict(self)
+        data["ratios"] = list(self.ratios)
+        data["verdict"] = None if self.verdict is None else self.verdict.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeedupMeasurement:
+        """Rebuild a measurement from :meth:`to_dict` output (e.g. a report read back)."""
+        kwargs = dict(data)
+        kwargs["ratios"] = tuple(kwargs["ratios"])
+        kwargs["verdict"] = None if kwargs.get("verdict") is None else Verdict(kwargs["verdict"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """An A/A comparison (a function against itself): what "no change" looks like on this machine.
+
+    ``smallest_detectable_speedup`` is how far noise alone pushed the A/A interval from 1: its upper bound
+    (or ``1 / ci_low`` when that is farther, e.g. on a run whose interval fell below 1). A real speedup must
+    clear that spread before its own interval's lower bound can clear 1; gates below it cannot PASS reliably.
+    """
+
+    ratio: float
+    ci_low: float
+    ci_high: float
+    n: int
+    smallest_detectable_speedup: float
+    cv: float  # coefficient of variation of the timed calls (RMS of the two arms' CVs)
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        _require_finite("NoiseFloor", {f.name: getattr(self, f.name) for f in fields(self)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (finite by construction)."""
+        return asdict(self)
+
+
+def _cv(times: np.ndarray) -> float:
+    """Coefficient of variation (sample std / mean) of positive times."""
+    if times.size < 2:
+        return 0.0
+    return float(np.std(times, ddof=1) / np.mean(times))
+
+
+def _resolve_sync(sync: Callable[[], None] | None, device: Any) -> Callable[[], None] | None:
+    """An explicit ``sync`` wins; else a CUDA/ROCm device gets ``torch.cuda.synchronize``; CPU needs none.
+
+    Kernels launch asynchronously on a GPU: without a sync the timer measures launch overhead, not the work.
+    """
+    if sync is not None or device is None:
+        return sync
+    dev = torch.device(device)
+    if dev.type == "cuda":
+
+        def _cuda_sync() -> None:
+            torch.cuda.synchronize(dev)
+
+        return _cuda_sync
+    if dev.type == "mps":
+        return torch.mps.synchronize
+    return None
+
+
+def _timed_call(
+    fn: Callable[[], Any], timer: Callable[[], int], sync: Callable[[], None] | None, what: str
+) -> tuple[float, int]:
+    """Run ``fn`` once between two synced timer reads; return ``(duration_ns, stop_timestamp)``."""
+    if sync is not None:
+        sync()  # drain work queued before this call so that it is not billed to it
+    start = timer()
+    fn()
+    if sync is not None:
+        sync()  # wait for this call's own queued work
+    stop = timer()
+    duration = float(stop - start)
+    if not (math.isfinite(duration) and duration > 0):
+        raise MeasurementError(
+            f"{what} measured a non-positive or non-finite time ({duration!r} ns): the timer is too coarse "
+            "for this workload or not monotonic; time a larger unit of work or use time.perf_counter_ns"
+        )
+    return duration, stop
+
+
+def _validate_compare_args(
+    threshold: float | None, min_pairs: int, max_pairs: int, max_time: float, warmup: int, check_every: int
+) -> None:
+    checks = [
+        (min_pairs >= _MIN_PAIRS_FLOOR, f"min_pairs must be >= {_MIN_PAIRS_FLOOR}, got {min_pairs!r}"),
+        (max_pairs >= min_pairs, f"max_pairs must be >= min_pairs ({min_pairs!r}), got {max_pairs!r}"),
+        (max_time > 0, f"max_time must be > 0 seconds (math.inf for no limit), got {max_time!r}"),  # NaN fails too
+        (warmup >= 0, f"warmup must be >= 0, got {warmup!r}"),
+        (check_every >= 1, f"check_every must be >= 1, got {check_every!r}"),
+        (
+            threshold is None or (math.isfinite(threshold) and threshold > 0),
+            f"threshold must be a finite number > 0, got {threshold!r}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def compare(
+    baseline: Callable[[], Any],
+    candidate: Callable[[], Any],
+    *,
+    threshold: float | None = None,
+    min_pairs: int = 10,
+    max_pairs: int = 200,
+    max_time: float = 60.0,
+    warmup: int = 2,
+    confidence: float = 0.95,
+    check_every: int = 5,
+    timer: Callable[[], int] = time.perf_counter_ns,
+    sync: Callable[[], None] | None = None,
+    device: Any = None,
+    baseline_name: str = "baseline",
+    candidate_name: str = "candidate",
+    seed: int = 0,
+    lock: bool | str | os.PathLike[str] | None = None,
+    target_precision: float = 0.02,
+) -> SpeedupMeasurement:
+    """Measure the speedup of ``candidate`` over ``baseline`` on paired, interleaved (ABBA) samples.
+
+    ``warmup`` untimed calls of each arm (compilation, caches, allocator) come first. Then pair ``i`` runs A-B
+    when ``i`` is even and B-A when odd, each call timed alone between two ``sync()``-ed ``timer()`` reads.
+    From ``min_pairs`` on, every ``check_every`` pairs, sampling stops ("decided") when, with a ``threshold``,
+    the Bonferroni-corrected interval (module docstring) gives PASS or FAIL, or, without one, when the
+    interval's half-width is below ``target_precision`` of the ratio. It also stops at ``max_pairs``, or once
+    sampling has run longer than ``max_time`` seconds ("max_time": this wins over ``min_pairs``, but never
+    leaves fewer than 3 pairs). The reported interval and verdict always use ``confidence`` on all pairs.
+
+    Args:
+        baseline: the reference arm ("A"); its time is the ratio's numerator.
+        candidate: the optimized arm ("B").
+        threshold: the speedup gate; ``None`` measures without a verdict.
+        min_pairs, max_pairs: pairs before the first look (>= 3), and the pair budget.
+        max_time: seconds for the timed sampling (warm-up and lock wait excluded); ``math.inf`` for no limit.
+        warmup: untimed calls per arm before sampling.
+        confidence, check_every, seed: the interval's coverage, pairs between looks, bootstrap seed.
+        timer: integer-nanosecond clock, injectable so that tests drive a fake one.
+        sync: called before each timer read; by default ``torch.cuda.synchronize(device)`` on a CUDA ``device``.
+        device: the device the arms run on; only used to choose ``sync``.
+        baseline_name, candidate_name: named in reports, e.g. "HF generate, eager attention, dynamic cache, fp32".
+        lock: truthy to time under :func:`serial_lock` (``True``: default path; else that path), so that two
+            processes (pytest-xdist workers) never time at once.
+        target_precision: relative CI half-width that ends a run without a threshold.
+
+    Example:
+        >>> compare(eager_step, compiled_step, threshold=1.5).describe()  # doctest: +SKIP
+        '2.41x (95% CI 2.30-2.52, 24 pairs) vs 1.5x: PASS'
+    """
+    _validate_compare_args(threshold, min_pairs, max_pairs, max_time, warmup, check_every)
+    _check_confidence(confidence)
+    if not 0 < target_precision < 1:
+        raise ConfigError(f"target_precision must be in (0, 1), got {target_precision!r}")
+    sync_fn = _resolve_sync(sync, device)
+    looks = 1 + math.ceil((max_pairs - min_pairs) / check_every)
+    decision_confidence = 1.0 - (1.0 - confidence) / looks
+
+    for _ in range(warmup):  # untimed, interleaved like the sampling so both arms reach the same warm state
+        baseline()
+        candidate()
+
+    lock_cm = serial_lock(None if lock is True else lock) if lock else contextlib.nullcontext(0.0)
+    with lock_cm as lock_wait_s:
+        threads = torch.get_num_threads()
+        a_times: list[float] = []
+        b_times: list[float] = []
+        stopped_because = "max_pairs"
+        t_start = last_stop = timer()
+        for i in range(max_pairs):
+            if i % 2 == 0:  # ABBA
+                t_a, _ = _timed_call(baseline, timer, sync_fn, f"{baseline_name} (pair {i})")
+                t_b, last_stop = _timed_call(candidate, timer, sync_fn, f"{candidate_name} (pair {i})")
+            else:
+                t_b, _ = _timed_call(candidate, timer, sync_fn, f"{candidate_name} (pair {i})")
+                t_a, last_stop = _timed_call(baseline, timer, sync_fn, f"{baseline_name} (pair {i})")
+            a_times.append(t_a)
+            b_times.append(t_b)
+            n = i + 1
+            if n >= min_pairs and (n - min_pairs) % check_every == 0:
+                ratios = np.asarray(a_times) / np.asarray(b_times)
+                stats = _bootstrap_distribution(ratios, _N_BOOT, seed)
+                if _decided(stats, ratios, threshold, confidence, decision_confidence, target_precision):
+                    stopped_because = "decided"
+                    break
+            if n < max_pairs and (last_stop - t_start) / _NS_PER_S > max_time and n >= _MIN_PAIRS_FLOOR:
+                stopped_because = "max_time"
+                break
+        if threads != torch.get_num_threads():
+            logger.warning("torch thread count changed while sampling (%d -> %d)", threads, torch.get_num_threads())
+
+    a, b = np.asarray(a_times), np.asarray(b_times)
+    ratios = a / b
+    ci_low, ci_high = _percentile_interval(_bootstrap_distribution(ratios, _N_BOOT, seed), confidence)
+    result = SpeedupMeasurement(
+        ratios=tuple(ratios.tolist()),
+        ratio=float(np.median(ratios)),
+        ci_low=ci_low,
+        ci_high=ci_high,
+        n=len(ratios),
+        confidence=confidence,
+        baseline_median_s=float(np.median(a)) / _NS_PER_S,
+        candidate_median_s=float(np.median(b)) / _NS_PER_S,
+        cv_baseline=_cv(a),
+        cv_candidate=_cv(b),
+        threshold=None if threshold is None else float(threshold),
+        verdict=None if threshold is None else verdict_for(ci_low, ci_high, threshold),
+        warmup=warmup,
+        threads=threads,
+        elapsed_s=(last_stop - t_start) / _NS_PER_S,
+        stopped_because=stopped_because,
+        lock_wait_s=float(lock_wait_s),
+        baseline_name=baseline_name,
+        candidate_name=candidate_name,
+    )
+    logger.info("%s over %s: %s (%s)", candidate_name, baseline_name, result.describe(), stopped_because)
+    return result
+
+
+def _decided(
+    stats: np.ndarray,
+    ratios: np.ndarray,
+    threshold: float | None,
+    confidence: float,
+    decision_confidence: float,
+    target_precision: float,
+) -> bool:
+    """The stopping rule at one look; ``stats`` is the bootstrap distribution of the median ratio."""
+    if threshold is not None:
+        verdict = verdict_for(*_percentile_interval(stats, decision_confidence), threshold)
+        logger.debug("%d pairs: %s at %.4g confidence", ratios.size, verdict.value, decision_confidence)
+        return verdict is not Verdict.INCONCLUSIVE
+    low, high = _percentile_interval(stats, confidence)
+    relative_half_width = (high - low) / 2.0 / float(np.median(ratios))
+    logger.debug("%d pairs: CI %.4f-%.4f, relative half-width %.4f", ratios.size, low, high, relative_half_width)
+    return relative_half_width < target_precision
+
+
+def noise_floor(
+    fn: Callable[[], Any],
+    *,
+    pairs: int = 30,
+    warmup: int = 2,
+    timer: Callable[[], int] = time.perf_counter_ns,
+    sync: Callable[[], None] | None = None,
+    confidence: float = 0.95,
+    device: Any = None,
+    seed: int = 0,
+    lock: bool | str | os.PathLike[str] | None = None,
+) -> NoiseFloor:
+    """Compare ``fn`` against itself (A/A) for exactly ``pairs`` pairs: the spread that noise alone produces.
+
+    The true ratio is 1 by construction, so the interval shows how far from 1 this machine's noise pushes a
+    measurement; its upper bound is the smallest speedup a gate can hope to detect here.
+    """
+    if pairs < _MIN_PAIRS_FLOOR:
+        raise ConfigError(f"pairs must be >= {_MIN_PAIRS_FLOOR}, got {pairs!r}")
+    m = compare(
+        fn,
+        fn,
+        min_pairs=pairs,  # exactly `pairs` pairs: no early stop, no time limit
+        max_pairs=pairs,
+        max_time=math.inf,
+        warmup=warmup,
+        confidence=confidence,
+        timer=timer,
+        sync=sync,
+        device=device,
+        seed=seed,
+        lock=lock,
+        baseline_name="A",
+        candidate_name="A'",
+    )
+    # Both arms time the same function, so their means agree and the root-mean-square of the two CVs is the
+    # pooled CV of all 2 * pairs calls (up to the ddof correction).
+    cv = math.sqrt((m.cv_baseline**2 + m.cv_candidate**2) / 2.0)
+    floor = NoiseFloor(
+        m.ratio,
+        m.ci_low,
+        m.ci_high,
+        m.n,
+        smallest_detectable_speedup=max(m.ci_high, 1.0 / m.ci_low),
+        cv=cv,
+        confidence=confidence,
+    )
+    logger.info(
+        "noise floor: A/A %s, smallest detectable speedup %.3fx", m.describe(), floor.smallest_detectable_speedup
+    )
+    return floor
+
+
+def default_lock_path() -> str:
+    """``<tempdir>/ryzen_opt_perf.lock``: one file per machine that every ryzen-opt process agrees on."""
+    return os.path.join(tempfile.gettempdir(), DEFAULT_LOCK_NAME)
+
+
+@dataclass
+class _ProcessLockState:
+    # The thread lock makes serial_lock re-entrant for the owning thread (a plugin holding the lock around a
+    # test that calls compare(lock=True)) while still excluding other threads; flock alone would deadlock on
+    # itself there, since a second open() of the same file is a second, conflicting lock holder.
+    thread_lock: threading.RLock = field(default_factory=threading.RLock)
+    depth: int = 0
+    fd: int | None = None
+
+
+_LOCK_STATES: dict[tuple[int, str], _ProcessLockState] = {}
+_LOCK_STATES_GUARD = threading.Lock()
+
+
+def _acquire_file_lock(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's file: flock works on a read-only descriptor too
+        fd = os.open(path, os.O_RDONLY)
+    if fcntl is None:  # pragma: no cover - Windows
+        logger.warning("no fcntl on this platform: timed sections of different processes are not serialised")
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _release_file_lock(fd: int) -> None:
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def serial_lock(path: str | os.PathLike[str] | None = None) -> Iterator[float]:
+    """Hold a machine-wide exclusive lock; yield the seconds spent waiting for it.
+
+    Two processes timing at once on the same cores measure each other. Perf sections of every process
+    (pytest-xdist workers, a CLI run beside the suite) take this lock, so timings never overlap; the wait is
+    recorded so that a report can show it. ``fcntl.flock`` on POSIX (released by the kernel when a holder
+    dies); a logged no-op where there is no ``fcntl`` (Windows). Re-entrant within one thread.
+
+    Args:
+        path: the lock file; default :func:`default_lock_path`.
+
+    Example:
+        >>> with serial_lock() as waited:
+        ...     pass  # time something
+    """
+    target = os.path.realpath(os.fspath(path) if path is not None else default_lock_path())
+    key = (os.getpid(), target)  # keyed by pid: a forked child must take the file lock itself
+    with _LOCK_STATES_GUARD:
+        state = _LOCK_STATES.setdefault(key, _ProcessLockState())
+    started = time.monotonic()  # real time on purpose: the wait is real even when a test fakes the timer
+    with state.thread_lock:
+        if state.depth == 0:
+            state.fd = _acquire_file_lock(target)
+        state.depth += 1
+        waited = time.monotonic() - started
+        if waited > 0.01:
+            logger.info("waited %.2f s for the perf lock %s", waited, target)
+        try:
+            yield waited
+        finally:
+            state.depth -= 1
+            if state.depth == 0 and state.fd is not None:
+                fd, state.fd = state.fd, None
+                _release_file_lock(fd)

@@ -1,0 +1,110 @@
+"""ryzen_opt.zoo on the tiny recipe: corpus split, cache keyed by recipe, corruption detected and rebuilt."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ryzen_opt import zoo
+from ryzen_opt.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("zoo_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RYZEN_OPT_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def built(cache: Path) -> Path:
+    """One tiny zoo shared by the module (each build costs seconds); tests that damage it rebuild it."""
+    return zoo.build("tiny")
+
+
+def test_corpus_split_is_deterministic_and_disjoint() -> None:
+    rels = [rel for rel, _ in zoo.corpus_files()]
+    assert rels == sorted(rels)
+    assert not any(r.startswith(("test", "idlelib/", "lib2to3/", "encodings/")) for r in rels)
+    heldout = [r for r in rels if zoo.is_heldout(r, 20)]
+    assert 0 < len(heldout) < len(rels) / 5
+    train_docs, heldout_docs = zoo.corpus("default")
+    # The split is by file path: every file lands in exactly one side.
+    assert len(heldout_docs) == len(heldout)
+    assert len(train_docs) + len(heldout_docs) == len(rels)
+    assert zoo.corpus("default") == (train_docs, heldout_docs)
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(ConfigError, match="unknown zoo recipe 'huge'"):
+        zoo.get_recipe("huge")
+    with pytest.raises(ConfigError, match="'target' or 'draft'"):
+        zoo.reference_model("teacher", "tiny")
+    with pytest.raises(ConfigError, match="draft_layers"):
+        zoo.Recipe(layers=2, draft_layers=2)
+
+
+def test_tiny_zoo_builds_loads_and_is_cached(cache: Path, built: Path) -> None:
+    path = zoo.build("tiny")
+    assert path == built
+    assert path.parent == cache / "zoo"
+    assert zoo.verify(path) is None
+    manifest_mtime = (path / "manifest.json").stat().st_mtime_ns
+    assert zoo.build("tiny") == path
+    assert (path / "manifest.json").stat().st_mtime_ns == manifest_mtime, "an intact cache must not retrain"
+
+    target, tok = zoo.reference_model("target", "tiny")
+    draft, draft_tok = zoo.reference_model("draft", "tiny")
+    assert tok.get_vocab() == draft_tok.get_vocab()
+    recipe = zoo.get_recipe("tiny")
+    assert target.config.num_hidden_layers == recipe.layers
+    assert draft.config.num_hidden_layers == recipe.draft_layers
+    # The draft is the target's early exit: same embedding (tied LM head) and first layers.
+    torch.testing.assert_close(draft.model.embed_tokens.weight, target.model.embed_tokens.weight, rtol=0, atol=0)
+    assert draft.lm_head.weight.data_ptr() == draft.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(
+        draft.model.layers[0].mlp.up_proj.weight, target.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0
+    )
+    assert target.generation_config.eos_token_id == tok.convert_tokens_to_ids(zoo.EOT)
+    text = "def f(x):\n    return x\n"
+    assert tok.decode(tok(text).input_ids) == text  # byte-level BPE is lossless
+
+
+def test_changed_recipe_retrains_elsewhere(built: Path) -> None:
+    base = zoo.get_recipe("tiny")
+    changed = dataclasses.replace(base, seed=1)
+    assert zoo.zoo_dir(base) != zoo.zoo_dir(changed)
+    a, b = built, zoo.build(changed)
+    assert a != b
+    assert (a / "target" / "model.safetensors").read_bytes() != (b / "target" / "model.safetensors").read_bytes()
+
+
+def test_training_is_deterministic(built: Path) -> None:
+    path = built
+    first = (path / "target" / "model.safetensors").read_bytes()
+    zoo.build("tiny", force=True)
+    assert (path / "target" / "model.safetensors").read_bytes() == first
+
+
+def test_truncated_weights_are_detected_and_rebuilt(built: Path) -> None:
+    path = built
+    weights = path / "target" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    assert "truncated" in (zoo.verify(path) or "")
+    assert zoo.build("tiny") == path
+    assert zoo.verify(path) is None
+    assert weights.read_bytes() == good
+
+
+def test_unfinished_build_is_rebuilt(built: Path) -> None:
+    path = built
+    (path / "manifest.json").unlink()  # as if killed before the manifest was written
+    assert "manifest" in (zoo.verify(path) or "")
+    zoo.build("tiny")
+    assert zoo.verify(path) is None
