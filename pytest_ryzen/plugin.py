@@ -1,41 +1,64 @@
 """The pytest plugin, registered as the ``ryzen`` pytest11 entry point.
 
-Options, markers and fixtures live here. The device is resolved once at start-up when ``--device`` is given, so
-``pytest -m perf --device=rocm`` on a machine without ROCm stops with one clear message instead of fifty skips.
+- Options: ``--device`` (``--ryzen-device``), ``--ryzen-report-dir``, ``--ryzen-gate``, ``--ryzen-thresholds``.
+- Markers: the threshold gates ``speedup``, ``accuracy_loss``, ``compression_ratio``, ``memory_reduction``,
+  ``acceptance_rate``, plus ``perf``, ``gpu`` and ``slow``. Arguments are checked at collection.
+- Fixtures: ``device``, ``ryzen`` (measure and record), ``training_metrics``, ``ryzen_thresholds``.
+- After each test's call, every threshold marker is checked against what the test recorded; a failing gate fails
+  the test. At session end the controller writes the four JSON reports.
+
+The device is resolved once at start-up when ``--device`` is given, so ``pytest -m perf --device=rocm`` on a
+machine without ROCm stops with one clear message instead of fifty skips. Importing the plugin never touches CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_ryzen import hookspec
+from pytest_ryzen.session import (
+    GATE_MODES,
+    GATES_PROPERTY,
+    RECORDS_PROPERTY,
+    REPORT_NAMES,
+    RyzenSession,
+    iter_gate_failures,
+    marker_threshold,
+    threshold_markers,
+)
+
 if TYPE_CHECKING:
     import torch
 
+    from pytest_ryzen.fixture import RyzenRecorder
     from ryzen_opt.metrics import TrainingMetricsCollector
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "rocm", "mps")
 
-# name -> (help text). Threshold markers take one positional number.
 MARKERS: dict[str, str] = {
     "speedup(min)": "gate: measured speedup (baseline time / candidate time) must be at least min",
     "accuracy_loss(max)": "gate: relative top-1 accuracy loss against the reference must be at most max",
     "compression_ratio(min)": "gate: original bytes / compressed bytes must be at least min",
     "memory_reduction(min)": "gate: 1 - optimized/baseline memory must be at least min",
     "acceptance_rate(min)": "gate: speculative draft acceptance rate must be at least min",
-    "perf": "a performance test: times code, runs serialized, selected with -m perf",
+    "perf": "a performance test: times code (serialized under xdist), selected with -m perf",
     "gpu": "needs a GPU device (--device=cuda or --device=rocm)",
     "slow": "takes more than a few seconds",
 }
 
 _DEVICE_KEY = pytest.StashKey["torch.device | None"]()
-# Serialized collectors (dicts) of every test that used ``training_metrics``; on xdist workers they travel to the
-# controller through ``workeroutput``, and only the controller writes files.
-_TRAINING_KEY = pytest.StashKey[list[dict[str, Any]]]()
+_SESSION_KEY = pytest.StashKey[RyzenSession]()
+_THRESHOLDS_KEY = pytest.StashKey[Any]()
+_RECORDER_KEY = pytest.StashKey["RyzenRecorder"]()
 _WORKEROUTPUT_TRAINING = "ryzen_training_metrics"
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspec)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,29 +68,55 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--ryzen-device",
         dest="ryzen_device",
         default=None,
-        choices=None,
         metavar="{auto,cpu,cuda,rocm,mps}",
-        help="device for the ryzen fixtures (default: auto, i.e. a GPU if present, else the CPU)",
+        help="device for the ryzen fixtures (default: the ryzen_device ini value, else auto: a GPU if present)",
     )
     group.addoption(
         "--ryzen-report-dir",
         dest="ryzen_report_dir",
         default=None,
         metavar="DIR",
-        help="where the ryzen JSON reports are written at session end (default: ryzen_results/ under rootdir)",
+        help="where the four ryzen JSON reports are written (default: ryzen_results/ under rootdir). Reports are "
+        "written when a test used a ryzen fixture or gate, or when this option is given.",
+    )
+    group.addoption(
+        "--ryzen-gate",
+        dest="ryzen_gate",
+        default=None,
+        choices=GATE_MODES,
+        help="what a gate's INCONCLUSIVE verdict means: strict (fails, default), lenient (passes with a note), "
+        "report (record only; no gate ever fails a test)",
+    )
+    group.addoption(
+        "--ryzen-thresholds",
+        dest="ryzen_thresholds",
+        default=None,
+        metavar="TOML",
+        help="thresholds profile with [default] and per-device [cpu]/[cuda]/[rocm]/[mps] sections; markers may "
+        "name its keys, e.g. @speedup('kernel_speedup')",
     )
     parser.addini("ryzen_device", "default device for the ryzen fixtures when --device is not given", default="auto")
+    parser.addini("ryzen_gate", "default --ryzen-gate mode", default="strict")
+    parser.addini("ryzen_thresholds", "default thresholds profile (TOML path)", default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for marker, text in MARKERS.items():
         config.addinivalue_line("markers", f"{marker}: {text}")
+    gate = config.getoption("ryzen_gate") or str(config.getini("ryzen_gate"))
+    if gate not in GATE_MODES:
+        raise pytest.UsageError(f"ryzen: ryzen_gate = {gate!r}; allowed values are {', '.join(GATE_MODES)}")
+    config.stash[_SESSION_KEY] = RyzenSession(gate)
+    config.pluginmanager.register(_ReportListener(config.stash[_SESSION_KEY]), "ryzen-report-listener")
     config.stash[_DEVICE_KEY] = None
-    config.stash[_TRAINING_KEY] = []
+    config.stash[_THRESHOLDS_KEY] = None
     requested = config.getoption("ryzen_device")
     if requested is not None:
         # Resolve eagerly: a wrong --device is a usage error of the whole run, reported once.
         config.stash[_DEVICE_KEY] = _resolve(requested)
+    profile = config.getoption("ryzen_thresholds") or str(config.getini("ryzen_thresholds"))
+    if profile:
+        config.stash[_THRESHOLDS_KEY] = _load_thresholds(config, profile)
 
 
 def _resolve(spec: str) -> torch.device:
@@ -80,55 +129,193 @@ def _resolve(spec: str) -> torch.device:
         raise pytest.UsageError(f"ryzen: {exc}") from exc
 
 
-@pytest.fixture(scope="session")
-def device(pytestconfig: pytest.Config) -> torch.device:
-    """The ``torch.device`` chosen with ``--device`` (or the ``ryzen_device`` ini value, default ``auto``)."""
-    resolved = pytestconfig.stash.get(_DEVICE_KEY, None)
+def _session_device(config: pytest.Config) -> torch.device:
+    resolved = config.stash.get(_DEVICE_KEY, None)
     if resolved is None:
-        resolved = _resolve(str(pytestconfig.getini("ryzen_device")))
-        pytestconfig.stash[_DEVICE_KEY] = resolved
+        resolved = _resolve(str(config.getini("ryzen_device")))
+        config.stash[_DEVICE_KEY] = resolved
     return resolved
 
 
+def _load_thresholds(config: pytest.Config, profile: str | None = None) -> Any:
+    from ryzen_opt.device import device_class
+    from ryzen_opt.errors import RyzenOptError
+    from ryzen_opt.validation import load_thresholds
+
+    cls = device_class(_session_device(config))
+    try:
+        return load_thresholds(profile or None, device_class=cls)
+    except RyzenOptError as exc:
+        raise pytest.UsageError(f"ryzen: {exc}") from exc
+
+
+def _thresholds(config: pytest.Config) -> Any:
+    if config.stash.get(_THRESHOLDS_KEY, None) is None:
+        config.stash[_THRESHOLDS_KEY] = _load_thresholds(config)
+    return config.stash[_THRESHOLDS_KEY]
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check every threshold marker's arguments now: a wrong one is a usage error, not a failure at the end."""
+    for item in items:
+        for marker in threshold_markers(item):
+            needs_profile = any(isinstance(a, str) for a in (*marker.args, *marker.kwargs.values()))
+            try:
+                marker_threshold(marker, _thresholds(config) if needs_profile else None)
+            except pytest.UsageError as exc:
+                raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> torch.device:
+    """The ``torch.device`` chosen with ``--device`` (or the ``ryzen_device`` ini value, default ``auto``)."""
+    return _session_device(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def ryzen_thresholds(pytestconfig: pytest.Config) -> Any:
+    """The thresholds profile for this device class (``ryzen_opt.validation.Thresholds``)."""
+    return _thresholds(pytestconfig)
+
+
+@pytest.fixture
+def ryzen(request: pytest.FixtureRequest, device: torch.device) -> RyzenRecorder:
+    """Measure and record: ``compare``, ``record``, ``record_accuracy``, ``record_compression``, ``record_memory``,
+    ``record_acceptance``. The test's threshold markers are checked against these records after it runs."""
+    from pytest_ryzen.fixture import RyzenRecorder
+
+    thresholds = {
+        m.name: marker_threshold(m, _thresholds(request.config) if _has_str_arg(m) else None)
+        for m in threshold_markers(request.node)
+    }
+    under_xdist = hasattr(request.config, "workerinput")
+    recorder = RyzenRecorder(device, thresholds, lock=under_xdist, nodeid=request.node.nodeid)
+    request.node.stash[_RECORDER_KEY] = recorder
+    return recorder
+
+
+def _has_str_arg(marker: pytest.Mark) -> bool:
+    return any(isinstance(a, str) for a in (*marker.args, *marker.kwargs.values()))
+
+
+@pytest.fixture
+def training_metrics(request: pytest.FixtureRequest) -> Iterator[TrainingMetricsCollector]:
+    """A ``TrainingMetricsCollector`` for this test; at session end all of them merge into
+    ``training_metrics_report.json``."""
+    from ryzen_opt.metrics import TrainingMetricsCollector
+
+    collector = TrainingMetricsCollector(experiment_id=request.node.nodeid)
+    yield collector
+    session = request.config.stash[_SESSION_KEY]
+    session.training.append(collector.to_dict())
+    session.used = True
+
+
+# -- gates ---------------------------------------------------------------------------------------------------------
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report: pytest.TestReport = yield
+    if report.when != "call":
+        return report
+    markers = threshold_markers(item)
+    recorder = item.stash.get(_RECORDER_KEY, None)
+    if not markers and recorder is None:
+        return report
+    records = recorder.records if recorder is not None else []
+    report.user_properties.append((RECORDS_PROPERTY, records))
+    if not markers or report.skipped:
+        return report
+    device = str(recorder.device) if recorder is not None else None
+    thresholds = _thresholds(item.config) if any(_has_str_arg(m) for m in markers) else None
+    gates = _evaluate(item, records, thresholds, device)
+    report.user_properties.append((GATES_PROPERTY, gates))
+    mode = item.config.stash[_SESSION_KEY].gate_mode
+    failing = iter_gate_failures(gates, mode)
+    if failing and report.passed:
+        report.outcome = "failed"
+        report.longrepr = "\n".join(f"ryzen gate failed: {g['message']}" for g in failing)
+    return report
+
+
+def _evaluate(item: pytest.Item, records: list[dict[str, Any]], thresholds: Any, device: str | None) -> Any:
+    from pytest_ryzen.session import evaluate_gates
+
+    return evaluate_gates(item, records, thresholds, device)
+
+
+class _ReportListener:
+    """Feeds every test report to the session object. Registered per config; on the xdist controller it also
+    receives the workers' reports, which xdist replays through ``pytest_runtest_logreport``."""
+
+    def __init__(self, session: RyzenSession) -> None:
+        self.session = session
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.session.add_report(report)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_json_runtest_metadata(item: pytest.Item, call: pytest.CallInfo[None]) -> dict[str, Any]:
+    """pytest-json-report: put this test's gate records into its ``metadata``."""
+    if call.when != "call":
+        return {}
+    recorder = item.stash.get(_RECORDER_KEY, None)
+    return {"ryzen": recorder.records} if recorder is not None and recorder.records else {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: collect the training metrics a finished worker gathered."""
+    payload = getattr(node, "workeroutput", {}).get(_WORKEROUTPUT_TRAINING)
+    session = node.config.stash[_SESSION_KEY]
+    if payload:
+        session.training.extend(payload)
+        session.used = True
+
+
+# -- reports -------------------------------------------------------------------------------------------------------
 def report_dir(config: pytest.Config) -> Path:
     """``--ryzen-report-dir``, or ``ryzen_results/`` under the rootdir."""
     chosen = config.getoption("ryzen_report_dir")
     return Path(chosen) if chosen else Path(config.rootpath) / "ryzen_results"
 
 
-def _is_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
-
-
-@pytest.fixture
-def training_metrics(request: pytest.FixtureRequest) -> Iterator[TrainingMetricsCollector]:
-    """A ``TrainingMetricsCollector`` for this test; at session end all of them merge into
-    ``training_metrics_report.json`` in the report directory."""
-    from ryzen_opt.metrics import TrainingMetricsCollector
-
-    collector = TrainingMetricsCollector(experiment_id=request.node.nodeid)
-    yield collector
-    request.config.stash[_TRAINING_KEY].append(collector.to_dict())
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    """xdist controller: collect what a finished worker measured."""
-    payload = getattr(node, "workeroutput", {}).get(_WORKEROUTPUT_TRAINING)
-    if payload:
-        node.config.stash[_TRAINING_KEY].extend(payload)
+@pytest.hookimpl(trylast=True)
+def pytest_ryzen_generate_report(config: pytest.Config, name: str, data: dict[str, Any]) -> dict[str, Any]:
+    return data
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
-    collected = config.stash.get(_TRAINING_KEY, [])
-    if _is_xdist_worker(config):
-        config.workeroutput[_WORKEROUTPUT_TRAINING] = collected  # type: ignore[attr-defined]
+    ryzen = config.stash[_SESSION_KEY]
+    if hasattr(config, "workerinput"):
+        config.workeroutput[_WORKEROUTPUT_TRAINING] = ryzen.training  # type: ignore[attr-defined]
         return
-    if collected:
-        from ryzen_opt.metrics import TrainingMetricsCollector
+    if not (ryzen.used or config.getoption("ryzen_report_dir")):
+        return
+    if exitstatus == pytest.ExitCode.USAGE_ERROR:
+        return
+    from ryzen_opt.reports import atomic_write_json, environment
 
-        merged = TrainingMetricsCollector(experiment_id="pytest-session")
-        for data in collected:
-            merged.merge(TrainingMetricsCollector.from_dict(data))
-        merged.export_metrics(report_dir(config) / "training_metrics_report.json")
+    env = environment(_session_device(config))
+    out = report_dir(config)
+    built = ryzen.build_reports(env, _thresholds(config))
+    for name in REPORT_NAMES:
+        report = config.hook.pytest_ryzen_generate_report(config=config, name=name, data=built[name])
+        config.hook.pytest_ryzen_modify_report(config=config, name=name, report=report)
+        atomic_write_json(out / f"{name}.json", report)
+    ryzen.written = out
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    ryzen = config.stash.get(_SESSION_KEY, None)
+    if ryzen is None or hasattr(config, "workerinput"):
+        return
+    gates = ryzen.gates()
+    if gates:
+        terminalreporter.section("ryzen gates")
+        for gate in gates:
+            terminalreporter.write_line(f"{gate['status']:<12} {gate['name']}: {gate['message']}")
+    if ryzen.written is not None:
+        terminalreporter.write_line(f"ryzen reports written to {ryzen.written}/")

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ryzen_opt.accuracy import AccuracyMeasurement, accuracy, greedy_agreement  # noqa: F401  (re-exported)
 from ryzen_opt.errors import ConfigError, RyzenOptError
 
 try:  # flock is released by the kernel when its holder dies: a crashed worker never wedges the suite

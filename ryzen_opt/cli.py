@@ -112,6 +112,46 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_noise(args: argparse.Namespace) -> int:
+    import torch
+
+    from ryzen_opt.bench import noise_floor
+    from ryzen_opt.device import resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # A memory-bound matrix-vector product, the shape of batch-1 decode: ~16 MiB of fp32 weights per call.
+    weight = torch.randn(args.size, args.size, device=device)
+    x = torch.randn(1, args.size, device=device)
+
+    def workload() -> None:
+        for _ in range(args.repeat):
+            torch.mm(x, weight)
+
+    floor = noise_floor(workload, pairs=args.pairs, warmup=3, device=device)
+    data = floor.to_dict() | {
+        "workload": f"{args.repeat} x fp32 GEMV [1 x {args.size}] @ [{args.size} x {args.size}]",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"A/A noise floor on {data['device']} ({data['threads']} threads), workload: {data['workload']}")
+    print_table(
+        [
+            ("A/A ratio (should be 1)", f"{floor.ratio:.4f}"),
+            ("95% CI", f"{floor.ci_low:.4f} - {floor.ci_high:.4f}"),
+            ("pairs", str(floor.n)),
+            ("coefficient of variation", f"{floor.cv:.3f}"),
+            ("smallest speedup distinguishable from noise", f"{floor.smallest_detectable_speedup:.3f}x"),
+        ],
+        header=("measure", "value"),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ryzen-opt",
@@ -131,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--device", default=None, help="override the config's device (auto|cpu|cuda|rocm|mps)")
     p_run.add_argument("--output-dir", default=None, help="override the report directory (default ryzen_results/)")
     p_run.set_defaults(func=cmd_run)
+
+    p_bench = sub.add_parser("bench", help="measurements: `bench noise` is this machine's A/A noise floor")
+    bench_sub = p_bench.add_subparsers(dest="bench_command", metavar="WHAT")
+    bench_sub.required = True
+    p_noise = bench_sub.add_parser("noise", help="A/A calibration: the smallest speedup this machine can tell apart")
+    p_noise.add_argument("--device", default="cpu", help="auto|cpu|cuda|rocm|mps (default cpu)")
+    p_noise.add_argument("--pairs", type=int, default=30, help="paired A/A samples (default 30)")
+    p_noise.add_argument("--size", type=int, default=2048, help="GEMV size (default 2048: 16 MiB of weights)")
+    p_noise.add_argument("--repeat", type=int, default=4, help="GEMVs per timed call (default 4)")
+    p_noise.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p_noise.add_argument("--json", action="store_true", help="print JSON")
+    p_noise.set_defaults(func=cmd_bench_noise)
 
     p_zoo = sub.add_parser("zoo", help="train (or load from cache) the reference models and show their quality")
     p_zoo.add_argument("--recipe", default="default", choices=("default", "tiny"), help="which zoo (default: default)")

@@ -69,3 +69,26 @@ def environment(device: Any = None) -> dict[str, Any]:
     env["git_sha"] = git_sha()
     env["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return env
+
+
+REPORT_SCHEMAS = ("validation_report", "integration_test_report", "training_metrics_report", "phase2_final_report")
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema shipped for report ``name`` (e.g. ``"validation_report"``)."""
+    from importlib import resources
+
+    if name not in REPORT_SCHEMAS:
+        raise ValueError(f"unknown report {name!r}: the reports are {', '.join(REPORT_SCHEMAS)}")
+    text = resources.files("ryzen_opt").joinpath("schemas", f"{name}.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def validate_report(name: str, data: Any) -> None:
+    """Raise ``jsonschema.ValidationError`` if ``data`` does not match report ``name``'s schema.
+
+    Needs ``jsonschema`` (in the ``test`` extra).
+    """
+    import jsonschema
+
+    jsonschema.validate(data, load_schema(name), cls=jsonschema.Draft202012Validator)

@@ -1,0 +1,176 @@
+"""The ``ryzen`` fixture: what a test calls to measure, and the records its gates are judged on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+GATE_METRICS = ("speedup", "accuracy_loss", "compression_ratio", "memory_reduction", "acceptance_rate")
+
+
+class RyzenRecorder:
+    """Measures and records for one test. Every ``record_*`` call stores one measurement of one metric.
+
+    A test marked ``@speedup(3.0)`` must record a ``speedup`` (``compare`` does); the plugin checks every marker
+    against the matching records after the test body ran.
+
+    Args:
+        device: the session's device (``--device``); ``compare`` syncs it around every timed call.
+        thresholds: metric -> threshold from this test's markers, so adaptive sampling aims at the right gate.
+        lock: take the cross-process perf lock while timing (set under pytest-xdist).
+        nodeid: the test, for messages.
+    """
+
+    def __init__(self, device: torch.device, thresholds: dict[str, float], *, lock: bool, nodeid: str) -> None:
+        self.device = device
+        self.thresholds = thresholds
+        self.lock = lock
+        self.nodeid = nodeid
+        self.records: list[dict[str, Any]] = []
+
+    # -- measuring ---------------------------------------------------------------------------------------------
+    def compare(
+        self,
+        baseline: Callable[[], Any],
+        candidate: Callable[[], Any],
+        *,
+        baseline_name: str = "baseline",
+        candidate_name: str = "candidate",
+        optimizer: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Paired, interleaved A/B timing (``ryzen_opt.bench.compare``); records a ``speedup``.
+
+        The threshold defaults to this test's ``speedup`` marker. Under xdist the sampling holds a cross-process
+        lock so that two perf tests never time at once; the record notes how long it waited.
+        """
+        from ryzen_opt.bench import compare
+
+        kwargs.setdefault("threshold", self.thresholds.get("speedup"))
+        kwargs.setdefault("device", self.device)
+        if self.lock:
+            kwargs.setdefault("lock", True)
+        measurement = compare(baseline, candidate, baseline_name=baseline_name, candidate_name=candidate_name, **kwargs)
+        self._add(
+            "speedup",
+            measurement.ratio,
+            measurement=measurement.to_dict(),
+            ci_low=measurement.ci_low,
+            ci_high=measurement.ci_high,
+            n=measurement.n,
+            baseline=baseline_name,
+            optimizer=optimizer,
+            unit="x",
+            details={"candidate": candidate_name, "lock_wait_s": measurement.lock_wait_s},
+        )
+        return measurement
+
+    def record_accuracy(
+        self,
+        reference: Any = None,
+        candidate: Any = None,
+        data: Any = None,
+        *,
+        measurement: Any = None,
+        optimizer: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Measure (``ryzen_opt.bench.accuracy``) or take an ``AccuracyMeasurement``; records ``accuracy_loss``."""
+        if measurement is None:
+            if reference is None or candidate is None or data is None:
+                raise TypeError("record_accuracy needs reference, candidate and data, or measurement=")
+            from ryzen_opt.bench import accuracy
+
+            measurement = accuracy(reference, candidate, data, device=self.device, **kwargs)
+        self._add(
+            "accuracy_loss",
+            measurement.accuracy_loss,
+            measurement=measurement.to_dict(),
+            ci_low=measurement.ci_low,
+            ci_high=measurement.ci_high,
+            n=measurement.n,
+            baseline=measurement.reference_name,
+            optimizer=optimizer,
+            unit="fraction",
+        )
+        return measurement
+
+    def record_compression(
+        self, original_bytes: int, compressed_bytes: int, *, optimizer: str | None = None, **details: Any
+    ) -> float:
+        """Records ``compression_ratio`` = original bytes / compressed bytes (every stored tensor counted)."""
+        if compressed_bytes <= 0 or original_bytes <= 0:
+            ratio = float("nan")
+        else:
+            ratio = original_bytes / compressed_bytes
+        self._add(
+            "compression_ratio",
+            ratio,
+            optimizer=optimizer,
+            unit="x",
+            details={"original_bytes": original_bytes, "compressed_bytes": compressed_bytes, **details},
+        )
+        return ratio
+
+    def record_memory(
+        self, baseline_bytes: int, optimized_bytes: int, *, optimizer: str | None = None, **details: Any
+    ) -> float:
+        """Records ``memory_reduction`` = 1 - optimized / baseline."""
+        reduction = 1.0 - optimized_bytes / baseline_bytes if baseline_bytes > 0 else float("nan")
+        self._add(
+            "memory_reduction",
+            reduction,
+            optimizer=optimizer,
+            unit="fraction",
+            details={"baseline_bytes": baseline_bytes, "optimized_bytes": optimized_bytes, **details},
+        )
+        return reduction
+
+    def record_acceptance(self, accepted: int, proposed: int, *, optimizer: str | None = None, **details: Any) -> float:
+        """Records ``acceptance_rate`` = accepted draft tokens / proposed draft tokens."""
+        rate = accepted / proposed if proposed > 0 else float("nan")
+        self._add(
+            "acceptance_rate",
+            rate,
+            optimizer=optimizer,
+            unit="fraction",
+            details={"accepted": accepted, "proposed": proposed, **details},
+        )
+        return rate
+
+    def record(
+        self,
+        metric: str,
+        value: float,
+        *,
+        ci_low: float | None = None,
+        ci_high: float | None = None,
+        n: int | None = None,
+        baseline: str | None = None,
+        optimizer: str | None = None,
+        **details: Any,
+    ) -> None:
+        """Record any gate metric measured elsewhere (with its confidence interval if it has one)."""
+        if metric not in GATE_METRICS:
+            raise ValueError(f"unknown metric {metric!r}: the gate metrics are {', '.join(GATE_METRICS)}")
+        self._add(
+            metric, value, ci_low=ci_low, ci_high=ci_high, n=n, baseline=baseline, optimizer=optimizer, details=details
+        )
+
+    # -- storage -----------------------------------------------------------------------------------------------
+    def _add(self, metric: str, value: float, **fields: Any) -> None:
+        value = float(value)
+        record = {
+            "metric": metric,
+            "value": value if math.isfinite(value) else None,
+            "finite": math.isfinite(value),
+            "device": str(self.device),
+            **{k: v for k, v in fields.items() if v is not None},
+        }
+        self.records.append(record)
+
+    def measurements(self, metric: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["metric"] == metric]

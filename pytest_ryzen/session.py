@@ -1,0 +1,334 @@
+"""The session's view: gate evaluation per test, and the four JSON reports at the end.
+
+Gates run where the test ran (an xdist worker, or the only process), and their results travel on the test report
+(``user_properties``), so the controller sees every worker's gates without any side channel. Only the controller
+writes files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GATES_PROPERTY = "ryzen_gates"
+RECORDS_PROPERTY = "ryzen_records"
+GATE_MODES = ("strict", "lenient", "report")
+REPORT_NAMES = ("validation_report", "integration_test_report", "training_metrics_report", "phase2_final_report")
+
+# metric -> (comparison, unit, how the marker reads)
+MARKER_METRICS: dict[str, tuple[str, str]] = {
+    "speedup": ("min", "x"),
+    "accuracy_loss": ("max", "fraction"),
+    "compression_ratio": ("min", "x"),
+    "memory_reduction": ("min", "fraction"),
+    "acceptance_rate": ("min", "fraction"),
+}
+# The optimizer a gate reports under in phase2_final_report.json, when the record does not name one.
+_MODULE_OPTIMIZER = {
+    "kernel": "kernel_optimizer",
+    "embedding": "embedding_compressor",
+    "kv": "kv_cache_optimizer",
+    "speculative": "speculative_decoder",
+    "e2e": "e2e",
+    "end_to_end": "e2e",
+    "pipeline": "e2e",
+}
+
+
+def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
+    """The number a threshold marker carries: ``@speedup(3.0)``, ``@speedup(min=3.0)`` or a profile key.
+
+    Raises:
+        pytest.UsageError: wrong arguments; the message names the marker and what it accepts.
+    """
+    name = marker.name
+    key = "max" if MARKER_METRICS[name][0] == "max" else "min"
+    kwargs = dict(marker.kwargs)
+    unknown = sorted(set(kwargs) - {key})
+    if unknown:
+        raise pytest.UsageError(f"@{name}: unknown argument(s) {unknown}; use @{name}(<number>) or @{name}({key}=...)")
+    args = list(marker.args)
+    if key in kwargs:
+        args.append(kwargs[key])
+    if len(args) != 1:
+        raise pytest.UsageError(
+            f"@{name} takes exactly one threshold, got {len(args)} ({marker.args!r}, {marker.kwargs!r}); "
+            f"e.g. @{name}({'0.01' if key == 'max' else '3.0'}) or a thresholds-profile key"
+        )
+    value = args[0]
+    if isinstance(value, str):
+        if thresholds is None:
+            raise pytest.UsageError(f"@{name}({value!r}): a profile key needs a thresholds profile")
+        if not hasattr(thresholds, value):
+            allowed = ", ".join(thresholds.to_dict())
+            raise pytest.UsageError(f"@{name}({value!r}): no such threshold; the profile has {allowed}")
+        value = getattr(thresholds, value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise pytest.UsageError(f"@{name}({value!r}): the threshold must be a positive finite number")
+    if name in ("accuracy_loss", "memory_reduction", "acceptance_rate") and value > 1:
+        raise pytest.UsageError(f"@{name}({value!r}): a fraction, so at most 1 (0.01 means 1%)")
+    return float(value)
+
+
+def threshold_markers(item: pytest.Item) -> list[pytest.Mark]:
+    return [m for name in MARKER_METRICS for m in [item.get_closest_marker(name)] if m is not None]
+
+
+def evaluate_gates(
+    item: pytest.Item, records: list[dict[str, Any]], thresholds: Any | None, device: str | None
+) -> list[dict[str, Any]]:
+    """Check each threshold marker of ``item`` against the matching records; one result dict per check."""
+    from ryzen_opt.bench import SpeedupMeasurement
+    from ryzen_opt.validation import ValidationResult, ValidationStatus, check
+
+    results: list[dict[str, Any]] = []
+    for marker in threshold_markers(item):
+        threshold = marker_threshold(marker, thresholds)
+        matching = [r for r in records if r["metric"] == marker.name]
+        if not matching:
+            comparison, unit = MARKER_METRICS[marker.name]
+            result = ValidationResult(
+                name=item.nodeid,
+                status=ValidationStatus.FAIL,
+                actual=None,
+                expected=threshold,
+                tolerance=None,
+                ci_low=None,
+                ci_high=None,
+                n=None,
+                unit=unit,
+                comparison=comparison,
+                baseline=None,
+                device=device,
+                message=(
+                    f"@{marker.name}({threshold:g}) but the test recorded no {marker.name} measurement: call "
+                    f"{_how_to_record(marker.name)} in the test"
+                ),
+                reason="no measurement recorded",
+                details={"metric": marker.name},
+            )
+            results.append(result.to_dict() | {"metric": marker.name})
+            continue
+        for record in matching:
+            if record.get("finite") is False:
+                measurement: Any = float("nan")
+            elif "measurement" in record and marker.name == "speedup":
+                measurement = SpeedupMeasurement.from_dict(record["measurement"])
+            elif record.get("ci_low") is not None:
+                measurement = {k: record.get(k) for k in ("value", "ci_low", "ci_high", "n")}
+            else:
+                measurement = record["value"]
+            result = check(
+                item.nodeid, marker.name, measurement, threshold, baseline=record.get("baseline"), device=device
+            )
+            data = result.to_dict()
+            data["metric"] = marker.name
+            data["optimizer"] = record.get("optimizer") or _optimizer_for(item)
+            if record.get("details"):
+                data["details"] = {**(data.get("details") or {}), **record["details"]}
+            results.append(data)
+    return results
+
+
+def _how_to_record(metric: str) -> str:
+    return {
+        "speedup": "ryzen.compare(baseline, candidate)",
+        "accuracy_loss": "ryzen.record_accuracy(reference, candidate, data)",
+        "compression_ratio": "ryzen.record_compression(original_bytes, compressed_bytes)",
+        "memory_reduction": "ryzen.record_memory(baseline_bytes, optimized_bytes)",
+        "acceptance_rate": "ryzen.record_acceptance(accepted, proposed)",
+    }[metric]
+
+
+def _optimizer_for(item: pytest.Item) -> str:
+    stem = Path(str(getattr(item, "path", item.nodeid.split("::")[0]))).stem.removeprefix("test_")
+    for prefix, optimizer in _MODULE_OPTIMIZER.items():
+        if stem.startswith(prefix):
+            return optimizer
+    return stem
+
+
+@dataclass
+class TestCase:
+    name: str
+    module: str
+    status: str = "PASSED"
+    duration_sec: float = 0.0
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "status": self.status,
+            "duration_sec": round(self.duration_sec, 6),
+            "gates": self.gates,
+            "message": self.message,
+        }
+
+
+class RyzenSession:
+    """Everything the session measured, assembled from test reports (which xdist forwards to the controller)."""
+
+    def __init__(self, gate_mode: str) -> None:
+        self.gate_mode = gate_mode
+        self.cases: dict[str, TestCase] = {}
+        self.training: list[dict[str, Any]] = []
+        self.used = False  # any ryzen fixture or gate seen: only then are reports written by default
+        self.started = datetime.now(timezone.utc)
+        self.written: Path | None = None
+
+    def add_report(self, report: pytest.TestReport) -> None:
+        case = self.cases.get(report.nodeid)
+        if case is None:
+            module = report.nodeid.split("::")[0]
+            case = self.cases[report.nodeid] = TestCase(name=report.nodeid, module=module)
+        case.duration_sec += float(getattr(report, "duration", 0.0) or 0.0)
+        for key, value in report.user_properties:
+            if key == GATES_PROPERTY:
+                case.gates.extend(value)
+                self.used = True
+            elif key == RECORDS_PROPERTY:
+                self.used = True
+        wasxfail = hasattr(report, "wasxfail")
+        if report.when == "setup":
+            if report.failed:
+                case.status, case.message = "ERROR", _short(report)
+            elif report.skipped:
+                case.status = "SKIPPED"
+        elif report.when == "call":
+            if wasxfail:
+                case.status = "XFAILED" if report.skipped else "XPASSED"
+            elif report.failed:
+                case.status, case.message = "FAILED", _short(report)
+            elif report.skipped:
+                case.status = "SKIPPED"
+        elif report.when == "teardown" and report.failed and case.status in ("PASSED", "SKIPPED"):
+            case.status, case.message = "ERROR", _short(report)
+
+    def gates(self) -> list[dict[str, Any]]:
+        return [g for case in self.cases.values() for g in case.gates]
+
+    # -- reports -----------------------------------------------------------------------------------------------
+    def build_reports(self, environment: dict[str, Any], thresholds: Any) -> dict[str, dict[str, Any]]:
+        return {
+            "validation_report": self._validation_report(environment, thresholds),
+            "integration_test_report": self._integration_report(environment),
+            "training_metrics_report": self._training_report(environment),
+            "phase2_final_report": self._final_report(environment, thresholds),
+        }
+
+    def _validation_report(self, environment: dict[str, Any], thresholds: Any) -> dict[str, Any]:
+        from ryzen_opt.validation import OptimizationValidator, ValidationResult
+
+        validator = OptimizationValidator(thresholds)
+        for gate in self.gates():
+            validator.add(
+                ValidationResult.from_dict({k: v for k, v in gate.items() if k not in ("metric", "optimizer")})
+            )
+        report = validator.report_dict(environment=environment)
+        report["gate_mode"] = self.gate_mode
+        return report
+
+    def _integration_report(self, environment: dict[str, Any]) -> dict[str, Any]:
+        cases = list(self.cases.values())
+        counts = {s: sum(c.status == s for c in cases) for s in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
+        ran = len(cases) - counts["SKIPPED"]
+        return {
+            "schema_version": _schema_version(),
+            "summary": {
+                "total_tests": len(cases),
+                "passed": counts["PASSED"],
+                "failed": counts["FAILED"],
+                "skipped": counts["SKIPPED"],
+                "errors": counts["ERROR"],
+                "pass_rate": (counts["PASSED"] / ran) if ran else None,
+                "total_duration_sec": round(sum(c.duration_sec for c in cases), 6),
+                "gates": len(self.gates()),
+            },
+            "test_cases": [c.to_dict() for c in sorted(cases, key=lambda c: c.name)],
+            "gate_mode": self.gate_mode,
+            "environment": environment,
+        }
+
+    def _training_report(self, environment: dict[str, Any]) -> dict[str, Any]:
+        from ryzen_opt.metrics import TrainingMetricsCollector
+
+        merged = TrainingMetricsCollector(experiment_id="pytest-session")
+        for data in self.training:
+            merged.merge(TrainingMetricsCollector.from_dict(data))
+        report = merged.to_dict()
+        report["environment"] = environment
+        return report
+
+    def _final_report(self, environment: dict[str, Any], thresholds: Any) -> dict[str, Any]:
+        optimization: dict[str, dict[str, Any]] = {}
+        e2e: dict[str, Any] = {}
+        for gate in self.gates():
+            entry = {
+                "value": gate.get("actual"),
+                "target": gate.get("expected"),
+                "comparison": gate.get("comparison"),
+                "status": gate.get("status"),
+                "ci_low": gate.get("ci_low"),
+                "ci_high": gate.get("ci_high"),
+                "n": gate.get("n"),
+                "baseline": gate.get("baseline"),
+                "test": gate.get("name"),
+            }
+            optimizer = gate.get("optimizer") or "unattributed"
+            if optimizer == "e2e":
+                e2e.setdefault(gate["metric"], []).append(entry)
+            else:
+                optimization.setdefault(optimizer, {}).setdefault(gate["metric"], []).append(entry)
+        reasons = [
+            f"{g.get('name')}: {g.get('metric')} {g.get('status')}: {g.get('message')}"
+            for g in self.gates()
+            if g.get("status") not in ("PASS", "WARNING")
+        ]
+        reasons += [f"{c.name}: {c.status}" for c in self.cases.values() if c.status in ("FAILED", "ERROR")]
+        if not self.gates():
+            reasons.append("no gate was measured in this session")
+        return {
+            "schema_version": _schema_version(),
+            "phase": "Phase 2: Core Optimizations",
+            "status": "INCOMPLETE" if reasons else "COMPLETE",
+            "incomplete_reasons": reasons,
+            "completion_timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "optimization_results": optimization,
+            "e2e_results": e2e,
+            "thresholds": thresholds.to_dict() if thresholds is not None else None,
+            "gate_mode": self.gate_mode,
+            "environment": environment,
+        }
+
+
+def _short(report: pytest.TestReport) -> str:
+    text = str(report.longrepr) if report.longrepr is not None else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else report.outcome
+
+
+def _schema_version() -> str:
+    from ryzen_opt.reports import SCHEMA_VERSION
+
+    return SCHEMA_VERSION
+
+
+def iter_gate_failures(gates: Iterable[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    from ryzen_opt.validation import ValidationResult, is_failing
+
+    return [
+        g
+        for g in gates
+        if is_failing(
+            ValidationResult.from_dict({k: v for k, v in g.items() if k not in ("metric", "optimizer")}), mode
+        )
+    ]

@@ -1,0 +1,317 @@
+"""The plugin's gates and reports, tested as users meet them: pytester, runpytest, the JSON it wrote.
+
+Timing inside these inner tests uses ``compare(timer=...)`` with a fake clock, so the verdicts are exact and the
+tests are fast; what is under test is the plugin's plumbing, not this machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from ryzen_opt.reports import REPORT_SCHEMAS, validate_report
+
+FAKE_CLOCK = '''
+import random
+
+class FakeClock:
+    """Time advances only when a fake workload runs: base * lognormal(10%) nanoseconds."""
+    def __init__(self, seed=0):
+        self.t = 0
+        self.rng = random.Random(seed)
+    def now(self):
+        return self.t
+    def work(self, ms):
+        def run():
+            self.t += int(ms * 1e6 * self.rng.lognormvariate(0.0, 0.10))
+        return run
+'''
+
+GATED_TESTS = (
+    FAKE_CLOCK
+    + """
+import pytest
+from pytest_ryzen import speedup, compression_ratio, accuracy_loss
+
+@pytest.mark.perf
+@speedup(2.0)
+def test_kernel_fast(ryzen):
+    clock = FakeClock(1)
+    ryzen.compare(clock.work(3.0), clock.work(1.0), timer=clock.now, baseline_name="HF generate fp32",
+                  optimizer="kernel_optimizer")
+
+@pytest.mark.perf
+@speedup(1.5)
+def test_kernel_slow(ryzen):
+    clock = FakeClock(2)
+    ryzen.compare(clock.work(1.0), clock.work(1.0), timer=clock.now, baseline_name="HF generate fp32",
+                  optimizer="kernel_optimizer")
+
+@compression_ratio(2.0)
+def test_embedding_compression(ryzen):
+    ryzen.record_compression(4000, 1000, optimizer="embedding_compressor")
+
+@accuracy_loss(0.01)
+def test_missing_measurement(ryzen):
+    pass
+
+def test_plain():
+    assert 1 + 1 == 2
+"""
+)
+
+
+def _reports(directory: Path) -> dict[str, dict]:
+    return {name: json.loads((directory / f"{name}.json").read_text()) for name in REPORT_SCHEMAS}
+
+
+def _statuses(report: dict) -> dict[str, str]:
+    return {case["name"].split("::")[-1]: case["status"] for case in report["test_cases"]}
+
+
+@pytest.fixture
+def gated(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(test_gates=GATED_TESTS)
+    return pytester
+
+
+def test_gates_pass_fail_and_explain(gated: pytest.Pytester) -> None:
+    result = gated.runpytest("--device=cpu", "--ryzen-report-dir=out")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ryzen gate failed: speedup 1.0*x (95% CI *, * pairs) < required 1.5x vs HF generate fp32*",
+            "*ryzen gate failed: @accuracy_loss(0.01) but the test recorded no accuracy_loss measurement*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*ryzen gates*", "PASS*test_kernel_fast*", "*ryzen reports written to*out/"])
+
+
+def test_four_reports_match_their_schemas(gated: pytest.Pytester) -> None:
+    gated.runpytest("--device=cpu", "--ryzen-report-dir=out")
+    reports = _reports(gated.path / "out")
+    for name, report in reports.items():
+        validate_report(name, report)
+        assert report["schema_version"]
+        assert "NaN" not in (gated.path / "out" / f"{name}.json").read_text()
+    assert _statuses(reports["integration_test_report"]) == {
+        "test_kernel_fast": "PASSED",
+        "test_kernel_slow": "FAILED",
+        "test_embedding_compression": "PASSED",
+        "test_missing_measurement": "FAILED",
+        "test_plain": "PASSED",
+    }
+    validation = reports["validation_report"]
+    assert validation["summary"]["total_checks"] == 4
+    assert validation["summary"]["passed"] == 2
+    assert validation["summary"]["failed"] == 2
+    final = reports["phase2_final_report"]
+    assert final["status"] == "INCOMPLETE"
+    fast = final["optimization_results"]["kernel_optimizer"]["speedup"]
+    assert {e["status"] for e in fast} == {"PASS", "FAIL"}
+    passed = next(e for e in fast if e["status"] == "PASS")
+    assert passed["ci_low"] >= 2.0
+    assert passed["ci_low"] <= passed["value"] <= passed["ci_high"]
+    assert passed["baseline"] == "HF generate fp32"
+    assert final["optimization_results"]["embedding_compressor"]["compression_ratio"][0]["value"] == 4.0
+    assert final["environment"]["versions"]["torch"]
+
+
+def test_xdist_reports_equal_serial(gated: pytest.Pytester) -> None:
+    gated.runpytest("--device=cpu", "--ryzen-report-dir=serial")
+    result = gated.runpytest("--device=cpu", "--ryzen-report-dir=parallel", "-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=3, failed=2)
+    serial, parallel = _reports(gated.path / "serial"), _reports(gated.path / "parallel")
+    assert _statuses(serial["integration_test_report"]) == _statuses(parallel["integration_test_report"])
+
+    def gates(report: dict) -> list[tuple]:
+        return sorted((r["name"], r["status"], r["actual"]) for r in report["results"])
+
+    # Same fake clocks, same seeds: the same measurements, wherever the test ran.
+    assert gates(serial["validation_report"]) == gates(parallel["validation_report"])
+
+
+def test_inconclusive_follows_gate_mode(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        FAKE_CLOCK
+        + """
+from pytest_ryzen import speedup
+
+@speedup(1.0)
+def test_on_the_line(ryzen):
+    clock = FakeClock(3)
+    ryzen.compare(clock.work(1.0), clock.work(1.0), timer=clock.now, max_pairs=12, min_pairs=10)
+"""
+    )
+    strict = pytester.runpytest("--device=cpu", "--ryzen-gate=strict", "--ryzen-report-dir=s")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*INCONCLUSIVE*test_on_the_line*"])
+    pytester.runpytest("--device=cpu", "--ryzen-gate=lenient", "--ryzen-report-dir=l").assert_outcomes(passed=1)
+    report = json.loads((pytester.path / "l" / "validation_report.json").read_text())
+    assert report["results"][0]["status"] == "INCONCLUSIVE"
+
+
+def test_report_mode_never_fails_on_a_gate(gated: pytest.Pytester) -> None:
+    result = gated.runpytest("--device=cpu", "--ryzen-gate=report", "--ryzen-report-dir=out")
+    result.assert_outcomes(passed=5)
+    report = json.loads((gated.path / "out" / "validation_report.json").read_text())
+    assert report["summary"]["failed"] == 2  # recorded, not enforced
+
+
+def test_nan_measurement_fails_with_reason(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+from pytest_ryzen import compression_ratio
+
+@compression_ratio(2.0)
+def test_nan(ryzen):
+    ryzen.record("compression_ratio", float("nan"))
+"""
+    )
+    result = pytester.runpytest("--device=cpu", "--ryzen-report-dir=out")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*ryzen gate failed: compression_ratio is not a number*required 2.0x*"])
+    text = (pytester.path / "out" / "validation_report.json").read_text()
+    result_0 = json.loads(text)["results"][0]  # strict JSON: json.loads would choke on a bare NaN
+    assert result_0["status"] == "FAIL"
+    assert result_0["actual"] is None
+    assert "NaN" in result_0["reason"]
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("speedup(-1)", "positive finite"),
+        ("speedup('fast')", "no such threshold"),
+        ("speedup(1, 2)", "exactly one threshold"),
+        ("accuracy_loss(5)", "at most 1"),
+        ("speedup(minimum=2)", "unknown argument"),
+        ("acceptance_rate(float('nan'))", "positive finite"),
+    ],
+)
+def test_bad_marker_arguments_are_usage_errors(pytester: pytest.Pytester, marker: str, message: str) -> None:
+    pytester.makepyfile(f"import pytest\n\n@pytest.mark.{marker}\ndef test_x(ryzen):\n    pass\n")
+    result = pytester.runpytest("--device=cpu")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*test_x*{message}*"])
+
+
+def test_thresholds_profile_keys_and_device_sections(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", profile="[default]\nkernel_speedup = 9.0\n[cpu]\nkernel_speedup = 1.5\n")
+    pytester.makepyfile(
+        FAKE_CLOCK
+        + """
+from pytest_ryzen import speedup
+
+@speedup("kernel_speedup")
+def test_profiled(ryzen):
+    clock = FakeClock(4)
+    ryzen.compare(clock.work(2.0), clock.work(1.0), timer=clock.now)
+"""
+    )
+    result = pytester.runpytest("--device=cpu", "--ryzen-thresholds=profile.toml", "--ryzen-report-dir=out")
+    result.assert_outcomes(passed=1)  # the [cpu] section's 1.5 applies, not [default]'s 9.0
+    report = json.loads((pytester.path / "out" / "validation_report.json").read_text())
+    assert report["results"][0]["expected"] == 1.5
+
+
+def test_report_hooks_extend_reports(gated: pytest.Pytester) -> None:
+    gated.makeconftest(
+        """
+def pytest_ryzen_modify_report(config, name, report):
+    report["team"] = "inference"
+
+def pytest_ryzen_generate_report(config, name, data):
+    if name == "phase2_final_report":
+        return {**data, "custom": True}
+"""
+    )
+    gated.runpytest("--device=cpu", "--ryzen-report-dir=out")
+    reports = _reports(gated.path / "out")
+    assert all(r["team"] == "inference" for r in reports.values())
+    assert reports["phase2_final_report"]["custom"] is True
+
+
+def test_training_metrics_fixture_lands_in_report(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_train(training_metrics, offset):
+    for step in range(20):
+        training_metrics.record_batch_metric({"epoch": 0, "batch": step, "loss": 3.0 + offset - 0.05 * step,
+                                              "samples_per_s": 10.0, "tokens_per_s": 100.0,
+                                              "learning_rate": 1e-3, "grad_norm": 1.0, "duration_s": 0.1})
+"""
+    )
+    for args, out in (((), "serial"), (("-n", "2", "-p", "xdist"), "parallel")):
+        pytester.runpytest("--device=cpu", f"--ryzen-report-dir={out}", *args).assert_outcomes(passed=2)
+        report = json.loads((pytester.path / out / "training_metrics_report.json").read_text())
+        validate_report("training_metrics_report", report)
+        assert report["statistics"]["total_batches"] == 40
+        assert len(report["metadata"]["sources"]) == 2
+        assert report["anomalies"] == []
+
+
+def test_json_report_metadata(gated: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_jsonreport")
+    gated.runpytest("--device=cpu", "--json-report", "--json-report-file=jr.json", "--ryzen-report-dir=out")
+    data = json.loads((gated.path / "jr.json").read_text())
+    by_name = {t["nodeid"].split("::")[-1]: t for t in data["tests"]}
+    records = by_name["test_embedding_compression"]["metadata"]["ryzen"]
+    assert records[0]["metric"] == "compression_ratio"
+    assert records[0]["value"] == 4.0
+
+
+def test_no_reports_without_ryzen_use(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    pytester.runpytest("--device=cpu").assert_outcomes(passed=1)
+    assert not (pytester.path / "ryzen_results").exists()
+
+
+def test_perf_sampling_under_xdist_takes_the_lock(pytester: pytest.Pytester) -> None:
+    from ryzen_opt.bench import serial_lock
+
+    flag = pytester.path / "about_to_time.flag"
+    pytester.makepyfile(
+        FAKE_CLOCK
+        + f"""
+from pathlib import Path
+from pytest_ryzen import speedup
+
+@speedup(2.0)
+def test_locked(ryzen):
+    clock = FakeClock(5)
+    Path({str(flag)!r}).write_text("1")
+    ryzen.compare(clock.work(3.0), clock.work(1.0), timer=clock.now)
+"""
+    )
+    held = threading.Event()
+    done = threading.Event()
+    hold_s = 1.5
+
+    def hold() -> None:
+        # Hold the perf lock until the inner test is about to time, then hold_s longer: it must wait that long.
+        with serial_lock():
+            held.set()
+            while not flag.exists() and not done.wait(0.05):
+                pass
+            done.wait(hold_s)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(timeout=10)
+    try:
+        result = pytester.runpytest_subprocess("--device=cpu", "-n", "1", "-p", "xdist", "--ryzen-report-dir=out")
+    finally:
+        done.set()
+        thread.join()
+    result.assert_outcomes(passed=1)
+    report = json.loads((pytester.path / "out" / "integration_test_report.json").read_text())
+    gate = report["test_cases"][0]["gates"][0]
+    # The worker had to wait for the lock this process held; the record says so.
+    assert gate["details"]["lock_wait_s"] > 0.5 * hold_s
