@@ -26,6 +26,7 @@ lint:
 
 bench: setup
 	$(PYTHON) -m ryzen_opt bench noise
+	$(PYTHON) benchmarks/bench_training.py
 
 clean:
 	rm -rf ryzen_results .pytest_cache .hypothesis build *.egg-info

@@ -26,6 +26,7 @@ from pytest_ryzen.session import (
     RECORDS_PROPERTY,
     REPORT_NAMES,
     RyzenSession,
+    evaluate_gates,
     iter_gate_failures,
     marker_threshold,
     threshold_markers,
@@ -228,7 +229,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return report
     device = str(recorder.device) if recorder is not None else None
     thresholds = _thresholds(item.config) if any(_has_str_arg(m) for m in markers) else None
-    gates = _evaluate(item, records, thresholds, device)
+    gates = evaluate_gates(item, records, thresholds, device)
     report.user_properties.append((GATES_PROPERTY, gates))
     mode = item.config.stash[_SESSION_KEY].gate_mode
     failing = iter_gate_failures(gates, mode)
@@ -236,12 +237,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = "\n".join(f"ryzen gate failed: {g['message']}" for g in failing)
     return report
-
-
-def _evaluate(item: pytest.Item, records: list[dict[str, Any]], thresholds: Any, device: str | None) -> Any:
-    from pytest_ryzen.session import evaluate_gates
-
-    return evaluate_gates(item, records, thresholds, device)
 
 
 class _ReportListener:

@@ -50,3 +50,30 @@ def test_run_writes_report_in_cwd(tmp_path: Path) -> None:
     assert report["schema_version"]
     assert report["environment"]["versions"]["torch"]
     assert not list((tmp_path / "ryzen_results").glob(".*.tmp")), "a temp file was left behind"
+
+
+@pytest.mark.slow
+def test_zoo_tiny_eval_json(tmp_path: Path) -> None:
+    proc = _run("zoo", "--recipe", "tiny", "--eval", "--json", RYZEN_OPT_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    quality = json.loads(proc.stdout)
+    assert 0.0 <= quality["target"]["accuracy"] <= 1.0
+    assert 0.0 <= quality["draft"]["agreement_with_target"] <= 1.0
+    assert quality["path"].startswith(str(tmp_path))
+
+
+def test_bench_noise_json() -> None:
+    proc = _run("bench", "noise", "--pairs", "6", "--size", "256", "--repeat", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    floor = json.loads(proc.stdout)
+    assert floor["n"] == 6
+    assert floor["ci_low"] <= floor["ratio"] <= floor["ci_high"]
+    assert floor["smallest_detectable_speedup"] >= 1.0
+
+
+def test_run_bad_config_exits_2_and_names_key(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text('zoo_recipe = "huge"\n')
+    proc = _run("run", "bad.toml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "zoo_recipe" in proc.stderr
+    assert "allowed values" in proc.stderr
