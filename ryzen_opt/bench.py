@@ -29,10 +29,9 @@ import logging
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -41,11 +40,7 @@ import torch
 
 from ryzen_opt.accuracy import AccuracyMeasurement, accuracy, greedy_agreement  # noqa: F401  (re-exported)
 from ryzen_opt.errors import ConfigError, RyzenOptError
-
-try:  # flock is released by the kernel when its holder dies: a crashed worker never wedges the suite
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: serial_lock is a logged no-op there
-    fcntl = None  # type: ignore[assignment]
+from ryzen_opt.locking import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -498,52 +493,13 @@ def default_lock_path() -> str:
     return os.path.join(tempfile.gettempdir(), DEFAULT_LOCK_NAME)
 
 
-@dataclass
-class _ProcessLockState:
-    # The thread lock makes serial_lock re-entrant for the owning thread (a plugin holding the lock around a
-    # test that calls compare(lock=True)) while still excluding other threads; flock alone would deadlock on
-    # itself there, since a second open() of the same file is a second, conflicting lock holder.
-    thread_lock: threading.RLock = field(default_factory=threading.RLock)
-    depth: int = 0
-    fd: int | None = None
-
-
-_LOCK_STATES: dict[tuple[int, str], _ProcessLockState] = {}
-_LOCK_STATES_GUARD = threading.Lock()
-
-
-def _acquire_file_lock(path: str) -> int:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # another user's file: flock works on a read-only descriptor too
-        fd = os.open(path, os.O_RDONLY)
-    if fcntl is None:  # pragma: no cover - Windows
-        logger.warning("no fcntl on this platform: timed sections of different processes are not serialised")
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _release_file_lock(fd: int) -> None:
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def serial_lock(path: str | os.PathLike[str] | None = None) -> Iterator[float]:
-    """Hold a machine-wide exclusive lock; yield the seconds spent waiting for it.
+    """The machine-wide perf lock: yield the seconds spent waiting for it.
 
     Two processes timing at once on the same cores measure each other. Perf sections of every process
     (pytest-xdist workers, a CLI run beside the suite) take this lock, so timings never overlap; the wait is
-    recorded so that a report can show it. ``fcntl.flock`` on POSIX (released by the kernel when a holder
-    dies); a logged no-op where there is no ``fcntl`` (Windows). Re-entrant within one thread.
+    recorded so that a report can show it. See :func:`ryzen_opt.locking.file_lock` (re-entrant within a thread).
 
     Args:
         path: the lock file; default :func:`default_lock_path`.
@@ -552,22 +508,5 @@ def serial_lock(path: str | os.PathLike[str] | None = None) -> Iterator[float]:
         >>> with serial_lock() as waited:
         ...     pass  # time something
     """
-    target = os.path.realpath(os.fspath(path) if path is not None else default_lock_path())
-    key = (os.getpid(), target)  # keyed by pid: a forked child must take the file lock itself
-    with _LOCK_STATES_GUARD:
-        state = _LOCK_STATES.setdefault(key, _ProcessLockState())
-    started = time.monotonic()  # real time on purpose: the wait is real even when a test fakes the timer
-    with state.thread_lock:
-        if state.depth == 0:
-            state.fd = _acquire_file_lock(target)
-        state.depth += 1
-        waited = time.monotonic() - started
-        if waited > 0.01:
-            logger.info("waited %.2f s for the perf lock %s", waited, target)
-        try:
-            yield waited
-        finally:
-            state.depth -= 1
-            if state.depth == 0 and state.fd is not None:
-                fd, state.fd = state.fd, None
-                _release_file_lock(fd)
+    with file_lock(path if path is not None else default_lock_path()) as waited:
+        yield waited
