@@ -273,89 +273,91 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)
-    model.train()
-    last_eval: dict[str, float] = {}
-    period_losses: list[float] = []
-    period_start = time.perf_counter()
-    run_start = period_start
-    logger.info(
-        "training %d steps, batch %d x %d tokens, bf16 autocast=%s",
-        config.steps,
-        config.batch_size,
-        data.block_size,
-        bf16,
-    )
-    try:
-        for step in range(config.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ids = next(batches).to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(input_ids=ids, labels=ids)
-            loss = out.loss
-            loss_value = loss.item()  # one host sync per step: needed to stop at the first NaN, not later
-            if not math.isfinite(loss_value):
-                raise TrainingDivergedError(
-                    f"loss became {loss_value} at step {step} (lr {lr:.3g}). Lower TrainConfig.lr, keep grad_clip > 0, "
-                    "or check the data for empty or corrupt batches."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-            optimizer.step()
-            duration = time.perf_counter() - t0
-            period_losses.append(loss_value)
-            epoch_index = step // config.eval_every
-            if collector is not None:
-                collector.record_batch_metric(
-                    BatchMetric(
-                        epoch=epoch_index,
-                        batch=step % config.eval_every,
-                        step=step,
-                        loss=loss_value,
-                        samples_per_s=config.batch_size / duration,
-                        tokens_per_s=tokens_per_step / duration,
-                        learning_rate=lr,
-                        grad_norm=grad_norm,
-                        duration_s=duration,
-                        tokens=tokens_per_step,
+    # Training needs autograd even when the caller sits in torch.no_grad() (e.g. an evaluation that builds the
+    # zoo on first use); without this the first backward() fails with "does not require grad".
+    with torch.enable_grad():
+        model.train()
+        last_eval: dict[str, float] = {}
+        period_losses: list[float] = []
+        period_start = time.perf_counter()
+        run_start = period_start
+        logger.info(
+            "training %d steps, batch %d x %d tokens, bf16 autocast=%s",
+            config.steps,
+            config.batch_size,
+            data.block_size,
+            bf16,
+        )
+        try:
+            for step in range(config.steps):
+                t0 = time.perf_counter()
+                lr = lr_at(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                ids = next(batches).to(dev)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = model(input_ids=ids, labels=ids)
+                loss = out.loss
+                loss_value = loss.item()  # one host sync per step: needed to stop at the first NaN, not later
+                if not math.isfinite(loss_value):
+                    raise TrainingDivergedError(
+                        f"loss became {loss_value} at step {step} (lr {lr:.3g}). Lower TrainConfig.lr, keep "
+                        "grad_clip > 0, or check the data for empty or corrupt batches."
                     )
-                )
-            if bar is not None and (step % config.log_every == 0 or step == config.steps - 1):
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", tok_s=f"{tokens_per_step / duration:.0f}")
-            if bar is not None:
-                bar.update(1)
-            last_step = step == config.steps - 1
-            if (step + 1) % config.eval_every == 0 or last_step:
-                if eval_data:
-                    last_eval = evaluate(model, eval_data, dev, bf16)
-                    logger.info(
-                        "step %d: held-out loss %.4f, top-1 %.4f", step + 1, last_eval["loss"], last_eval["accuracy"]
-                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+                else:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+                optimizer.step()
+                duration = time.perf_counter() - t0
+                period_losses.append(loss_value)
+                epoch_index = step // config.eval_every
                 if collector is not None:
-                    collector.record_epoch_metric(
-                        EpochMetric(
+                    collector.record_batch_metric(
+                        BatchMetric(
                             epoch=epoch_index,
-                            train_loss=sum(period_losses) / len(period_losses),
-                            val_loss=last_eval.get("loss"),
-                            accuracy=last_eval.get("accuracy"),
-                            perplexity=last_eval.get("perplexity"),
-                            duration_s=time.perf_counter() - period_start,
-                            extra={"step": float(step + 1), "data_epochs": (step + 1) / steps_per_data_epoch},
+                            batch=step % config.eval_every,
+                            step=step,
+                            loss=loss_value,
+                            samples_per_s=config.batch_size / duration,
+                            tokens_per_s=tokens_per_step / duration,
+                            learning_rate=lr,
+                            grad_norm=grad_norm,
+                            duration_s=duration,
+                            tokens=tokens_per_step,
                         )
                     )
-                period_losses = []
-                period_start = time.perf_counter()
-            if config.checkpoint_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                save_checkpoint(model, Path(config.checkpoint_dir) / f"step-{step + 1}")
-    finally:
-        if bar is not None:
-            bar.close()
+                if bar is not None and (step % config.log_every == 0 or step == config.steps - 1):
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", tok_s=f"{tokens_per_step / duration:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                last_step = step == config.steps - 1
+                if (step + 1) % config.eval_every == 0 or last_step:
+                    if eval_data:
+                        last_eval = evaluate(model, eval_data, dev, bf16)
+                        loss_, acc_ = last_eval["loss"], last_eval["accuracy"]
+                        logger.info("step %d: held-out loss %.4f, top-1 %.4f", step + 1, loss_, acc_)
+                    if collector is not None:
+                        collector.record_epoch_metric(
+                            EpochMetric(
+                                epoch=epoch_index,
+                                train_loss=sum(period_losses) / len(period_losses),
+                                val_loss=last_eval.get("loss"),
+                                accuracy=last_eval.get("accuracy"),
+                                perplexity=last_eval.get("perplexity"),
+                                duration_s=time.perf_counter() - period_start,
+                                extra={"step": float(step + 1), "data_epochs": (step + 1) / steps_per_data_epoch},
+                            )
+                        )
+                    period_losses = []
+                    period_start = time.perf_counter()
+                if config.checkpoint_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                    save_checkpoint(model, Path(config.checkpoint_dir) / f"step-{step + 1}")
+        finally:
+            if bar is not None:
+                bar.close()
     model.eval()
     if config.checkpoint_dir:
         save_checkpoint(model, Path(config.checkpoint_dir) / "final")

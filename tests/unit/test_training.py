@@ -88,6 +88,21 @@ def test_nan_loss_stops_with_the_step() -> None:
         train(_NaNAtStep(bad_step=3), data, config, TrainingMetricsCollector())
 
 
+def test_trains_even_when_called_under_no_grad(tiny_data: tuple) -> None:
+    # Regression: evaluate_zoo (a no_grad function) builds the zoo on first use; training must still work there.
+    from transformers import LlamaForCausalLM
+
+    _, train_blocks, _ = tiny_data
+    recipe = zoo.get_recipe("tiny")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(zoo._llama_config(recipe, recipe.layers, 0))
+    before = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        train(model, train_blocks, dataclasses.replace(recipe.train, steps=2, eval_every=100), None)
+        assert not torch.is_grad_enabled()  # the caller's mode is restored
+    assert not torch.equal(before, model.model.embed_tokens.weight)
+
+
 def test_token_blocks_need_enough_tokens() -> None:
     with pytest.raises(ConfigError, match="cannot fill one block"):
         TokenBlocks(torch.arange(5), block_size=8)
