@@ -604,3 +604,47 @@ def test_trainer_callback_invents_nothing(tmp_path: Path) -> None:
     assert epoch.accuracy is None
     assert epoch.perplexity == math.inf
     assert metrics_mod.TrainingMetricsCollector.from_dict(collector.to_dict()).to_dict() == collector.to_dict()
+
+
+def test_trainer_callback_in_a_real_trainer_run(tmp_path: Path) -> None:
+    """HF Trainer users get the same report: a real (tiny) Trainer run with the adapter as its callback."""
+    pytest.importorskip("accelerate")
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
+    ids = torch.randint(0, 32, (24, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    collector = TrainingMetricsCollector(experiment_id="hf-trainer")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        logging_steps=1,
+        eval_strategy="epoch",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[trainer_callback(collector)]
+    )
+    trainer.train()
+    stats = collector.compute_statistics()
+    assert stats["total_batches"] == trainer.state.global_step == 12  # 24 rows / 4 per step x 2 epochs
+    assert len(collector.epoch_metrics) == 2
+    assert all(e.val_loss is not None and e.perplexity > 1 for e in collector.epoch_metrics)
+    assert all(b.samples_per_s > 0 and b.learning_rate > 0 for b in collector.batch_metrics)
+    report = json.loads(collector.export_metrics(tmp_path / "report.json").read_text())
+    reports.validate_report("training_metrics_report", report)
