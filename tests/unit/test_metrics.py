@@ -540,9 +540,10 @@ def test_importing_metrics_does_not_import_transformers() -> None:
 
 def training_args(tmp_path: Path) -> Any:
     """TrainingArguments needs accelerate; without it, the attributes the callback reads, with the same names."""
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
+    from transformers.utils import is_accelerate_available
+
+    # Ask transformers, not `import accelerate`: transformers caches its answer at import time.
+    if not is_accelerate_available():
         return SimpleNamespace(
             train_batch_size=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=1
         )
@@ -608,7 +609,10 @@ def test_trainer_callback_invents_nothing(tmp_path: Path) -> None:
 
 def test_trainer_callback_in_a_real_trainer_run(tmp_path: Path) -> None:
     """HF Trainer users get the same report: a real (tiny) Trainer run with the adapter as its callback."""
-    pytest.importorskip("accelerate")
+    from transformers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        pytest.skip("transformers' Trainer needs accelerate (in the test extra)")
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
