@@ -141,7 +141,7 @@ StageFn = Callable[[RunContext], dict[str, Any]]
 STAGES: list[tuple[str, StageFn | None, str]] = [
     ("setup", _setup, ""),
     ("training", _training, ""),
-    ("validation", None, "the validation stage is not built yet (issues #4-#9)"),
+    ("validation", None, "the validation stage measures the optimizers, which are not built yet (issues #5-#9)"),
     ("testing", None, "the testing stage is not built yet (issue #9)"),
 ]
 
