@@ -18,22 +18,13 @@ from transformers import LlamaForCausalLM
 from ryzen_opt import zoo
 from ryzen_opt.bench import compare
 from ryzen_opt.reports import atomic_write_json, environment
+from ryzen_opt.training import make_train_step
 
 
-def make_step(bf16: bool, batch: torch.Tensor):
+def zoo_shaped_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     recipe = zoo.get_recipe("default")
-    model = LlamaForCausalLM(zoo._llama_config(recipe, recipe.layers, 0)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return LlamaForCausalLM(zoo._llama_config(recipe, recipe.layers, 0))
 
 
 def main() -> None:
@@ -46,8 +37,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batch = torch.randint(0, 4096, (16, 256), generator=torch.Generator().manual_seed(0))
     m = compare(
-        make_step(False, batch),
-        make_step(True, batch),
+        make_train_step(zoo_shaped_model(), batch, bf16=False),
+        make_train_step(zoo_shaped_model(), batch, bf16=True),
         min_pairs=args.pairs,
         max_pairs=args.pairs,
         warmup=2,

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,3 +381,23 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     saver(path)
+
+
+def make_train_step(model: nn.Module, batch: torch.Tensor, *, bf16: bool, lr: float = 1e-4) -> Callable[[], None]:
+    """One full optimizer step (forward, backward, AdamW) on a fixed batch, as a callable to time.
+
+    Used by the autocast benchmark and perf test, which compare fp32 and bf16 steps with ``bench.compare``.
+    """
+    device = next(model.parameters()).device
+    ids = batch.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step

@@ -110,6 +110,10 @@ def test_four_reports_match_their_schemas(gated: pytest.Pytester) -> None:
     assert validation["summary"]["failed"] == 2
     final = reports["phase2_final_report"]
     assert final["status"] == "INCOMPLETE"
+    reasons = "\n".join(final["incomplete_reasons"])
+    assert "test_kernel_slow: speedup FAIL" in reasons
+    assert "no kv_cache_optimizer gate was measured" in reasons  # unmeasured parts keep phase 2 INCOMPLETE
+    assert "no kernel_optimizer gate" not in reasons
     fast = final["optimization_results"]["kernel_optimizer"]["speedup"]
     assert {e["status"] for e in fast} == {"PASS", "FAIL"}
     passed = next(e for e in fast if e["status"] == "PASS")
