@@ -97,6 +97,8 @@ def test_four_reports_match_their_schemas(gated: pytest.Pytester) -> None:
         validate_report(name, report)
         assert report["schema_version"]
         assert "NaN" not in (gated.path / "out" / f"{name}.json").read_text()
+    plain = next(c for c in reports["integration_test_report"]["test_cases"] if c["name"].endswith("test_plain"))
+    assert plain["gates"] == []
     assert _statuses(reports["integration_test_report"]) == {
         "test_kernel_fast": "PASSED",
         "test_kernel_slow": "FAILED",
