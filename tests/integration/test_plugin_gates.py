@@ -59,7 +59,8 @@ def test_missing_measurement(ryzen):
     pass
 
 def test_plain():
-    assert 1 + 1 == 2
+    # an ordinary test without gates: it must appear in the integration report with no gate records
+    assert sorted([3, 1, 2]) == [1, 2, 3]
 """
 )
 
