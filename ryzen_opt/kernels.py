@@ -1,0 +1,1105 @@
+"""KernelOptimizer: faster batch-1 decode and prefill for Hugging Face causal LMs.
+
+Batch-1 decode on a CPU is memory bound: every token streams every weight once (a 134M-parameter Llama in fp32
+moves ~540 MB per token). So the speed comes from two things, in this order (CPU_BASELINES.md):
+
+1. **Fewer bytes per weight, streamed by a kernel that runs near bandwidth.** Weight-only or dynamic int8
+   (1 byte/weight) and group-wise int4 (~0.56 byte/weight). Which kernel streams best depends on the device and
+   the shape; :data:`KERNEL_TABLE` records the measured choice and ``benchmarks/bench_gemv.py`` re-measures it.
+2. **Less work between the matmuls.** HF ``forward`` costs ~6 ms/token of Python and small ops on a 134M model,
+   ``generate`` another ~2 ms. A lean decode loop over a preallocated (static) KV cache, with fused qkv and
+   gate/up projections, removes most of that. It reads the same modules the model holds, so there is one copy
+   of every weight.
+
+What :meth:`KernelOptimizer.apply_to_model` does to a model *instance* (never to the ``transformers`` classes):
+
+- replaces each ``nn.Linear`` (and GPT-2's ``Conv1D``) of the decoder and the LM head with a
+  :class:`DenseLinear`, :class:`Int8Linear` or :class:`Int4Linear`; with ``fuse=True`` the q/k/v projections
+  (and gate/up) become one fused module and the originals become :class:`FusedSlice` views of it, so
+  ``model(...)`` still runs HF's own forward, on the optimized weights;
+- switches attention to SDPA (``config._attn_implementation``) where the model allows it;
+- binds a ``generate`` to the instance that runs the lean static-cache loop (:class:`StaticDecoder`) when the
+  request is one it serves (batch 1, greedy or plain sampling), and HF's own ``generate`` otherwise, so the
+  interface stays HF's;
+- optionally compiles the decode step with ``torch.compile`` and records how long compiling took.
+
+The design follows gpt-fast (``model.py``/``quantize.py``: a static cache indexed by position, weight-only int8
+as ``F.linear(x, w.to(x.dtype)) * scales``, int4 through ATen's tinygemm kernels) and torchao's per-channel and
+group-wise quantizers; what differs is the CPU: fbgemm's dynamic int8 GEMV and ATen's int4 CPU kernel stream
+far better here than a dequantize-then-matmul, and ``torch.compile`` buys little at batch 1 (1.1x for 40 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ryzen_opt.errors import ConfigError, RyzenOptError
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_MODES = ("none", "bf16", "int8", "int4")
+INT8_KERNELS = ("auto", "fbgemm", "int8pack", "dequant")
+ATTENTION_MODES = ("sdpa", "eager", "keep")
+DECODE_MODES = ("static", "hf")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+# Which int8 kernel "auto" picks, by device type, and why (one thread, Zen 4, weights streamed from DRAM;
+# reproduce with ``python benchmarks/bench_gemv.py --threads 1``):
+#   cpu:  fbgemm dynamic (activations quantized per tensor on the fly, VNNI int8 dot products) streams 20-32 GB/s
+#         of int8 weights: 4.4-6.6x fp32 F.linear on every decode shape of a 134M Llama, LM head included.
+#         _weight_int8pack_mm needs bf16 activations (2.9-3.9x) and with fp32 activations takes a 30x slower
+#         path; dequantize-then-F.linear reads the int8 weight *and* writes/reads an fp32 copy (slower than fp32).
+#   cuda: gpt-fast's weight-only form, F.linear(x, w.to(x.dtype)) * scales, which inductor fuses into one
+#         kernel under compile=True; fbgemm is CPU-only.
+KERNEL_TABLE: dict[str, str] = {"cpu": "fbgemm", "cuda": "dequant", "mps": "int8pack"}
+# int4: ATen's CPU kernel takes bf16 activations; N must be a multiple of 16 and K of the group size, else the
+# layer stays int8 (logged). On CUDA the tinygemm kernel (_weight_int4pack_mm) when its probe matches the
+# dequantized reference, else dequantize on the fly.
+_INT4_N_MULTIPLE = 16
+
+
+class UnsupportedModelError(RyzenOptError, TypeError):
+    """The model's architecture is not one the KernelOptimizer knows how to run."""
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What :class:`KernelOptimizer` applies. Frozen: one config describes one optimized model.
+
+    Attributes:
+        weights: ``"none"`` keeps the model's dtype (fp32 stays fp32, stored transposed for a faster GEMV);
+            ``"bf16"`` casts linears to bf16; ``"int8"`` per-output-channel symmetric int8; ``"int4"`` group-wise
+            asymmetric int4 (``group_size`` along the input dimension).
+        int8_kernel: ``"auto"`` picks per device from :data:`KERNEL_TABLE`; or force ``"fbgemm"`` (CPU, dynamic
+            activation quantization), ``"int8pack"`` (weight-only, bf16 activations) or ``"dequant"``.
+        group_size: int4 group along the input dimension (32, 64, 128 or 256).
+        attention: ``"sdpa"`` (PyTorch's fused attention, ``is_causal`` where possible), ``"eager"`` or
+            ``"keep"`` (leave the model's setting alone).
+        decode: ``"static"``: ``generate`` runs the lean static-cache loop where it can; ``"hf"``: HF's own loop
+            on the optimized modules.
+        compile: compile the static decode step with ``torch.compile`` (``compile_mode``); the time it takes is
+            reported. ``False`` is always correct and is the default on CPU, where compile buys ~1.1x for 40 s.
+        fuse: fuse q/k/v and gate/up projections into one matmul each (one weight read, one call).
+        quantize_lm_head: quantize the LM head too (on small models it is a large share of the bytes per token).
+        max_cache_len: cap on prompt + new tokens for the static cache; ``None`` uses the model's
+            ``max_position_embeddings``.
+    """
+
+    weights: str = "none"
+    int8_kernel: str = "auto"
+    group_size: int = 64
+    attention: str = "sdpa"
+    decode: str = "static"
+    compile: bool = False
+    compile_mode: str = "default"
+    fuse: bool = True
+    quantize_lm_head: bool = True
+    max_cache_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("weights", WEIGHT_MODES),
+            ("int8_kernel", INT8_KERNELS),
+            ("attention", ATTENTION_MODES),
+            ("decode", DECODE_MODES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"KernelConfig.{name} = {value!r}: choose one of {', '.join(map(repr, allowed))}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise ConfigError(f"KernelConfig.group_size = {self.group_size!r}: choose 32, 64, 128 or 256")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ConfigError(f"KernelConfig.compile_mode = {self.compile_mode!r}: a torch.compile mode")
+        if self.max_cache_len is not None and self.max_cache_len < 2:
+            raise ConfigError(f"KernelConfig.max_cache_len = {self.max_cache_len!r}: at least 2, or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KernelConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"KernelConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------- quantizers
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight ≈ q * scale[:, None]`` with ``|error| <= scale / 2``.
+
+    Returns ``(q int8 [N, K], scale float32 [N])``. An all-zero row gets scale 1 (its q is 0) rather than 0, so
+    dequantizing never divides by zero and the row stays exactly zero.
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4 along the input dimension: ``w ≈ q * scale + minimum`` per group.
+
+    Returns ``(q uint8 in [0, 15] [N, K], scale float32 [N, K/g], minimum float32 [N, K/g])``;
+    ``|error| <= scale / 2`` element-wise. ``K`` must be a multiple of ``group_size``.
+    """
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % group_size:
+        raise ConfigError(f"int4: input dimension {k} is not a multiple of group_size {group_size}")
+    g = w.reshape(n, k // group_size, group_size)
+    lo = g.amin(dim=2)
+    hi = g.amax(dim=2)
+    scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+    q = torch.clamp(torch.round((g - lo[..., None]) / scale[..., None]), 0, 15).to(torch.uint8)
+    return q.reshape(n, k), scale, lo
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = q.shape
+    g = q.reshape(n, k // group_size, group_size).float()
+    return (g * scale[..., None] + minimum[..., None]).reshape(n, k)
+
+
+# ------------------------------------------------------------------------------------------- linear modules
+
+
+class _KernelLinear(nn.Module):
+    """Base of the replacement linears: 2-D or N-D input, ``y = x W^T + b`` in the input's dtype."""
+
+    in_features: int
+    out_features: int
+    kernel: str
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+    def weight_bytes(self) -> int:
+        """Bytes streamed per full read of the weights, scales and bias included."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]))
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class DenseLinear(_KernelLinear):
+    """fp32/bf16 linear with the weight stored transposed, ``[in, out]``.
+
+    ``x @ Wt`` streams a batch-1 GEMV 1.2-1.5x faster than ``F.linear`` on this CPU (LM head: 1.9x), because
+    MKL's GEMV over a row-major ``[in, out]`` matrix walks memory contiguously (CPU_BASELINES.md, "Weight layout").
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dtype = dtype or weight.dtype
+        self.out_features, self.in_features = weight.shape
+        self.kernel = f"dense-{str(dtype).removeprefix('torch.')}"
+        self.register_buffer("weight_t", weight.detach().to(dtype).t().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_t.t().float()
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        xin = x2d.to(self.weight_t.dtype)
+        y = torch.addmm(self.bias, xin, self.weight_t) if self.bias is not None else xin @ self.weight_t
+        return y.to(x2d.dtype)
+
+
+def _qint8_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Quantized-tensor constructors warn that they are deprecated (pytorch#184982); fbgemm's prepack still needs
+    # one, and it is still the fastest int8 GEMV on x86 CPUs. Int8Linear falls back to int8pack without it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        zeros = torch.zeros(q.shape[0], dtype=torch.long)
+        return torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
+
+
+class Int8Linear(_KernelLinear):
+    """Per-output-channel symmetric int8 weights, one of three kernels (see :data:`KERNEL_TABLE`).
+
+    - ``fbgemm``: fbgemm's dynamic int8 linear: activations are quantized per tensor at each call, the product
+      runs in int8 with int32 accumulation. Fastest here; adds activation rounding (measured in the accuracy
+      loss, not assumed away).
+    - ``int8pack``: ATen's weight-only ``_weight_int8pack_mm`` with bf16 activations.
+    - ``dequant``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``: correct everywhere, fast under compile.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_int8(weight)
+        self.kernel = kernel
+        self.register_buffer("qweight", q.to(weight.device))
+        self.register_buffer("scale", scale.to(weight.device))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._packed: Any = None
+        if kernel == "fbgemm":
+            if weight.device.type != "cpu":
+                raise ConfigError(f"int8 kernel 'fbgemm' runs on the CPU only, not {weight.device.type}")
+            # The packed copy is fbgemm's layout of the same int8 weight; the plain q stays for dequantized_weight.
+            self._packed = torch.ops.quantized.linear_prepack(_qint8_weight(q, scale), self.bias)
+        elif kernel == "int8pack":
+            self.register_buffer("scale_bf16", scale.to(device=weight.device, dtype=torch.bfloat16))
+        elif kernel != "dequant":
+            raise ConfigError(f"int8 kernel {kernel!r}: choose one of {INT8_KERNELS[1:]}")
+
+    def weight_bytes(self) -> int:
+        n = self.qweight.numel() + self.scale.numel() * 4
+        return n + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "fbgemm":
+            return torch.ops.quantized.linear_dynamic(x2d.float(), self._packed, False).to(x2d.dtype)
+        if self.kernel == "int8pack":
+            y = torch._weight_int8pack_mm(x2d.to(torch.bfloat16), self.qweight, self.scale_bf16).to(x2d.dtype)
+        else:
+            y = F.linear(x2d, self.qweight.to(x2d.dtype)) * self.scale.to(x2d.dtype)
+        return y + self.bias.to(x2d.dtype) if self.bias is not None else y
+
+
+class Int4Linear(_KernelLinear):
+    """Group-wise asymmetric int4 weights (``w ≈ q * scale + min`` per group of ``group_size`` inputs).
+
+    CPU: ATen's ``_weight_int4pack_mm_for_cpu`` (bf16 activations; 5.7-6.3x fp32 F.linear per GEMV here).
+    CUDA: ATen's tinygemm ``_weight_int4pack_mm`` when a probe matches the dequantized reference, else
+    dequantize on the fly. The packed layouts use ATen's convention ``w = (q - 8) * scale + zero``, so the zero
+    handed to the kernel is ``min + 8 * scale``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        device = weight.device
+        q, scale, lo = quantize_int4(weight, group_size)
+        # Plain nibbles, two per byte, are what counts as storage (and what dequantized_weight reads).
+        self.register_buffer("qweight", (q[:, ::2] | (q[:, 1::2] << 4)).to(device))
+        self.register_buffer("scale", scale.to(device))
+        self.register_buffer("minimum", lo.to(device))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        zero = lo + 8 * scale
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
+        self.kernel = "dequant"
+        self._packed: torch.Tensor | None = None
+        self._sz: torch.Tensor | None = None
+        if device.type == "cpu":
+            self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self._sz = sz
+            self.kernel = "int4pack-cpu"
+        elif device.type == "cuda":
+            self._try_tinygemm(q, sz.to(device))
+
+    def _try_tinygemm(self, q: torch.Tensor, sz: torch.Tensor) -> None:
+        try:
+            packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            packed = torch._convert_weight_to_int4pack(packed_u8.to(sz.device), 8)
+            x = torch.randn(2, self.in_features, device=sz.device, dtype=torch.bfloat16)
+            got = torch._weight_int4pack_mm(x, packed, self.group_size, sz).float()
+            want = x.float() @ self.dequantized_weight().t()
+            if torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+                self._packed, self._sz, self.kernel = packed, sz, "tinygemm"
+            else:
+                logger.warning("int4 tinygemm probe disagrees with the dequantized reference; dequantizing instead")
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. a ROCm build or an unsupported arch
+            logger.info("int4 tinygemm unavailable (%s); dequantizing on the fly", str(exc).splitlines()[0])
+
+    def weight_bytes(self) -> int:
+        n = self.qweight.numel() + (self.scale.numel() + self.minimum.numel()) * 4
+        return n + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
+        return dequantize_int4(q, self.scale, self.minimum, self.group_size)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int4pack-cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), self._packed, self.group_size, self._sz)
+        elif self.kernel == "tinygemm":
+            y = torch._weight_int4pack_mm(x2d.to(torch.bfloat16), self._packed, self.group_size, self._sz)
+        else:
+            y = F.linear(x2d, self.dequantized_weight().to(x2d.dtype))
+        y = y.to(x2d.dtype)
+        return y + self.bias.to(x2d.dtype) if self.bias is not None else y
+
+
+class FusedSlice(nn.Module):
+    """One output slice of a fused projection, standing where the original q/k/v (or gate/up) module stood.
+
+    HF's attention calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` on the same tensor one after the other. The
+    fused module computes all three in one weight read; the slices share a one-entry cache keyed on the input
+    tensor's identity and version counter (same object, unmodified since ⇒ same values), so HF's forward runs
+    the fused matmul once, not three times, and no weight is stored twice.
+    """
+
+    def __init__(self, fused: _SharedFused, start: int, stop: int) -> None:
+        super().__init__()
+        self.fused = [fused]  # a list, so the fused module is not registered (and counted) once per slice
+        self.start, self.stop = start, stop
+        self.in_features = fused.linear.in_features
+        self.out_features = stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused[0](x)[..., self.start : self.stop]
+
+    def extra_repr(self) -> str:
+        return f"slice=[{self.start}:{self.stop}] of {self.fused[0].linear.extra_repr()}"
+
+
+class _SharedFused(nn.Module):
+    def __init__(self, linear: _KernelLinear) -> None:
+        super().__init__()
+        self.linear = linear
+        self._key: tuple[weakref.ref[torch.Tensor], int] | None = None
+        self._out: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._key is not None and self._key[0]() is x and self._key[1] == x._version and not torch.is_grad_enabled():
+            assert self._out is not None
+            return self._out
+        out = self.linear(x)
+        if torch.is_grad_enabled():
+            self._key, self._out = None, None
+        else:
+            self._key, self._out = (weakref.ref(x), x._version), out
+        return out
+
+
+# ------------------------------------------------------------------------------------------ model structure
+
+
+@dataclass
+class _Layer:
+    """One decoder layer, as the lean loop sees it (modules shared with the HF tree, never copied)."""
+
+    norm1: nn.Module
+    norm2: nn.Module
+    qkv: nn.Module  # fused [q | k | v] projection, or a callable returning the concatenation
+    o: nn.Module
+    mlp_in: nn.Module  # llama: fused [gate | up]; gpt2: c_fc
+    down: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scale: float
+
+
+@dataclass
+class _Arch:
+    kind: str  # "llama" (llama, mistral, qwen2) or "gpt2"
+    layers: list[_Layer]
+    embed: nn.Module
+    pos_embed: nn.Module | None
+    final_norm: nn.Module
+    lm_head: nn.Module
+    rotary: nn.Module | None
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    norm_eps: float
+    max_positions: int
+    sliding_window: int | None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [out, in], bias)`` of an ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is ``[in, out]``)."""
+    if _is_conv1d(module):
+        return module.weight.detach().t(), module.bias
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), module.bias
+    raise UnsupportedModelError(f"expected nn.Linear or Conv1D, found {type(module).__name__}")
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"KernelOptimizer supports {', '.join(SUPPORTED_MODEL_TYPES)} causal LMs; this model is "
+            f"{type(model).__name__} (model_type={model_type!r}). Use another optimizer, or open an issue with "
+            "the architecture."
+        )
+    if not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(f"{type(model).__name__} has no lm_head: pass the *ForCausalLM model")
+    return str(model_type)
+
+
+def _sliding_window(config: Any) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    uses = getattr(config, "use_sliding_window", True) and (not layer_types or "sliding_attention" in layer_types)
+    return int(window) if window and uses else None
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class KernelReport:
+    """What was applied, per module, and what it cost. Every figure is read off the model, none assumed."""
+
+    model_type: str
+    config: dict[str, Any]
+    device: str
+    kernels: dict[str, int] = field(default_factory=dict)  # kernel -> number of modules
+    fallbacks: list[str] = field(default_factory=list)  # modules that got another kernel than asked, and why
+    fused: list[str] = field(default_factory=list)
+    attention: str = ""
+    decode: str = ""
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    bytes_per_token: int = 0  # weights read by one decode step (decoder + LM head, not the embedding lookup)
+    apply_seconds: float = 0.0
+    compile_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+
+class KernelOptimizer:
+    """Apply a :class:`KernelConfig` to a causal LM instance. ``apply_to_model`` is the one verb.
+
+    >>> model = KernelOptimizer(KernelConfig(weights="int8")).apply_to_model(model)  # doctest: +SKIP
+    >>> model.generate(input_ids, max_new_tokens=64)                                   # doctest: +SKIP
+    """
+
+    def __init__(self, config: KernelConfig | None = None) -> None:
+        self.config = config or KernelConfig()
+        if not isinstance(self.config, KernelConfig):
+            raise ConfigError(f"KernelOptimizer takes a KernelConfig, got {type(self.config).__name__}")
+        self.report: KernelReport | None = None
+
+    # -- module construction
+
+    def _int8_kernel(self, device: torch.device) -> str:
+        kernel = self.config.int8_kernel
+        if kernel == "auto":
+            return KERNEL_TABLE.get(device.type, "dequant")
+        if kernel == "fbgemm" and device.type != "cpu":
+            raise ConfigError(f"KernelConfig.int8_kernel='fbgemm' is CPU-only; the model is on {device}")
+        return kernel
+
+    def _make_linear(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, name: str, report: KernelReport
+    ) -> _KernelLinear:
+        mode = self.config.weights
+        if name == "lm_head" and not self.config.quantize_lm_head and mode in ("int8", "int4"):
+            mode = "none"
+        module: _KernelLinear
+        if mode == "int4":
+            n, k = weight.shape
+            if k % self.config.group_size or (weight.device.type == "cpu" and n % _INT4_N_MULTIPLE):
+                report.fallbacks.append(
+                    f"{name}: int4 needs in % {self.config.group_size} == 0 and out % {_INT4_N_MULTIPLE} == 0 "
+                    f"(shape {n}x{k}); stored as int8"
+                )
+                mode = "int8"
+            else:
+                module = Int4Linear(weight, bias, self.config.group_size)
+        if mode == "int8":
+            kernel = self._int8_kernel(weight.device)
+            if kernel == "fbgemm" and not hasattr(torch.ops.quantized, "linear_dynamic"):
+                report.fallbacks.append(f"{name}: this torch build has no fbgemm dynamic linear; int8pack instead")
+                kernel = "int8pack"
+            module = Int8Linear(weight, bias, kernel)
+        elif mode == "bf16":
+            module = DenseLinear(weight, bias, torch.bfloat16)
+        elif mode == "none":
+            module = DenseLinear(weight, bias)
+        report.kernels[module.kernel] = report.kernels.get(module.kernel, 0) + 1
+        return module
+
+    def _replace(self, parent: nn.Module, names: list[str], report: KernelReport, label: str, fuse: bool) -> nn.Module:
+        """Replace ``parent.<names>`` by kernel linears; return the module computing their concatenation."""
+        originals = [getattr(parent, n) for n in names]
+        params = [_linear_params(m) for m in originals]
+        if fuse and len(names) > 1:
+            weight = torch.cat([w for w, _ in params], dim=0)
+            if any(b is not None for _, b in params):
+                bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in params], dim=0)
+            else:
+                bias = None
+            shared = _SharedFused(self._make_linear(weight, bias, label, report))
+            start = 0
+            for n, (w, _) in zip(names, params, strict=True):
+                setattr(parent, n, FusedSlice(shared, start, start + w.shape[0]))
+                start += w.shape[0]
+            report.fused.append(f"{label}: {'+'.join(names)} -> {start}x{weight.shape[1]}")
+            setattr(parent, "_ryzen_fused_" + "_".join(names), shared)
+            return shared.linear
+        modules = []
+        for n, (w, b) in zip(names, params, strict=True):
+            module = self._make_linear(w, b, label if len(names) == 1 else f"{label}.{n}", report)
+            setattr(parent, n, module)
+            modules.append(module)
+        if len(modules) == 1:
+            return modules[0]
+        return _Concat(modules)
+
+    def _build_arch(self, model: Any, model_type: str, report: KernelReport) -> _Arch:
+        config = model.config
+        fuse = self.config.fuse
+        layers: list[_Layer] = []
+        if model_type == "gpt2":
+            if getattr(config, "add_cross_attention", False):
+                raise UnsupportedModelError("GPT-2 with cross-attention is not a decoder-only LM")
+            body = model.transformer
+            heads = config.n_head
+            head_dim = config.n_embd // heads
+            for i, block in enumerate(body.h):
+                scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
+                if config.scale_attn_by_inverse_layer_idx:
+                    scale /= float(i + 1)
+                qkv = self._replace(block.attn, ["c_attn"], report, f"h.{i}.attn.c_attn", fuse=False)
+                o = self._replace(block.attn, ["c_proj"], report, f"h.{i}.attn.c_proj", fuse=False)
+                fc = self._replace(block.mlp, ["c_fc"], report, f"h.{i}.mlp.c_fc", fuse=False)
+                down = self._replace(block.mlp, ["c_proj"], report, f"h.{i}.mlp.c_proj", fuse=False)
+                layers.append(_Layer(block.ln_1, block.ln_2, qkv, o, fc, down, block.mlp.act, scale))
+            lm_head = self._replace(model, ["lm_head"], report, "lm_head", fuse=False)
+            return _Arch(
+                "gpt2",
+                layers,
+                body.wte,
+                body.wpe,
+                body.ln_f,
+                lm_head,
+                None,
+                heads,
+                heads,
+                head_dim,
+                config.n_inner or 4 * config.n_embd,
+                config.layer_norm_epsilon,
+                config.n_positions,
+                None,
+            )
+        body = model.model
+        for i, block in enumerate(body.layers):
+            attn, mlp = block.self_attn, block.mlp
+            if hasattr(attn, "q_norm"):
+                raise UnsupportedModelError(f"{type(model).__name__}: q/k norms (Qwen3-style) are not supported")
+            qkv = self._replace(attn, ["q_proj", "k_proj", "v_proj"], report, f"layers.{i}.qkv", fuse)
+            o = self._replace(attn, ["o_proj"], report, f"layers.{i}.o_proj", fuse=False)
+            gate_up = self._replace(mlp, ["gate_proj", "up_proj"], report, f"layers.{i}.gate_up", fuse)
+            down = self._replace(mlp, ["down_proj"], report, f"layers.{i}.down_proj", fuse=False)
+            layers.append(
+                _Layer(
+                    block.input_layernorm,
+                    block.post_attention_layernorm,
+                    qkv,
+                    o,
+                    gate_up,
+                    down,
+                    mlp.act_fn,
+                    float(attn.scaling),
+                )
+            )
+        lm_head = self._replace(model, ["lm_head"], report, "lm_head", fuse=False)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        return _Arch(
+            "llama",
+            layers,
+            body.embed_tokens,
+            None,
+            body.norm,
+            lm_head,
+            body.rotary_emb,
+            config.num_attention_heads,
+            config.num_key_value_heads or config.num_attention_heads,
+            head_dim,
+            config.intermediate_size,
+            config.rms_norm_eps,
+            config.max_position_embeddings,
+            _sliding_window(config),
+        )
+
+    # -- the verb
+
+    @torch.no_grad()
+    def apply_to_model(self, model: Any) -> Any:
+        """Optimize ``model`` in place and return it. See the module docstring for what changes.
+
+        Raises:
+            UnsupportedModelError: not a Llama/Mistral/Qwen2/GPT-2 causal LM.
+            ConfigError: the config asks for something this device cannot do.
+        """
+        if getattr(model, "_ryzen_kernels", None) is not None:
+            raise ConfigError("this model was already optimized by a KernelOptimizer; apply to a fresh copy")
+        model_type = _model_type(model)
+        if model.training:
+            logger.info(
+                "KernelOptimizer: switching %s to eval mode (inference-only optimization)", type(model).__name__
+            )
+        model.eval()
+        started = time.perf_counter()
+        device = next(model.parameters()).device
+        report = KernelReport(model_type=model_type, config=self.config.to_dict(), device=str(device))
+        report.weight_bytes_before = _decode_bytes(model)
+        arch = self._build_arch(model, model_type, report)
+        report.attention = self._set_attention(model)
+        report.bytes_per_token = sum(
+            _module_bytes(m) for layer in arch.layers for m in (layer.qkv, layer.o, layer.mlp_in, layer.down)
+        ) + _module_bytes(arch.lm_head)
+        report.weight_bytes_after = report.bytes_per_token
+        decoder = StaticDecoder(model, arch, self.config)
+        report.decode = "static (lean loop)" if self.config.decode == "static" else "hf generate"
+        if self.config.decode == "static":
+            _bind_generate(model, decoder)
+        model._ryzen_kernels = report
+        model._ryzen_decoder = decoder
+        report.apply_seconds = time.perf_counter() - started
+        if self.config.compile:
+            report.compile_seconds = decoder.compile()
+        if report.fallbacks:
+            logger.warning("KernelOptimizer fallbacks: %s", "; ".join(report.fallbacks))
+        logger.info(
+            "KernelOptimizer: %s, kernels %s, %.1f MB/token -> %.1f MB/token, attention %s, decode %s",
+            model_type,
+            report.kernels,
+            report.weight_bytes_before / 1e6,
+            report.bytes_per_token / 1e6,
+            report.attention,
+            report.decode,
+        )
+        self.report = report
+        return model
+
+    def _set_attention(self, model: Any) -> str:
+        wanted = self.config.attention
+        current = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        if wanted == "keep" or wanted == current:
+            return current
+        setter = getattr(model, "set_attn_implementation", None)
+        try:
+            if setter is not None:
+                setter(wanted)
+            else:
+                model.config._attn_implementation = wanted
+        except (ValueError, ImportError) as exc:
+            logger.warning("attention %r not available for this model (%s); keeping %r", wanted, exc, current)
+            return current
+        return wanted
+
+
+class _Concat(nn.Module):
+    """Unfused q/k/v (``fuse=False``): three calls, one concatenated result, for the lean loop's split."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.parts], dim=-1)
+
+
+def _module_bytes(module: nn.Module) -> int:
+    if isinstance(module, _KernelLinear):
+        return module.weight_bytes()
+    if isinstance(module, _Concat):
+        return sum(_module_bytes(m) for m in module.parts)
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
+
+
+def _decode_bytes(model: nn.Module) -> int:
+    """Bytes of the linears one decode step reads (decoder projections and LM head), before optimization."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or _is_conv1d(module):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+            del name
+    return total
+
+
+# ------------------------------------------------------------------------------------------ static decoder
+
+
+class StaticDecoder:
+    """A lean forward over a preallocated KV cache, reading the optimized modules of one model.
+
+    Batch 1. ``prefill(ids)`` fills positions ``[0, T)``; ``step(token)`` appends one. Caches are
+    ``[layers, 1, kv_heads, max_len, head_dim]`` in the activation dtype. ``crop(n)`` rolls back by position (no
+    copy), which is what speculative decoding needs. Attention is SDPA: ``is_causal`` for a prefill from an empty
+    cache, an explicit mask when appending several tokens, and a slice of the filled prefix in eager decode (so
+    each step attends over ``pos + 1`` keys, not ``max_len``). The compiled step attends over the whole cache
+    with a mask instead, so that its shapes never change and it compiles once.
+    """
+
+    def __init__(self, model: nn.Module, arch: _Arch, config: KernelConfig) -> None:
+        self.model = model
+        self.arch = arch
+        self.config = config
+        embed: Any = arch.embed
+        self.dtype: torch.dtype = embed.weight.dtype
+        self.device: torch.device = embed.weight.device
+        self.max_len = 0
+        self.pos = 0
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
+
+    # -- cache
+
+    def limit(self) -> int:
+        cap = self.config.max_cache_len or self.arch.max_positions
+        return min(cap, self.arch.max_positions)
+
+    def allocate(self, max_len: int) -> None:
+        """Preallocate (or reuse) a cache for ``max_len`` positions and reset it to empty."""
+        if max_len > self.limit():
+            raise ConfigError(
+                f"prompt + new tokens = {max_len} exceeds the static cache limit {self.limit()} "
+                "(KernelConfig.max_cache_len / the model's max_position_embeddings)"
+            )
+        if self.k_cache is None or self.max_len < max_len:
+            # Round up to 256 so that a session of similar requests reuses one allocation (and one compile).
+            size = min(self.limit(), 256 * math.ceil(max_len / 256))
+            shape = (len(self.arch.layers), 1, self.arch.kv_heads, size, self.arch.head_dim)
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.max_len = size
+        self.pos = 0
+
+    def crop(self, length: int) -> None:
+        """Forget every position from ``length`` on (by position: the stale entries are overwritten later)."""
+        if not 0 <= length <= self.pos:
+            raise ValueError(f"crop({length}): the cache holds {self.pos} positions")
+        self.pos = length
+
+    # -- forward
+
+    def _embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        h = self.arch.embed(ids)
+        if self.arch.pos_embed is not None:
+            positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
+            h = h + self.arch.pos_embed(positions)[None]
+        return h
+
+    def _rope(self, h: torch.Tensor, pos: int, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.arch.rotary is None:
+            return None
+        position_ids = torch.arange(pos, pos + t, device=h.device)[None]
+        cos, sin = self.arch.rotary(h, position_ids)
+        return cos[:, None], sin[:, None]
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+        """Append ``ids`` ``[1, T]`` at the current position; logits of the last position ``[1, V]``, or of all
+        positions ``[1, T, V]`` with ``all_logits``."""
+        if self.k_cache is None:
+            raise RuntimeError("StaticDecoder.forward before allocate()")
+        pos, t = self.pos, ids.shape[1]
+        if pos + t > self.max_len:
+            raise ConfigError(f"the static cache holds {self.max_len} positions; {pos} used, {t} more asked")
+        arch = self.arch
+        h = self._embed(ids, pos)
+        rope = self._rope(h, pos, t)
+        heads, kv_heads, hd = arch.heads, arch.kv_heads, arch.head_dim
+        q_size, kv_size = heads * hd, kv_heads * hd
+        end = pos + t
+        mask: torch.Tensor | None = None
+        causal = False
+        if t > 1:
+            if pos == 0:
+                causal = True
+            else:
+                mask = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(diagonal=pos)
+        assert self.v_cache is not None
+        for i, layer in enumerate(arch.layers):
+            x = layer.norm1(h)
+            qkv = layer.qkv(x)
+            q = qkv[..., :q_size].view(1, t, heads, hd).transpose(1, 2)
+            k = qkv[..., q_size : q_size + kv_size].view(1, t, kv_heads, hd).transpose(1, 2)
+            v = qkv[..., q_size + kv_size :].view(1, t, kv_heads, hd).transpose(1, 2)
+            if rope is not None:
+                q = self._apply_rope(q, *rope)
+                k = self._apply_rope(k, *rope)
+            self.k_cache[i, :, :, pos:end] = k
+            self.v_cache[i, :, :, pos:end] = v
+            keys = self.k_cache[i, :, :, :end]
+            values = self.v_cache[i, :, :, :end]
+            attn = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=causal, scale=layer.scale, enable_gqa=heads != kv_heads
+            )
+            h = h + layer.o(attn.transpose(1, 2).reshape(1, t, q_size))
+            x = layer.norm2(h)
+            if arch.kind == "llama":
+                gate_up = layer.mlp_in(x)
+                gate, up = gate_up.split(arch.intermediate, dim=-1)
+                h = h + layer.down(layer.act(gate) * up)
+            else:
+                h = h + layer.down(layer.act(layer.mlp_in(x)))
+        self.pos = end
+        h = arch.final_norm(h if all_logits else h[:, -1:])
+        logits = arch.lm_head(h)
+        return logits if all_logits else logits[:, -1]
+
+    # -- compiled step (static shapes: attends over the whole cache with a mask)
+
+    def _step_static(self, ids: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
+        arch = self.arch
+        assert self.k_cache is not None and self.v_cache is not None
+        heads, kv_heads, hd = arch.heads, arch.kv_heads, arch.head_dim
+        q_size, kv_size = heads * hd, kv_heads * hd
+        h = arch.embed(ids)
+        if arch.pos_embed is not None:
+            h = h + arch.pos_embed(pos_t)[None]
+        rope = None
+        if arch.rotary is not None:
+            cos, sin = arch.rotary(h, pos_t[None])
+            rope = (cos[:, None], sin[:, None])
+        mask = (torch.arange(self.max_len, device=ids.device) <= pos_t)[None, None, None]
+        for i, layer in enumerate(arch.layers):
+            x = layer.norm1(h)
+            qkv = layer.qkv(x)
+            q = qkv[..., :q_size].view(1, 1, heads, hd).transpose(1, 2)
+            k = qkv[..., q_size : q_size + kv_size].view(1, 1, kv_heads, hd).transpose(1, 2)
+            v = qkv[..., q_size + kv_size :].view(1, 1, kv_heads, hd).transpose(1, 2)
+            if rope is not None:
+                q = self._apply_rope(q, *rope)
+                k = self._apply_rope(k, *rope)
+            self.k_cache[i].index_copy_(2, pos_t, k)
+            self.v_cache[i].index_copy_(2, pos_t, v)
+            attn = F.scaled_dot_product_attention(
+                q,
+                self.k_cache[i],
+                self.v_cache[i],
+                attn_mask=mask,
+                scale=layer.scale,
+                enable_gqa=heads != kv_heads,
+            )
+            h = h + layer.o(attn.transpose(1, 2).reshape(1, 1, q_size))
+            x = layer.norm2(h)
+            if arch.kind == "llama":
+                gate, up = layer.mlp_in(x).split(arch.intermediate, dim=-1)
+                h = h + layer.down(layer.act(gate) * up)
+            else:
+                h = h + layer.down(layer.act(layer.mlp_in(x)))
+        return arch.lm_head(arch.final_norm(h))[:, -1]
+
+    def compile(self) -> float:
+        """Compile the decode step and run it once on a scratch cache; returns the seconds it took."""
+        started = time.perf_counter()
+        self._compiled = torch.compile(self._step_static, mode=self.config.compile_mode, dynamic=False)
+        self.allocate(min(self.limit(), 256))
+        token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            for p in range(2):  # the second call checks that no recompile is pending
+                self._compiled(token, torch.tensor([p], device=self.device))
+        _sync(self.device)
+        self.pos = 0
+        return time.perf_counter() - started
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token ``[1, 1]``; the next-token logits ``[1, V]``."""
+        if self._compiled is None:
+            return self.forward(token)
+        if self.pos + 1 > self.max_len:
+            raise ConfigError(f"the static cache holds {self.max_len} positions; all are used")
+        logits = self._compiled(token, torch.tensor([self.pos], device=self.device))
+        self.pos += 1
+        return logits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------- generate
+
+
+_SERVED_KWARGS = {
+    "input_ids",
+    "attention_mask",
+    "max_new_tokens",
+    "max_length",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "eos_token_id",
+    "pad_token_id",
+    "generation_config",
+    "min_new_tokens",
+    "use_cache",
+}
+
+
+def _bind_generate(model: Any, decoder: StaticDecoder) -> None:
+    """Give ``model`` (the instance) a ``generate`` that runs the lean loop when it can, HF's otherwise."""
+    hf_generate = model.generate  # bound method of the class: the fallback
+
+    def generate(self: nn.Module, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if inputs is not None:
+            kwargs["input_ids"] = inputs
+        reason = _why_not_served(self, decoder, kwargs)
+        if reason is not None:
+            logger.debug("KernelOptimizer: HF generate (%s)", reason)
+            return hf_generate(**kwargs)
+        return _lean_generate(self, decoder, **kwargs)
+
+    model.generate = types.MethodType(generate, model)
+    model._ryzen_hf_generate = hf_generate
+
+
+def _settings(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def pick(name: str, default: Any = None) -> Any:
+        if name in kwargs:  # an explicit argument wins, even None (HF: eos_token_id=None means no EOS)
+            return kwargs[name] if kwargs[name] is not None or name == "eos_token_id" else default
+        value = getattr(gen_config, name, None) if gen_config is not None else None
+        return default if value is None else value
+
+    return {
+        name: pick(name, default)
+        for name, default in (
+            ("max_new_tokens", None),
+            ("max_length", 20),
+            ("do_sample", False),
+            ("temperature", 1.0),
+            ("top_k", None),
+            ("top_p", None),
+            ("eos_token_id", None),
+            ("min_new_tokens", 0),
+        )
+    }
+
+
+def _why_not_served(model: nn.Module, decoder: StaticDecoder, kwargs: dict[str, Any]) -> str | None:
+    extra = sorted(set(kwargs) - _SERVED_KWARGS)
+    if extra:
+        return f"options {extra}"
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return "no 2-D input_ids"
+    if ids.shape[0] != 1:
+        return f"batch {ids.shape[0]}"
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        return "padding in attention_mask"
+    gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if gen_config is not None:
+        for name, neutral in (("num_beams", 1), ("num_return_sequences", 1), ("repetition_penalty", 1.0)):
+            value = getattr(gen_config, name, neutral)
+            if value not in (None, neutral):
+                return f"{name}={value}"
+    total = ids.shape[1] + (_settings(model, kwargs)["max_new_tokens"] or 0)
+    if total > decoder.limit():
+        return f"{total} positions exceed the static cache limit {decoder.limit()}"
+    window = decoder.arch.sliding_window
+    if window is not None and total > window:
+        return f"{total} positions exceed the sliding window {window}"
+    return None
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """HF's order: temperature, then top-k, then top-p (nucleus), then a multinomial draw."""
+    scores = logits.float() / max(float(temperature), 1e-6)
+    if top_k is not None and 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_scores.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    return torch.multinomial(scores.softmax(-1), 1)
+
+
+def _eos_set(eos: Any) -> set[int]:
+    if eos is None:
+        return set()
+    if isinstance(eos, torch.Tensor):
+        return {int(x) for x in eos.flatten().tolist()}
+    if isinstance(eos, int):
+        return {eos}
+    return {int(x) for x in eos}
+
+
+@torch.no_grad()
+def _lean_generate(model: nn.Module, decoder: StaticDecoder, **kwargs: Any) -> torch.Tensor:
+    settings = _settings(model, kwargs)
+    ids: torch.Tensor = kwargs["input_ids"].to(decoder.device)
+    prompt_len = ids.shape[1]
+    new = settings["max_new_tokens"]
+    if new is None:
+        new = max(0, settings["max_length"] - prompt_len)
+    if new == 0:
+        return ids
+    eos = _eos_set(settings["eos_token_id"])
+    min_new = int(settings["min_new_tokens"] or 0)
+    decoder.allocate(prompt_len + new)
+    out = torch.empty(1, prompt_len + new, dtype=ids.dtype, device=ids.device)
+    out[:, :prompt_len] = ids
+    logits = decoder.forward(ids)
+    produced = 0
+    for produced in range(1, new + 1):
+        if produced <= min_new and eos:
+            logits[:, list(eos)] = float("-inf")
+        if settings["do_sample"]:
+            token = _sample(logits, settings["temperature"], settings["top_k"], settings["top_p"])
+        else:
+            token = logits.argmax(dim=-1, keepdim=True)
+        out[:, prompt_len + produced - 1] = token[:, 0]
+        if produced == new or (eos and int(token) in eos):
+            break
+        logits = decoder.step(token)
+    return out[:, : prompt_len + produced]
+
+
+def iter_kernel_modules(model: nn.Module) -> Iterator[tuple[str, _KernelLinear]]:
+    """``(name, module)`` for every kernel linear in an optimized model (fused ones once)."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _KernelLinear) and id(module) not in seen:
+            seen.add(id(module))
+            yield name, module
+
+
+def kernel_report(model: nn.Module) -> KernelReport:
+    """The :class:`KernelReport` of an optimized model."""
+    report = getattr(model, "_ryzen_kernels", None)
+    if report is None:
+        raise ConfigError("this model was not optimized by a KernelOptimizer")
+    return replace(report)

@@ -1,0 +1,364 @@
+"""KernelOptimizer: quantizers, kernel linears, the lean static-cache decoder and the patched ``generate``.
+
+Tolerances and why:
+- fp32 with ``weights="none"``: the lean loop runs the same ops as HF on the same weights (transposed storage only
+  changes the GEMM's summation order), so logits agree to 1e-5 and greedy tokens are identical.
+- quantized kernels are compared with their own dequantized weight: int8pack/int4 take bf16 activations (8-bit
+  mantissa: relative error ~2^-8 per product, ~1e-2 on a sum); fbgemm also rounds activations to 8 bits per tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from ryzen_opt.errors import ConfigError
+from ryzen_opt.kernels import (
+    DenseLinear,
+    FusedSlice,
+    Int4Linear,
+    Int8Linear,
+    KernelConfig,
+    KernelOptimizer,
+    UnsupportedModelError,
+    dequantize_int4,
+    iter_kernel_modules,
+    kernel_report,
+    quantize_int4,
+    quantize_int8,
+)
+
+VOCAB = 512
+
+
+def _llama(cls=LlamaForCausalLM, config_cls=LlamaConfig, **extra):
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
+    )
+    return cls(config).eval()
+
+
+def _gpt2():
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+ARCHS = {
+    "llama": lambda: _llama(),
+    "mistral": lambda: _llama(MistralForCausalLM, MistralConfig),
+    "qwen2": lambda: _llama(Qwen2ForCausalLM, Qwen2Config),
+    "gpt2": _gpt2,
+}
+
+
+def _pair(arch: str, **config):
+    torch.manual_seed(0)
+    ref = ARCHS[arch]()
+    opt = KernelOptimizer(KernelConfig(**config)).apply_to_model(copy.deepcopy(ref))
+    return ref, opt
+
+
+def _ids(n: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def test_config_rejects_bad_values_naming_the_choices():
+    with pytest.raises(ConfigError, match=r"weights = 'int3'.*'none', 'bf16', 'int8', 'int4'"):
+        KernelConfig(weights="int3")
+    with pytest.raises(ConfigError, match="group_size"):
+        KernelConfig(group_size=48)
+    with pytest.raises(ConfigError, match="attention"):
+        KernelConfig(attention="flash")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['bits'\]"):
+        KernelConfig.from_dict({"bits": 8})
+    assert KernelConfig.from_dict({"weights": "int8"}) == KernelConfig(weights="int8")
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        KernelConfig().weights = "int8"  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------------- quantizers
+
+
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 70),
+    magnitude=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_round_trip_error_is_at_most_half_a_step(n, k, magnitude, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * magnitude
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8
+    assert scale.shape == (n,)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 * (1 + 1e-5) + 1e-12).all())
+
+
+@given(
+    n=st.integers(1, 24),
+    groups=st.integers(1, 4),
+    group_size=st.sampled_from([32, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_round_trip_error_is_at_most_half_a_step(n, groups, group_size, seed):
+    w = torch.randn(n, groups * group_size, generator=torch.Generator().manual_seed(seed))
+    q, scale, lo = quantize_int4(w, group_size)
+    assert int(q.max()) <= 15
+    assert int(q.min()) >= 0
+    assert scale.shape == lo.shape == (n, groups)
+    err = (dequantize_int4(q, scale, lo, group_size) - w).abs().reshape(n, groups, group_size)
+    assert bool((err <= scale[..., None] / 2 * (1 + 1e-5) + 1e-7).all())
+
+
+def test_zero_rows_stay_exactly_zero():
+    w = torch.zeros(3, 64)
+    q, scale = quantize_int8(w)
+    assert bool((q == 0).all())
+    assert bool((scale == 1).all())
+    q4, s4, lo4 = quantize_int4(w, 32)
+    assert bool((dequantize_int4(q4, s4, lo4, 32) == 0).all())
+
+
+def test_int4_rejects_a_width_the_group_does_not_divide():
+    with pytest.raises(ConfigError, match="not a multiple of group_size 64"):
+        quantize_int4(torch.randn(16, 96), 64)
+
+
+# ---------------------------------------------------------------------------------------- kernel linears
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "int8pack", "dequant"])
+def test_int8_linear_matches_its_dequantized_weight(kernel):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(2, 5, 64)
+    module = Int8Linear(w, b, kernel)
+    want = F.linear(x, module.dequantized_weight(), b)
+    got = module(x)
+    assert got.shape == (2, 5, 48)
+    assert got.dtype == torch.float32
+    assert _rel_err(got, want) < 2e-2
+    assert module.weight_bytes() == 48 * 64 + 48 * 4 + 48 * 4  # int8 weight, fp32 scales, fp32 bias
+
+
+def test_int4_linear_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    w, x = torch.randn(32, 128), torch.randn(3, 128)
+    module = Int4Linear(w, None, 64)
+    assert module.kernel == "int4pack-cpu"
+    assert _rel_err(module(x), x @ module.dequantized_weight().t()) < 2e-2
+    # Two nibbles a byte, plus fp32 scale and minimum per group of 64.
+    assert module.weight_bytes() == 32 * 128 // 2 + 2 * 32 * 2 * 4
+
+
+def test_dense_linear_is_f_linear():
+    torch.manual_seed(0)
+    w, b, x = torch.randn(24, 16), torch.randn(24), torch.randn(4, 16)
+    torch.testing.assert_close(DenseLinear(w, b)(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- the optimized model
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fp32_mode_keeps_the_reference_logits_and_tokens(arch):
+    ref, opt = _pair(arch, weights="none")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        decoder = opt._ryzen_decoder
+        decoder.allocate(64)
+        torch.testing.assert_close(decoder.forward(ids, all_logits=True), ref(ids).logits, rtol=1e-5, atol=1e-5)
+    want = ref.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = opt.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_lean_loop_runs_the_same_modules_as_hf_forward(arch, weights):
+    _, opt = _pair(arch, weights=weights, group_size=32)
+    ids = _ids()
+    with torch.no_grad():
+        decoder = opt._ryzen_decoder
+        decoder.allocate(64)
+        torch.testing.assert_close(decoder.forward(ids, all_logits=True), opt(ids).logits, rtol=1e-5, atol=1e-5)
+    assert set(kernel_report(opt).kernels) == {"fbgemm" if weights == "int8" else "int4pack-cpu"}
+
+
+def test_incremental_decode_equals_a_full_prefill_and_crop_rolls_back():
+    _, opt = _pair("llama", weights="none")
+    decoder = opt._ryzen_decoder
+    ids = _ids(10)
+    with torch.no_grad():
+        decoder.allocate(32)
+        full = decoder.forward(ids, all_logits=True)
+        decoder.allocate(32)
+        decoder.forward(ids[:, :6])
+        steps = [decoder.step(ids[:, i : i + 1]) for i in range(6, 10)]
+        torch.testing.assert_close(torch.stack(steps, 1)[0], full[0, 6:], rtol=1e-5, atol=1e-5)
+        # Roll back two positions, then append several tokens at once (the explicit-mask path).
+        decoder.crop(8)
+        again = decoder.forward(ids[:, 8:10], all_logits=True)
+        torch.testing.assert_close(again[0], full[0, 8:10], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="crop"):
+        decoder.crop(99)
+
+
+def test_fusion_reads_each_fused_weight_once_in_hf_forward():
+    _, opt = _pair("llama", weights="int8")
+    attn = opt.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, FusedSlice)
+    assert isinstance(attn.k_proj, FusedSlice)
+    fused = attn.q_proj.fused[0].linear
+    calls = []
+    fused.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        opt(_ids())
+    assert len(calls) == 1
+    # One stored copy: named_modules lists the fused linear once, no q/k/v copies.
+    names = [name for name, _ in iter_kernel_modules(opt)]
+    assert sum("layers.0.self_attn" in n for n in names) == 2  # fused qkv + o_proj
+
+
+def test_fusion_is_recomputed_under_grad_and_for_a_modified_input():
+    _, opt = _pair("llama", weights="none")
+    attn = opt.model.layers[0].self_attn
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        q1 = attn.q_proj(x).clone()
+        x.add_(1.0)  # same object, new version: the cache must not answer
+        q2 = attn.q_proj(x)
+    assert not torch.allclose(q1, q2)
+
+
+def test_patches_the_instance_not_the_class():
+    ref, opt = _pair("llama", weights="int8")
+    assert "generate" in vars(opt)
+    assert LlamaForCausalLM.generate is type(ref).generate
+    assert "generate" not in vars(ref)
+    assert type(opt) is LlamaForCausalLM
+
+
+def test_requests_the_lean_loop_does_not_serve_go_to_hf_generate():
+    _, opt = _pair("llama", weights="int8", decode="static")
+    _, hf_loop = _pair("llama", weights="int8", decode="hf")
+    batch = torch.cat([_ids(8, 1), _ids(8, 2)])
+    got = opt.generate(batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = hf_loop.generate(batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    out = opt.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert hasattr(out, "sequences")
+
+
+def test_eos_stops_like_hf_and_min_new_tokens_holds_it_off():
+    ref, opt = _pair("llama", weights="none")
+    ids = _ids()
+    free = ref.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    eos = int(free[0, ids.shape[1] + 3])
+    for kwargs in ({}, {"min_new_tokens": 10}):
+        want = ref.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=eos, **kwargs)
+        got = opt.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=eos, **kwargs)
+        assert torch.equal(got, want)
+
+
+def test_sampling_with_top_k_1_is_greedy_and_seeded_sampling_repeats():
+    _, opt = _pair("llama", weights="none")
+    ids = _ids()
+    greedy = opt.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert torch.equal(opt.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, eos_token_id=None), greedy)
+    torch.manual_seed(3)
+    a = opt.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, temperature=0.8, eos_token_id=None)
+    torch.manual_seed(3)
+    b = opt.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, temperature=0.8, eos_token_id=None)
+    assert torch.equal(a, b)
+    assert a.shape == (1, ids.shape[1] + 8)
+    assert int(a.max()) < VOCAB
+
+
+def test_unsupported_architecture_gets_a_clear_error():
+    model = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            word_embed_proj_dim=16,
+        )
+    )
+    with pytest.raises(UnsupportedModelError, match=r"llama, mistral, qwen2, gpt2.*model_type='opt'"):
+        KernelOptimizer(KernelConfig()).apply_to_model(model)
+
+
+def test_applying_twice_is_refused():
+    _, opt = _pair("llama")
+    with pytest.raises(ConfigError, match="already optimized"):
+        KernelOptimizer().apply_to_model(opt)
+
+
+def test_report_counts_bytes_and_keeps_the_lm_head_when_asked():
+    _, fp32 = _pair("llama", weights="none")
+    _, int8 = _pair("llama", weights="int8")
+    _, keep_head = _pair("llama", weights="int8", quantize_lm_head=False)
+    r32, r8, rkeep = kernel_report(fp32), kernel_report(int8), kernel_report(keep_head)
+    assert r32.bytes_per_token == r32.weight_bytes_before  # same bytes, only the layout changed
+    assert 0.25 < r8.bytes_per_token / r32.bytes_per_token < 0.28  # 1 byte + per-row fp32 scales of 4 bytes
+    assert rkeep.kernels == {"fbgemm": 8, "dense-float32": 1}
+    assert rkeep.to_dict()["config"]["quantize_lm_head"] is False
+    assert r8.attention == "sdpa"
+    assert r8.decode.startswith("static")
+
+
+def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_take():
+    torch.manual_seed(0)
+    model = _llama()
+    opt = KernelOptimizer(KernelConfig(weights="int4", group_size=128)).apply_to_model(model)
+    report = kernel_report(opt)
+    # in=64 is not a multiple of 128: every projection reading the 64-wide hidden state stays int8.
+    assert report.fallbacks
+    assert "stored as int8" in report.fallbacks[0]
+    assert "fbgemm" in report.kernels
+
+
+def test_gpt2_conv1d_is_converted():
+    _, opt = _pair("gpt2", weights="int8")
+    block = opt.transformer.h[0]
+    assert isinstance(block.attn.c_attn, Int8Linear)
+    assert isinstance(block.mlp.c_fc, Int8Linear)
