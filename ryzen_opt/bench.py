@@ -510,3 +510,33 @@ def serial_lock(path: str | os.PathLike[str] | None = None) -> Iterator[float]:
     """
     with file_lock(path if path is not None else default_lock_path()) as waited:
         yield waited
+
+
+def generate_workload(model: Any, prompt: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
+    """A zero-argument call for :func:`compare`: ``model.generate`` of exactly ``new_tokens`` greedy tokens.
+
+    ``min_new_tokens`` holds EOS off, so every call does the same work whatever the weights predict (a decode that
+    stopped early would look fast). The first call checks the output length, so a workload that silently does
+    less fails loudly instead of being timed.
+    """
+    if prompt.ndim != 2:
+        raise ConfigError(f"prompt must be [batch, tokens] token ids, got shape {tuple(prompt.shape)}")
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    kwargs["pad_token_id"] = 0 if pad is None else pad
+    checked = False
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        nonlocal checked
+        out = model.generate(prompt, **kwargs)
+        if not checked:
+            if out.shape[1] != prompt.shape[1] + new_tokens:
+                raise MeasurementError(
+                    f"generate produced {out.shape[1] - prompt.shape[1]} new tokens, not {new_tokens}: "
+                    "the workload would not be comparable"
+                )
+            checked = True
+        return out
+
+    return run

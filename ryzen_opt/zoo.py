@@ -474,6 +474,43 @@ def reference_model(
     return load_model(root / kind, device=device, dtype=dtype)
 
 
+def heldout_blocks(tokenizer: Any, recipe: str | Recipe = "default", *, blocks: int | None = 64) -> torch.Tensor:
+    """The first ``blocks`` held-out token blocks ``[N, block_size]`` (all of them with ``None``), in corpus order.
+
+    The held-out files never reach training (split by file path), so this is what accuracy losses are measured on.
+    """
+    r = get_recipe(recipe)
+    data = TokenBlocks(encode_documents(tokenizer, heldout_texts(r)), r.block_size).blocks
+    return data if blocks is None else data[:blocks]
+
+
+# The issue's speed reference: a 134M-parameter Llama (CPU_BASELINES.md), big enough that batch-1 decode is
+# bound by streaming weights, as real LLMs are. Random weights: speed does not depend on what they are.
+LLAMA_134M = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 12,
+    "max_position_embeddings": 2048,
+}
+
+
+def llama_134m(*, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """A random-weight 134M Llama (``LLAMA_134M``), for speed measurements only (its outputs mean nothing).
+
+    EOS is switched off in its generation config, so a decode of N tokens always produces N tokens.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_134M, bos_token_id=None, eos_token_id=None, pad_token_id=0))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(device).eval()
+
+
 # ------------------------------------------------------------------------------------------------- evaluation
 
 

@@ -1,0 +1,252 @@
+"""KernelOptimizer, measured: decode speed, bandwidth, prefill speed and accuracy (issue 5).
+
+    python benchmarks/bench_kernels.py                       # everything below, ~15 min on 2 Zen 4 cores
+    python benchmarks/bench_kernels.py --sections decode --threads 1 --weights int8
+
+Sections:
+- **decode**: batch 1, a 32-token prompt and exactly 64 new tokens (``min_new_tokens`` holds EOS off). Each optimized
+  model against HF ``generate`` on an untouched copy (transformers' default attention, dynamic cache, fp32): paired,
+  interleaved A/B samples (``ryzen_opt.bench.compare``), median ratio with a 95% bootstrap interval. Tokens/s are
+  end to end (prefill included, as a user sees them). The bandwidth figure uses the lean loop's own per-step time
+  (prefill excluded): weight bytes read per token / seconds per token, against this machine's read bandwidth
+  measured in the same run (a sum over 512 MiB).
+- **prefill**: the attention path at 512 and 2048 tokens: HF forward (last-token logits, as ``generate`` asks)
+  with eager and with default attention against the optimized prefill.
+- **accuracy**: DESIGN.md's accuracy loss on the zoo target's held-out blocks, plus greedy agreement over 64 tokens.
+- **compile**: the compiled decode step: compile seconds and its speed against the eager lean loop.
+
+Results go to ``benchmarks/results/kernels.json`` (gitignored) and a table on the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ryzen_opt import zoo
+from ryzen_opt.bench import accuracy, compare, generate_workload, greedy_agreement
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
+from ryzen_opt.reports import atomic_write_json, environment
+
+PROMPT_TOKENS, NEW_TOKENS = 32, 64
+
+
+def read_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:
+    """This machine's read bandwidth now, with the current thread count: a float32 sum over ``mib`` MiB."""
+    data = torch.ones(mib * 2**20 // 4)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+@torch.no_grad()
+def lean_step_seconds(model: Any, prompt: torch.Tensor, steps: int = NEW_TOKENS, repeats: int = 5) -> float:
+    """Median seconds of one lean decode step (prefill excluded)."""
+    decoder = model._ryzen_decoder
+    token = prompt[:, -1:]
+    results = []
+    for _ in range(repeats):
+        decoder.allocate(prompt.shape[1] + steps + 1)
+        decoder.forward(prompt)
+        start = time.perf_counter()
+        for _ in range(steps):
+            decoder.step(token)
+        results.append((time.perf_counter() - start) / steps)
+    return statistics.median(results)
+
+
+def load_model(name: str) -> tuple[Any, str]:
+    if name == "134m":
+        return zoo.llama_134m(), "134M Llama (random weights)"
+    target, _ = zoo.reference_model("target")
+    target.generation_config.eos_token_id = None
+    return target, "zoo target (6.8M Llama, trained)"
+
+
+def bench_decode(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        bandwidth = read_bandwidth_gbs()
+        results.setdefault("bandwidth_gbs", {})[str(threads)] = bandwidth
+        print(f"\n== decode, {threads} thread(s); measured read bandwidth {bandwidth:.1f} GB/s")
+        for model_name in args.models:
+            reference, label = load_model(model_name)
+            vocab = reference.config.vocab_size
+            prompt = torch.randint(1, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+            baseline = generate_workload(reference, prompt, NEW_TOKENS)
+            for weights in args.weights:
+                optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
+                m = compare(
+                    baseline,
+                    generate_workload(optimized, prompt, NEW_TOKENS),
+                    min_pairs=args.pairs,
+                    max_pairs=args.pairs,
+                    warmup=1,
+                    max_time=args.max_time,
+                    baseline_name=f"HF generate, {reference.config._attn_implementation} attention, dynamic cache",
+                    candidate_name=f"KernelOptimizer(weights={weights!r})",
+                )
+                report = kernel_report(optimized)
+                step = lean_step_seconds(optimized, prompt)
+                gbs = report.bytes_per_token / step / 1e9
+                row = {
+                    "model": label,
+                    "threads": threads,
+                    "weights": weights,
+                    "speedup": m.to_dict(),
+                    "hf_tokens_per_s": NEW_TOKENS / m.baseline_median_s,
+                    "tokens_per_s": NEW_TOKENS / m.candidate_median_s,
+                    "hf_ms_per_token_end_to_end": m.baseline_median_s / NEW_TOKENS * 1e3,
+                    "ms_per_token_end_to_end": m.candidate_median_s / NEW_TOKENS * 1e3,
+                    "lean_step_ms": step * 1e3,
+                    "bytes_per_token": report.bytes_per_token,
+                    "weight_gbs": gbs,
+                    "fraction_of_bandwidth": gbs / bandwidth,
+                    "kernels": report.kernels,
+                }
+                results.setdefault("decode", []).append(row)
+                print(
+                    f"{label:32s} {weights:5s} {m.describe():34s} {row['tokens_per_s']:7.1f} tok/s "
+                    f"(HF {row['hf_tokens_per_s']:5.1f}); step {step * 1e3:6.2f} ms, "
+                    f"{report.bytes_per_token / 1e6:6.1f} MB/token, {gbs:5.1f} GB/s = {gbs / bandwidth:4.0%} of bw"
+                )
+                del optimized
+
+
+@torch.no_grad()
+def bench_prefill(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    torch.set_num_threads(max(args.threads))
+    reference = zoo.llama_134m()
+    eager = copy.deepcopy(reference)
+    eager.set_attn_implementation("eager")
+    print(f"\n== prefill, 134M Llama, {torch.get_num_threads()} thread(s)")
+    for weights in args.weights:
+        optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
+        decoder = optimized._ryzen_decoder
+        for length in args.prefill:
+            ids = torch.randint(1, 32000, (1, length), generator=torch.Generator().manual_seed(1))
+
+            def lean(ids: torch.Tensor = ids) -> torch.Tensor:
+                decoder.allocate(ids.shape[1])
+                return decoder.forward(ids)
+
+            for base_name, base in (("eager", eager), (reference.config._attn_implementation, reference)):
+                m = compare(
+                    lambda base=base, ids=ids: base(ids, logits_to_keep=1).logits,
+                    lean,
+                    min_pairs=3,
+                    max_pairs=args.prefill_pairs,
+                    warmup=1,
+                    max_time=args.max_time,
+                    baseline_name=f"HF forward, {base_name} attention, fp32",
+                    candidate_name=f"KernelOptimizer(weights={weights!r}) prefill",
+                )
+                results.setdefault("prefill", []).append(
+                    {
+                        "tokens": length,
+                        "weights": weights,
+                        "baseline": base_name,
+                        "speedup": m.to_dict(),
+                        "baseline_s": m.baseline_median_s,
+                        "candidate_s": m.candidate_median_s,
+                    }
+                )
+                print(
+                    f"prefill {length:5d} {weights:5s} vs HF {base_name:5s}: {m.describe()} "
+                    f"({m.baseline_median_s:.2f} s -> {m.candidate_median_s:.2f} s)"
+                )
+        del optimized
+
+
+@torch.no_grad()
+def bench_accuracy(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    torch.set_num_threads(max(args.threads))
+    reference, tokenizer = zoo.reference_model("target")
+    blocks = zoo.heldout_blocks(tokenizer, blocks=args.blocks)
+    prompts = [blocks[i, :32] for i in range(8)]
+    print(f"\n== accuracy, zoo target, {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens")
+    for weights in args.weights:
+        for extra in ({}, {"quantize_lm_head": False}) if weights in ("int8", "int4") else ({},):
+            config = KernelConfig(weights=weights, **extra)
+            optimized = KernelOptimizer(config).apply_to_model(copy.deepcopy(reference))
+            m = accuracy(reference, optimized, blocks, reference_name="fp32", candidate_name=weights)
+            greedy = greedy_agreement(reference, optimized, prompts, max_new_tokens=64)
+            results.setdefault("accuracy", []).append(
+                {"config": config.to_dict(), "measurement": m.to_dict(), "greedy": greedy}
+            )
+            label = weights + (" (LM head fp32)" if extra else "")
+            print(
+                f"{label:24s} {m.describe()}; greedy: identical prefix {greedy['mean_prefix_fraction']:.0%} of 64 "
+                f"tokens, {greedy['exact_matches']}/{greedy['prompts']} prompts identical"
+            )
+
+
+@torch.no_grad()
+def bench_compile(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    torch.set_num_threads(max(args.threads))
+    reference = zoo.llama_134m()
+    prompt = torch.randint(1, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    print(f"\n== torch.compile of the decode step, 134M Llama, {torch.get_num_threads()} thread(s)")
+    for weights in args.weights:
+        eager = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
+        try:
+            compiled = KernelOptimizer(KernelConfig(weights=weights, compile=True)).apply_to_model(
+                copy.deepcopy(reference)
+            )
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports what failed and goes on
+            results.setdefault("compile", []).append({"weights": weights, "error": repr(exc)})
+            print(f"{weights:5s}: compile failed: {exc!r}")
+            continue
+        seconds = kernel_report(compiled).compile_seconds
+        m = compare(
+            generate_workload(eager, prompt, NEW_TOKENS),
+            generate_workload(compiled, prompt, NEW_TOKENS),
+            min_pairs=args.pairs,
+            max_pairs=args.pairs,
+            warmup=1,
+            max_time=args.max_time,
+            baseline_name="lean decode, eager",
+            candidate_name="lean decode, torch.compile",
+        )
+        results.setdefault("compile", []).append({"weights": weights, "compile_s": seconds, "speedup": m.to_dict()})
+        print(f"{weights:5s}: compile {seconds:.1f} s; compiled vs eager lean loop {m.describe()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=["decode", "prefill", "accuracy", "compile"])
+    parser.add_argument("--models", nargs="+", default=["134m", "zoo"], choices=["134m", "zoo"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--weights", nargs="+", default=["none", "int8", "int4"])
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--prefill", nargs="+", type=int, default=[512, 2048])
+    parser.add_argument("--prefill-pairs", type=int, default=3)
+    parser.add_argument("--blocks", type=int, default=64)
+    parser.add_argument("--max-time", type=float, default=300.0)
+    parser.add_argument("--out", default="benchmarks/results/kernels.json")
+    args = parser.parse_args()
+    results: dict[str, Any] = {
+        "benchmark": "KernelOptimizer: decode, prefill, accuracy, compile",
+        "setting": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "batch": 1},
+        "args": vars(args),
+    }
+    sections = {"decode": bench_decode, "prefill": bench_prefill, "accuracy": bench_accuracy, "compile": bench_compile}
+    for name in args.sections:
+        sections[name](args, results)
+        results["environment"] = environment()
+        atomic_write_json(Path(args.out), results)  # after every section: an interrupted run keeps what it measured
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
