@@ -136,7 +136,7 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any]) -> None:
         for length in args.prefill:
             ids = torch.randint(1, 32000, (1, length), generator=torch.Generator().manual_seed(1))
 
-            def lean(ids: torch.Tensor = ids) -> torch.Tensor:
+            def lean(ids: torch.Tensor = ids, decoder: Any = decoder) -> torch.Tensor:
                 decoder.allocate(ids.shape[1])
                 return decoder.forward(ids)
 
