@@ -876,7 +876,8 @@ class StaticDecoder:
 
     def _step_static(self, ids: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
         arch = self.arch
-        assert self.k_cache is not None and self.v_cache is not None
+        assert self.k_cache is not None
+        assert self.v_cache is not None
         heads, kv_heads, hd = arch.heads, arch.kv_heads, arch.head_dim
         q_size, kv_size = heads * hd, kv_heads * hd
         h = arch.embed(ids)
