@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint bench clean
+.PHONY: setup run test test-unit lint bench bench-kernels bench-peers clean
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -27,6 +27,17 @@ lint:
 bench: setup
 	$(PYTHON) -m ryzen_opt bench noise
 	$(PYTHON) benchmarks/bench_training.py
+
+bench-kernels: setup
+	$(PYTHON) benchmarks/bench_gemv.py --threads 1
+	$(PYTHON) benchmarks/bench_kernels.py
+
+# The peer engines are not dependencies of ryzen-opt: this installs them only for the comparison. llama-cpp-python
+# builds from source (about 6 minutes on 2 cores); onnxruntime-genai's model builder also needs onnx-ir, and
+# llama.cpp's converter imports sentencepiece.
+bench-peers: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q llama-cpp-python onnxruntime-genai onnx-ir sentencepiece
+	$(PYTHON) benchmarks/bench_peers.py --model 134m --threads 1 2
 
 clean:
 	rm -rf ryzen_results .pytest_cache .hypothesis build *.egg-info

@@ -362,3 +362,24 @@ def test_gpt2_conv1d_is_converted():
     block = opt.transformer.h[0]
     assert isinstance(block.attn.c_attn, Int8Linear)
     assert isinstance(block.mlp.c_fc, Int8Linear)
+
+
+def test_hf_forward_works_under_inference_mode_and_grad():
+    ref, opt = _pair("llama", weights="none")
+    ids = _ids()
+    with torch.inference_mode():
+        torch.testing.assert_close(opt(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(opt(ids).logits.detach(), ref(ids).logits.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_optimized_model_survives_deepcopy_and_the_original_being_freed():
+    _, opt = _pair("llama", weights="int8")
+    ids = _ids()
+    with torch.no_grad():
+        want = opt(ids).logits
+        clone = copy.deepcopy(opt)
+        del opt
+        import gc
+
+        gc.collect()
+        torch.testing.assert_close(clone(ids).logits, want)

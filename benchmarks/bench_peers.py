@@ -1,0 +1,722 @@
+"""How fast do established CPU inference engines decode, batch 1, next to HF transformers fp32 on the same Llama?
+
+Every ryzen_opt speedup is quoted against HF transformers ``generate`` fp32. That number only means something next
+to what the engines people actually deploy on CPUs reach with the same weights on the same cores, so this times, on
+one local HF Llama directory:
+
+* ``hf``: transformers ``generate`` fp32 (the baseline);
+* ``ryzen``: ryzen_opt's ``KernelOptimizer`` (fp32, int8, int4): its lean static-cache loop, driven step by step;
+* ``llamacpp``: llama.cpp through ``llama-cpp-python``, GGUF f32, bf16, Q8_0 and Q4_K_M;
+* ``ortgenai``: ONNX Runtime GenAI, fp32, int8 and int4 from its own model builder (CPU defaults: MatMulNBits,
+  block 32, accuracy level 4, i.e. int8 activations).
+
+Setting: batch 1, a prompt of ``--prompt-tokens`` random token ids (seed 0), ``--new-tokens`` greedy tokens with
+EOS suppressed (HF ``min_new_tokens``, ORT GenAI ``min_length``, llama.cpp: our own argmax loop never stops), so every
+engine generates exactly that many. Each engine is driven through its own Python API and a timestamp is taken as each
+new token id becomes known: HF, a streamer's ``put``; ryzen, its own argmax after each step; llama.cpp, ``Llama.eval`` then argmax of the last logits;
+ORT GenAI, ``Generator.generate_next_token``. Prefill = start to first new token; decode ms/token =
+(last token - first token) / (new_tokens - 1), so the prompt pass is excluded. After one warm-up run each, engines run
+round-robin (one run of each per round) so drift on a shared machine hits all alike; figures are medians over
+``--runs``. Every engine gets the same thread count: ``torch.set_num_threads``, llama ``n_threads`` and
+``n_threads_batch``, ORT ``intra_op_num_threads`` (inter-op 1). ``speedup_vs_hf`` = HF fp32 ms/token / engine
+ms/token, measured in the same process at the same thread count. ``match_vs_hf`` = how many leading greedy tokens equal
+HF fp32's: a conversion sanity check (quantized formats may diverge legitimately, sooner on random weights).
+
+Conversions are cached under ``$RYZEN_OPT_CACHE/peers/artifacts/<hash of the HF dir>/`` and written atomically
+(temp path + rename). GGUF comes from llama.cpp's own ``convert_hf_to_gguf.py``, taken from the llama-cpp-python
+sdist of the installed version (fetched once with ``pip download`` unless ``$LLAMA_CPP_SRC`` names a llama.cpp
+tree), then quantized with ``llama_cpp.llama_model_quantize``. A byte-level BPE tokenizer whose pre-tokenizer hash
+llama.cpp does not know is written as ``gpt-2``; prompts are token ids, so this cannot touch the timings. An engine
+that is not installed, or whose conversion fails, is reported SKIPPED with the reason and the install command.
+
+    python benchmarks/bench_peers.py [--model {134m,zoo,PATH}] [--threads 1 2] [--prompt-tokens 32]
+        [--new-tokens 64] [--runs 7] [--engines hf,ryzen,llamacpp,ortgenai] [--out benchmarks/results/peers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ryzen_opt.reports import atomic_write_json, environment
+
+logger = logging.getLogger("bench_peers")
+
+ENGINES = ("hf", "ryzen", "llamacpp", "ortgenai")
+INSTALL = {
+    "hf": "pip install torch transformers",
+    "llamacpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python gguf sentencepiece',
+    "ortgenai": "pip install onnxruntime-genai onnx-ir",
+}
+LLAMA_PRECISIONS = ("f32", "bf16", "q8_0", "q4_k_m")
+LLAMA_CONVERT_OUTTYPE = {"f32": "f32", "bf16": "bf16"}  # written by the converter; the rest quantized from f32
+LLAMA_QUANT_FTYPE = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+ORT_PRECISIONS = ("fp32", "int8", "int4")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "llama-cpp-python",
+    "gguf",
+    "sentencepiece",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "onnx",
+    "onnx-ir",
+)
+CONFIG_134M: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 12,
+    "max_position_embeddings": 2048,
+}
+HASHED_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt"}
+
+# Runs llama.cpp's converter with one patch: an unrecognised BPE pre-tokenizer is written as "gpt-2" (byte-level
+# GPT-2 regex, what the zoo's tokenizer uses) instead of aborting the conversion.
+_CONVERT_WRAPPER = """
+import logging, runpy, sys
+src = sys.argv.pop(1)
+sys.path[:0] = [src, src + "/gguf-py"]
+try:
+    import conversion.base as mod
+    run = lambda: runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+except ImportError:  # older llama.cpp: everything lives in the script
+    import convert_hf_to_gguf as mod
+    run = mod.main
+cls = getattr(mod, "TextModel", None) or getattr(mod, "Model")
+orig = cls.get_vocab_base_pre
+def pre(self, tokenizer):
+    try:
+        return orig(self, tokenizer)
+    except NotImplementedError:
+        logging.getLogger("bench_peers").warning("BPE pre-tokenizer unknown to llama.cpp: writing 'gpt-2'")
+        return "gpt-2"
+cls.get_vocab_base_pre = pre
+sys.argv[0] = src + "/convert_hf_to_gguf.py"
+run()
+"""
+
+_QUANTIZE = """
+import ctypes, sys, llama_cpp
+src, dst, ftype, threads = sys.argv[1:]
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, ftype)
+params.nthread = int(threads)
+sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
+"""
+
+
+class Skip(Exception):
+    """An engine or precision that cannot be measured here; the message is the reason."""
+
+
+# ------------------------------------------------------------------------------------------------ model & cache
+
+
+def cache_root() -> Path:
+    from ryzen_opt import zoo
+
+    return zoo.cache_root() / "peers"
+
+
+def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Build ``final`` through ``build(tmp)`` in a sibling temp dir, then rename it into place (unless present)."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real failure
+                raise
+            logger.info("%s appeared meanwhile; keeping that copy", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def build_134m() -> Path:
+    """A random-weight 134M Llama (seed 0) with a small byte-level BPE tokenizer, cached."""
+
+    def build(tmp: Path) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ryzen_opt import zoo
+
+        logger.info("building the random-weight 134M Llama into %s", tmp)
+        # The converters need a tokenizer; prompts are token ids, so a small one (ids < 1024) is enough.
+        texts = tuple(path.read_text(encoding="utf-8", errors="replace") for _, path in zoo.corpus_files()[:40])
+        tokenizer = zoo.train_tokenizer(texts, 1024)
+        eot = tokenizer.convert_tokens_to_ids(zoo.EOT)
+        torch.manual_seed(0)
+        config = LlamaConfig(**CONFIG_134M, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+        model = LlamaForCausalLM(config).eval()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(cache_root() / "llama134m", build)
+
+
+def resolve_model(spec: str) -> tuple[str, Path]:
+    if spec == "134m":
+        return "134m", build_134m()
+    if spec == "zoo":
+        from ryzen_opt import zoo
+
+        return "zoo", zoo.build("default") / "target"
+    path = Path(spec).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path} is not a HF model directory (no config.json)")
+    return path.name, path
+
+
+def model_hash(model_dir: Path) -> str:
+    """sha256 over the names and bytes of the config, weight and tokenizer files: keys the converted artifacts."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.suffix in HASHED_SUFFIXES:
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    """Run a conversion step quietly; a failure becomes a Skip carrying the tail of its output."""
+    shown = [arg if "\n" not in arg else "<inline script>" for arg in cmd]
+    logger.info("%s: %s", what, " ".join(shown))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    for line in (proc.stderr + proc.stdout).splitlines():
+        if "bench_peers" in line:  # the converter wrapper's own notes
+            logger.warning("%s: %s", what, line.strip())
+    if proc.returncode != 0:
+        raise Skip(f"{what} failed (exit {proc.returncode}): {_tail(proc.stderr or proc.stdout)}")
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+
+
+def llama_cpp_src() -> Path:
+    """A llama.cpp tree with ``convert_hf_to_gguf.py``: ``$LLAMA_CPP_SRC``, else the installed version's sdist."""
+    if env := os.environ.get("LLAMA_CPP_SRC"):
+        src = Path(env).expanduser()
+        if not (src / "convert_hf_to_gguf.py").is_file():
+            raise Skip(f"$LLAMA_CPP_SRC={src} has no convert_hf_to_gguf.py")
+        return src
+    version = importlib.metadata.version("llama-cpp-python")
+
+    def fetch(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory() as dl:
+            spec = f"llama-cpp-python=={version}"
+            _run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", spec, "-d", dl],
+                f"downloading the {spec} sdist for llama.cpp's converter",
+            )
+            sdists = list(Path(dl).glob("*.tar.gz"))
+            if not sdists:
+                raise Skip(f"pip download {spec} gave no .tar.gz sdist")
+            with tarfile.open(sdists[0]) as tar:
+                for member in tar.getmembers():
+                    parts = Path(member.name).parts
+                    if not member.isfile() or parts[1:3] != ("vendor", "llama.cpp") or ".." in parts:
+                        continue
+                    rel = Path(*parts[3:])
+                    if rel.parts == ("convert_hf_to_gguf.py",) or rel.parts[0] in ("conversion", "gguf-py"):
+                        out = tmp / rel
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        src_file = tar.extractfile(member)
+                        assert src_file is not None
+                        out.write_bytes(src_file.read())
+        if not (tmp / "convert_hf_to_gguf.py").is_file():
+            raise Skip(f"the {version} sdist has no vendor/llama.cpp/convert_hf_to_gguf.py")
+
+    return atomic_dir(cache_root() / f"llama.cpp-src-{version}", fetch)
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int] | None:
+    """How many tensors of each ggml type the file holds (Q4_K_M falls back per tensor where shapes demand)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        reader = GGUFReader(path)
+        counts: dict[str, int] = {}
+        for tensor in reader.tensors:
+            name = tensor.tensor_type.name
+            counts[name] = counts.get(name, 0) + 1
+        return dict(sorted(counts.items()))
+    except Exception as exc:  # a reader older than the file's types: the summary is optional
+        logger.warning("cannot read tensor types of %s: %s", path, exc)
+        return None
+
+
+def prepare_gguf(model_dir: Path, art_dir: Path, precision: str, threads: int) -> Path:
+    """The cached GGUF for ``precision``, converting (f32, bf16) or quantizing from f32 (q8_0, q4_k_m) if needed."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        raise Skip(f"llama-cpp-python not importable: {exc}") from exc
+    final = art_dir / f"model-{precision}.gguf"
+    if final.is_file():
+        return final
+    art_dir.mkdir(parents=True, exist_ok=True)
+    tmp = art_dir / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        if precision in LLAMA_CONVERT_OUTTYPE:
+            src = llama_cpp_src()
+            cmd = [sys.executable, "-c", _CONVERT_WRAPPER, str(src), str(model_dir)]
+            cmd += ["--outtype", LLAMA_CONVERT_OUTTYPE[precision], "--outfile", str(tmp)]
+            _run(cmd, f"convert_hf_to_gguf.py --outtype {precision}")
+        else:
+            base = prepare_gguf(model_dir, art_dir, "f32", threads)
+            # In a subprocess: llama.cpp logs every tensor to stderr, and a crash in C must not end the benchmark.
+            cmd = [sys.executable, "-c", _QUANTIZE, str(base), str(tmp), LLAMA_QUANT_FTYPE[precision], str(threads)]
+            _run(cmd, f"llama_model_quantize f32 -> {precision}")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ ORT GenAI
+
+
+def prepare_ort(model_dir: Path, art_dir: Path, precision: str) -> Path:
+    """The cached ORT GenAI model folder for ``precision``, built offline with ``onnxruntime_genai.models.builder``."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as exc:
+        raise Skip(f"onnxruntime-genai not importable: {exc}") from exc
+
+    def build(tmp: Path) -> None:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        with tempfile.TemporaryDirectory() as hf_cache:
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(tmp)]
+            cmd += ["-p", precision, "-e", "cpu", "-c", hf_cache]
+            _run(cmd, f"onnxruntime_genai.models.builder -p {precision}", env)
+        if not (tmp / "genai_config.json").is_file():
+            raise Skip(f"the ORT GenAI builder wrote no genai_config.json for {precision}")
+
+    return atomic_dir(art_dir / f"ortgenai-{precision}", build)
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+
+@dataclass
+class Run:
+    prefill_s: float
+    decode_s_per_token: float
+    tokens: list[int]
+
+
+def run_from_stamps(t0: float, stamps: list[float], tokens: list[int]) -> Run:
+    if len(stamps) < 2:
+        raise ValueError("decode timing needs at least 2 new tokens")
+    return Run(stamps[0] - t0, (stamps[-1] - stamps[0]) / (len(stamps) - 1), tokens)
+
+
+class Runner(Protocol):
+    engine: str
+    precision: str
+
+    def generate(self, prompt: list[int], new_tokens: int) -> Run: ...
+
+
+class HFRunner:
+    engine = "hf"
+    precision = "fp32"
+
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.threads = threads
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(self, prompt: list[int], new_tokens: int) -> Run:
+        from transformers.generation.streamers import BaseStreamer
+
+        class Stamps(BaseStreamer):
+            def __init__(self) -> None:
+                self.stamps: list[float] = []
+
+            def put(self, value: Any) -> None:
+                self.stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        torch.set_num_threads(self.threads)
+        ids = torch.tensor([prompt])
+        streamer = Stamps()
+        gen = self.model.generation_config
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # masks EOS: exactly new_tokens every run
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id,
+            )
+        # The streamer's first put is the prompt; then one per generated token.
+        return run_from_stamps(t0, streamer.stamps[1:], out[0, len(prompt) :].tolist())
+
+
+class RyzenRunner:
+    """ryzen-opt's KernelOptimizer: the lean static-cache loop, timed token by token like the others."""
+
+    engine = "ryzen"
+
+    def __init__(self, model_dir: Path, precision: str, threads: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+
+        self.precision = precision
+        self.threads = threads
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        weights = {"fp32": "none", "int8": "int8", "int4": "int4"}[precision]
+        self.model = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(model)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> Run:
+        # The same steps as the optimized model's generate (prefill, then one step per token), with a timestamp
+        # as each token is known: HF's streamer hook is not part of the lean loop.
+        torch.set_num_threads(self.threads)
+        decoder = self.model._ryzen_decoder
+        ids = torch.tensor([prompt])
+        stamps: list[float] = []
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            decoder.allocate(len(prompt) + new_tokens)
+            logits = decoder.forward(ids)
+            for i in range(new_tokens):
+                token = logits.argmax(-1, keepdim=True)
+                tokens.append(int(token))
+                stamps.append(time.perf_counter())
+                if i + 1 < new_tokens:
+                    logits = decoder.step(token)
+        return run_from_stamps(t0, stamps, tokens)
+
+
+class LlamaCppRunner:
+    engine = "llamacpp"
+
+    def __init__(self, gguf: Path, precision: str, threads: int, n_ctx: int) -> None:
+        from llama_cpp import Llama
+
+        self.precision = precision
+        self.llm = Llama(
+            model_path=str(gguf),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            seed=0,
+            verbose=False,
+        )
+
+    def generate(self, prompt: list[int], new_tokens: int) -> Run:
+        import llama_cpp
+        import numpy as np
+
+        llm = self.llm
+        n_vocab = llm.n_vocab()
+
+        def argmax_last() -> int:
+            # Without logits_all, Llama.eval keeps no logits: read the last position's row in place.
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            return int(row.argmax())
+
+        llm.reset()
+        tokens: list[int] = []
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        for i in range(new_tokens):
+            if i:
+                llm.eval([tokens[-1]])
+            tokens.append(argmax_last())
+            stamps.append(time.perf_counter())
+        return run_from_stamps(t0, stamps, tokens)
+
+
+class OrtGenAIRunner:
+    engine = "ortgenai"
+
+    def __init__(self, folder: Path, precision: str, threads: int) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.precision = precision
+        config = og.Config(str(folder))
+        config.clear_providers()  # CPU
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> Run:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        total = len(prompt) + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)  # min_length masks EOS
+        generator = og.Generator(self.model, params)
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        generator.append_tokens(prompt)  # runs the prompt pass
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+        tokens = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+        return run_from_stamps(t0, stamps, tokens)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class Entry:
+    """One engine x precision: its artifact (or why it is skipped) and, per thread count, its runs."""
+
+    engine: str
+    precision: str
+    artifact: Path | None = None
+    skip: str | None = None
+    tensor_types: dict[str, int] | None = None
+    runs: dict[int, list[Run]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def prepare(engines: list[str], model_dir: Path, art_dir: Path, threads: int) -> list[Entry]:
+    entries: list[Entry] = []
+    wanted = {
+        "hf": ["fp32"],
+        "ryzen": ["fp32", "int8", "int4"],
+        "llamacpp": list(LLAMA_PRECISIONS),
+        "ortgenai": list(ORT_PRECISIONS),
+    }
+    for engine in engines:
+        for precision in wanted[engine]:
+            entry = Entry(engine, precision)
+            entries.append(entry)
+            try:
+                if engine == "llamacpp":
+                    entry.artifact = prepare_gguf(model_dir, art_dir, precision, threads)
+                    entry.tensor_types = gguf_tensor_types(entry.artifact)
+                elif engine == "ortgenai":
+                    entry.artifact = prepare_ort(model_dir, art_dir, precision)
+                else:  # hf and ryzen load the HF directory itself
+                    entry.artifact = model_dir
+            except Skip as exc:
+                entry.skip = str(exc)
+            except Exception as exc:
+                entry.skip = f"{type(exc).__name__}: {exc}"
+            if entry.skip:
+                logger.warning("%s %s SKIPPED: %s", engine, precision, entry.skip)
+    return entries
+
+
+def make_runner(entry: Entry, threads: int, n_ctx: int) -> Runner:
+    assert entry.artifact is not None
+    if entry.engine == "hf":
+        return HFRunner(entry.artifact, threads)
+    if entry.engine == "ryzen":
+        return RyzenRunner(entry.artifact, entry.precision, threads)
+    if entry.engine == "llamacpp":
+        return LlamaCppRunner(entry.artifact, entry.precision, threads, n_ctx)
+    return OrtGenAIRunner(entry.artifact, entry.precision, threads)
+
+
+def measure(entries: list[Entry], threads: int, prompt: list[int], new_tokens: int, runs: int) -> None:
+    """One warm-up each, then ``runs`` rounds, each running every engine once (round-robin)."""
+    n_ctx = len(prompt) + new_tokens + 8
+    live: list[tuple[Entry, Runner]] = []
+    for entry in entries:
+        if entry.skip:
+            continue
+        try:
+            runner = make_runner(entry, threads, n_ctx)
+            runner.generate(prompt, new_tokens)  # warm-up
+            live.append((entry, runner))
+            entry.runs[threads] = []
+        except Exception as exc:
+            entry.errors[threads] = f"{type(exc).__name__}: {exc}"
+            logger.warning("%s %s failed at %d threads: %s", entry.engine, entry.precision, threads, exc)
+    for round_ in range(runs):
+        logger.info("threads %d: round %d/%d", threads, round_ + 1, runs)
+        for entry, runner in live:
+            entry.runs[threads].append(runner.generate(prompt, new_tokens))
+    del live
+
+
+def _prefix_match(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def rows_for(entries: list[Entry], thread_counts: list[int], new_tokens: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    hf = next((e for e in entries if e.engine == "hf"), None)
+    for threads in thread_counts:
+        hf_runs = hf.runs.get(threads) if hf else None
+        hf_ms = statistics.median(r.decode_s_per_token for r in hf_runs) * 1e3 if hf_runs else None
+        for entry in entries:
+            row: dict[str, Any] = {
+                "engine": entry.engine,
+                "precision": entry.precision,
+                "threads": threads,
+                "artifact": str(entry.artifact) if entry.artifact else None,
+            }
+            if entry.artifact and entry.artifact.is_file():
+                row["artifact_bytes"] = entry.artifact.stat().st_size
+            elif entry.artifact and entry.engine == "ortgenai":
+                row["artifact_bytes"] = sum(p.stat().st_size for p in entry.artifact.rglob("*") if p.is_file())
+            if entry.tensor_types is not None:
+                row["tensor_types"] = entry.tensor_types
+            reason = entry.skip or entry.errors.get(threads)
+            runs = entry.runs.get(threads)
+            if reason or not runs:
+                row.update(status="SKIPPED", reason=reason or "no runs", install=INSTALL[entry.engine])
+                rows.append(row)
+                continue
+            decode_ms = [r.decode_s_per_token * 1e3 for r in runs]
+            median_ms = statistics.median(decode_ms)
+            tokens = runs[-1].tokens
+            if any(len(r.tokens) != new_tokens for r in runs):
+                logger.warning("%s %s did not generate exactly %d tokens", entry.engine, entry.precision, new_tokens)
+            row.update(
+                status="ok",
+                decode_ms_per_token=median_ms,
+                tokens_per_s=1e3 / median_ms,
+                decode_ms_per_token_runs=decode_ms,
+                prefill_ms=statistics.median(r.prefill_s * 1e3 for r in runs),
+                new_tokens_generated=len(tokens),
+                speedup_vs_hf=hf_ms / median_ms if hf_ms else None,
+                match_vs_hf=_prefix_match(tokens, hf_runs[-1].tokens) if hf_runs else None,
+                tokens=tokens,
+            )
+            rows.append(row)
+    return rows
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="134m", help="134m (random weights), zoo (the reference target) or a path")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    parser.add_argument("--out", default="benchmarks/results/peers.json")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if unknown := sorted(set(engines) - set(ENGINES)):
+        parser.error(f"unknown engines {unknown}: choose from {', '.join(ENGINES)}")
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.runs < 1:
+        parser.error("need --new-tokens >= 2, --prompt-tokens >= 1 and --runs >= 1")
+
+    model_name, model_dir = resolve_model(args.model)
+    config = json.loads((model_dir / "config.json").read_text())
+    if args.prompt_tokens + args.new_tokens > config.get("max_position_embeddings", 1 << 30):
+        parser.error("prompt + new tokens exceed the model's max_position_embeddings")
+    digest = model_hash(model_dir)
+    art_dir = cache_root() / "artifacts" / f"{model_name}-{digest}"
+    prompt = torch.randint(1, config["vocab_size"], (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
+    prompt_ids = prompt.tolist()
+
+    entries = prepare(engines, model_dir, art_dir, max(args.threads))
+    for threads in args.threads:
+        measure(entries, threads, prompt_ids, args.new_tokens, args.runs)
+    rows = rows_for(entries, args.threads, args.new_tokens)
+
+    print(f"\nmodel {model_name} ({model_dir}), prompt {args.prompt_tokens}, new {args.new_tokens}, runs {args.runs}")
+    header = f"{'engine':<9} {'prec':<7} {'thr':>3} {'decode ms/tok':>13} {'tok/s':>8} {'vs HF fp32':>10}"
+    print(header + f" {'prefill ms':>10} {'match':>5}  status")
+    for row in rows:
+        lead = f"{row['engine']:<9} {row['precision']:<7} {row['threads']:>3}"
+        if row["status"] != "ok":
+            print(f"{lead} {'':>13} {'':>8} {'':>10} {'':>10} {'':>5}  SKIPPED: {row['reason']}")
+            continue
+        speedup = f"{row['speedup_vs_hf']:.2f}x" if row["speedup_vs_hf"] else "n/a"
+        match = "n/a" if row["match_vs_hf"] is None else f"{row['match_vs_hf']}"
+        print(
+            f"{lead} {row['decode_ms_per_token']:13.3f} {row['tokens_per_s']:8.1f} {speedup:>10}"
+            f" {row['prefill_ms']:10.2f} {match:>5}  ok"
+        )
+    skipped_installs = sorted({row["install"] for row in rows if row["status"] != "ok"})
+    for cmd in skipped_installs:
+        print(f"to install a skipped engine: {cmd}")
+
+    result = {
+        "benchmark": "peer engines: batch-1 greedy decode vs HF transformers fp32",
+        "model": {"name": model_name, "dir": str(model_dir), "hash": digest, "config": config},
+        "settings": {
+            "threads": args.threads,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "runs": args.runs,
+            "prompt_seed": 0,
+            "timing": "per-token timestamps from each engine's Python API; decode = (t_last - t_first)/(new-1),"
+            " prefill = t_first - t_start; median over runs after 1 warm-up; engines round-robin per run",
+            "ortgenai_quant": "builder CPU defaults: MatMulNBits block 32, accuracy_level 4 (int8 activations)",
+        },
+        "packages": package_versions(),
+        "rows": rows,
+        "environment": environment(),
+    }
+    out = atomic_write_json(args.out, result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
