@@ -13,7 +13,8 @@ one local HF Llama directory:
 Setting: batch 1, a prompt of ``--prompt-tokens`` random token ids (seed 0), ``--new-tokens`` greedy tokens with
 EOS suppressed (HF ``min_new_tokens``, ORT GenAI ``min_length``, llama.cpp: our own argmax loop never stops), so every
 engine generates exactly that many. Each engine is driven through its own Python API and a timestamp is taken as each
-new token id becomes known: HF, a streamer's ``put``; ryzen, its own argmax after each step; llama.cpp, ``Llama.eval`` then argmax of the last logits;
+new token id becomes known: HF, a streamer's ``put``; ryzen, its own argmax after each step;
+llama.cpp, ``Llama.eval`` then argmax of the last logits;
 ORT GenAI, ``Generator.generate_next_token``. Prefill = start to first new token; decode ms/token =
 (last token - first token) / (new_tokens - 1), so the prompt pass is excluded. After one warm-up run each, engines run
 round-robin (one run of each per round) so drift on a shared machine hits all alike; figures are medians over

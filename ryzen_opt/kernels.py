@@ -31,8 +31,8 @@ far better here than a dequantize-then-matmul, and ``torch.compile`` buys little
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import math
 import time
 import types
@@ -793,12 +793,14 @@ def _decode_bytes(model: nn.Module) -> int:
 class StaticDecoder:
     """A lean forward over a preallocated KV cache, reading the optimized modules of one model.
 
-    Batch 1. ``prefill(ids)`` fills positions ``[0, T)``; ``step(token)`` appends one. Caches are
-    one ``[1, kv_heads, max_len, head_dim]`` tensor per layer, in the activation dtype. ``crop(n)`` rolls back by position (no
-    copy), which is what speculative decoding needs. Attention is SDPA: ``is_causal`` for a prefill from an empty
-    cache, an explicit mask when appending several tokens, and a slice of the filled prefix in eager decode (so
-    each step attends over ``pos + 1`` keys, not ``max_len``). The compiled step attends over the whole cache
-    with a mask instead, so that its shapes never change and it compiles once.
+    Batch 1. ``forward(ids)`` appends ``T`` positions (a prefill from an empty cache fills ``[0, T)``); ``step(token)``
+    appends one. The cache is one ``[1, kv_heads, max_len, head_dim]`` tensor per layer, in the activation dtype.
+    ``crop(n)`` rolls back by position (no copy), which is what speculative decoding needs.
+
+    Eager attention is SDPA: ``is_causal`` for a prefill from an empty cache, an explicit mask when appending several
+    tokens, and a slice of the filled prefix at decode (each step attends over ``pos + 1`` keys, not ``max_len``).
+    The compiled step attends over the whole cache with a mask instead, so that its shapes never change and it
+    compiles once.
     """
 
     def __init__(self, model: nn.Module, arch: _Arch, config: KernelConfig) -> None:
