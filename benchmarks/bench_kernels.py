@@ -176,7 +176,8 @@ def bench_accuracy(args: argparse.Namespace, results: dict[str, Any]) -> None:
     prompts = [blocks[i, :32] for i in range(8)]
     print(f"\n== accuracy, zoo target, {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens")
     for weights in args.weights:
-        for extra in ({}, {"quantize_lm_head": False}) if weights in ("int8", "int4") else ({},):
+        heads = {"int8": ({}, {"lm_head": "none"}), "int4": ({}, {"lm_head": "int4"}, {"lm_head": "none"})}
+        for extra in heads.get(weights, ({},)):
             config = KernelConfig(weights=weights, **extra)
             optimized = KernelOptimizer(config).apply_to_model(copy.deepcopy(reference))
             m = accuracy(reference, optimized, blocks, reference_name="fp32", candidate_name=weights)
@@ -184,7 +185,7 @@ def bench_accuracy(args: argparse.Namespace, results: dict[str, Any]) -> None:
             results.setdefault("accuracy", []).append(
                 {"config": config.to_dict(), "measurement": m.to_dict(), "greedy": greedy}
             )
-            label = weights + (" (LM head fp32)" if extra else "")
+            label = f"{weights} (LM head {config.resolved_lm_head()})"
             print(
                 f"{label:24s} {m.describe()}; greedy: identical prefix {greedy['mean_prefix_fraction']:.0%} of 64 "
                 f"tokens, {greedy['exact_matches']}/{greedy['prompts']} prompts identical"

@@ -218,7 +218,8 @@ def test_lean_loop_runs_the_same_modules_as_hf_forward(arch, weights):
         decoder = opt._ryzen_decoder
         decoder.allocate(64)
         torch.testing.assert_close(decoder.forward(ids, all_logits=True), opt(ids).logits, rtol=1e-5, atol=1e-5)
-    assert set(kernel_report(opt).kernels) == {"fbgemm" if weights == "int8" else "int4pack-cpu"}
+    want = {"fbgemm"} if weights == "int8" else {"int4pack-cpu", "fbgemm"}  # int4 keeps an int8 LM head
+    assert set(kernel_report(opt).kernels) == want
 
 
 def test_incremental_decode_equals_a_full_prefill_and_crop_rolls_back():
@@ -336,12 +337,12 @@ def test_applying_twice_is_refused():
 def test_report_counts_bytes_and_keeps_the_lm_head_when_asked():
     _, fp32 = _pair("llama", weights="none")
     _, int8 = _pair("llama", weights="int8")
-    _, keep_head = _pair("llama", weights="int8", quantize_lm_head=False)
+    _, keep_head = _pair("llama", weights="int8", lm_head="none")
     r32, r8, rkeep = kernel_report(fp32), kernel_report(int8), kernel_report(keep_head)
     assert r32.bytes_per_token == r32.weight_bytes_before  # same bytes, only the layout changed
     assert 0.25 < r8.bytes_per_token / r32.bytes_per_token < 0.28  # 1 byte + per-row fp32 scales of 4 bytes
     assert rkeep.kernels == {"fbgemm": 8, "dense-float32": 1}
-    assert rkeep.to_dict()["config"]["quantize_lm_head"] is False
+    assert rkeep.to_dict()["config"]["lm_head"] == "none"
     assert r8.attention == "sdpa"
     assert r8.decode.startswith("static")
 
@@ -383,3 +384,13 @@ def test_an_optimized_model_survives_deepcopy_and_the_original_being_freed():
 
         gc.collect()
         torch.testing.assert_close(clone(ids).logits, want)
+
+
+def test_int4_keeps_an_int8_lm_head_unless_told_otherwise():
+    _, auto = _pair("llama", weights="int4", group_size=32)
+    _, all4 = _pair("llama", weights="int4", group_size=32, lm_head="int4")
+    assert isinstance(auto.lm_head, Int8Linear)
+    assert isinstance(all4.lm_head, Int4Linear)
+    assert KernelConfig(weights="int8").resolved_lm_head() == "int8"
+    with pytest.raises(ConfigError, match="lm_head"):
+        KernelConfig(lm_head="int2")
