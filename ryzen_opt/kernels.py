@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryzen_opt.errors import ConfigError, RyzenOptError
+from ryzen_opt.quant import dequantize_int4, quantize_int4, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -144,46 +145,6 @@ class KernelConfig:
         if unknown:
             raise ConfigError(f"KernelConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
         return cls(**data)
-
-
-# --------------------------------------------------------------------------------------------- quantizers
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: ``weight ≈ q * scale[:, None]`` with ``|error| <= scale / 2``.
-
-    Returns ``(q int8 [N, K], scale float32 [N])``. An all-zero row gets scale 1 (its q is 0) rather than 0, so
-    dequantizing never divides by zero and the row stays exactly zero.
-    """
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1)
-    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-    return q, scale
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric group-wise int4 along the input dimension: ``w ≈ q * scale + minimum`` per group.
-
-    Returns ``(q uint8 in [0, 15] [N, K], scale float32 [N, K/g], minimum float32 [N, K/g])``;
-    ``|error| <= scale / 2`` element-wise. ``K`` must be a multiple of ``group_size``.
-    """
-    w = weight.detach().float()
-    n, k = w.shape
-    if k % group_size:
-        raise ConfigError(f"int4: input dimension {k} is not a multiple of group_size {group_size}")
-    g = w.reshape(n, k // group_size, group_size)
-    lo = g.amin(dim=2)
-    hi = g.amax(dim=2)
-    scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
-    q = torch.clamp(torch.round((g - lo[..., None]) / scale[..., None]), 0, 15).to(torch.uint8)
-    return q.reshape(n, k), scale, lo
-
-
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:
-    n, k = q.shape
-    g = q.reshape(n, k // group_size, group_size).float()
-    return (g * scale[..., None] + minimum[..., None]).reshape(n, k)
 
 
 # ------------------------------------------------------------------------------------------- linear modules
