@@ -784,8 +784,23 @@ class StaticDecoder:
         self.k_cache: list[torch.Tensor] | None = None
         self.v_cache: list[torch.Tensor] | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
+        self.external: Any = None
 
     # -- cache
+
+    def attach_cache(self, cache: Any) -> None:
+        """Use ``cache`` (a ``transformers`` ``Cache`` with ``attend(layer, q, k, v, scale)``, such as the
+        KVCacheOptimizer's quantized cache) instead of the static one: attention then runs on its stored form.
+        ``None`` goes back to the static cache."""
+        if cache is not None and not callable(getattr(cache, "attend", None)):
+            raise ConfigError(
+                f"{type(cache).__name__} has no attend(layer, q, k, v, scale): the lean loop needs a cache that "
+                "computes attention on its own storage (KVCacheOptimizer(KVCacheConfig(strategy='quantized')))"
+            )
+        if cache is not None and self._compiled is not None:
+            raise ConfigError("an attached cache runs eagerly: build the KernelOptimizer with compile=False")
+        self.external = cache
+        self.pos = 0 if cache is None else cache.get_seq_length()
 
     def limit(self) -> int:
         cap = self.config.max_cache_len or self.arch.max_positions
@@ -793,6 +808,12 @@ class StaticDecoder:
 
     def allocate(self, max_len: int) -> None:
         """Preallocate (or reuse) a cache for ``max_len`` positions and reset it to empty."""
+        if self.external is not None:
+            if max_len > self.limit():
+                raise ConfigError(f"prompt + new tokens = {max_len} exceed the model's {self.limit()} positions")
+            self.external.reset()
+            self.max_len, self.pos = self.limit(), 0
+            return
         if max_len > self.limit():
             raise ConfigError(
                 f"prompt + new tokens = {max_len} exceeds the static cache limit {self.limit()} "
@@ -813,6 +834,8 @@ class StaticDecoder:
         """Forget every position from ``length`` on (by position: the stale entries are overwritten later)."""
         if not 0 <= length <= self.pos:
             raise ValueError(f"crop({length}): the cache holds {self.pos} positions")
+        if self.external is not None:
+            self.external.crop(length - self.pos)
         self.pos = length
 
     # -- forward
@@ -840,7 +863,7 @@ class StaticDecoder:
     def forward(self, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Append ``ids`` ``[1, T]`` at the current position; logits of the last position ``[1, V]``, or of all
         positions ``[1, T, V]`` with ``all_logits``."""
-        if self.k_cache is None:
+        if self.k_cache is None and self.external is None:
             raise RuntimeError("StaticDecoder.forward before allocate()")
         pos, t = self.pos, ids.shape[1]
         if pos + t > self.max_len:
@@ -858,7 +881,6 @@ class StaticDecoder:
                 causal = True
             else:
                 mask = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(diagonal=pos)
-        assert self.v_cache is not None
         for i, layer in enumerate(arch.layers):
             x = layer.norm1(h)
             qkv = layer.qkv(x)
@@ -868,13 +890,18 @@ class StaticDecoder:
             if rope is not None:
                 q = self._apply_rope(q, *rope)
                 k = self._apply_rope(k, *rope)
-            self.k_cache[i][:, :, pos:end] = k
-            self.v_cache[i][:, :, pos:end] = v
-            keys = self.k_cache[i][:, :, :end]
-            values = self.v_cache[i][:, :, :end]
-            attn = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=causal, scale=layer.scale, enable_gqa=heads != kv_heads
-            )
+            if self.external is not None:
+                attn = self.external.attend(i, q, k, v, layer.scale)
+            else:
+                assert self.k_cache is not None
+                assert self.v_cache is not None
+                self.k_cache[i][:, :, pos:end] = k
+                self.v_cache[i][:, :, pos:end] = v
+                keys = self.k_cache[i][:, :, :end]
+                values = self.v_cache[i][:, :, :end]
+                attn = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, is_causal=causal, scale=layer.scale, enable_gqa=heads != kv_heads
+                )
             h = h + layer.o(attn.transpose(1, 2).reshape(1, t, q_size))
             x = layer.norm2(h)
             if arch.kind == "llama":
@@ -989,11 +1016,23 @@ def _bind_generate(model: Any, decoder: StaticDecoder) -> None:
     def generate(self: nn.Module, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if inputs is not None:
             kwargs["input_ids"] = inputs
-        reason = _why_not_served(self, decoder, kwargs)
+        cache = kwargs.get("past_key_values")
+        own = cache is not None and callable(getattr(cache, "attend", None)) and cache.get_seq_length() == 0
+        reason = _why_not_served(
+            self, decoder, {k: v for k, v in kwargs.items() if not (own and k == "past_key_values")}
+        )
         if reason is not None:
             logger.debug("KernelOptimizer: HF generate (%s)", reason)
             return hf_generate(**kwargs)
-        return _lean_generate(self, decoder, **kwargs)
+        if not own:
+            return _lean_generate(self, decoder, **kwargs)
+        # A cache that attends on its own storage (KVCacheOptimizer's quantized cache): the lean loop uses it.
+        kwargs.pop("past_key_values")
+        decoder.attach_cache(cache)
+        try:
+            return _lean_generate(self, decoder, **kwargs)
+        finally:
+            decoder.attach_cache(None)
 
     model.generate = types.MethodType(generate, model)
     model._ryzen_hf_generate = hf_generate

@@ -1,0 +1,496 @@
+"""KVCacheOptimizer: a KV cache that stores less, as a ``transformers`` ``Cache``.
+
+Two strategies:
+
+- **quantized** (KIVI, Liu et al. 2024): keys quantized *per channel* (each channel's min/max over a group of
+  ``group_size`` tokens: key outliers live in fixed channels), values *per token* (groups of ``group_size`` along the
+  head dimension), int8 or int4, with the most recent ``residual_length`` tokens kept in full precision. Tokens move
+  from the residual window into quantized storage ``group_size`` at a time.
+- **sink** (StreamingLLM, Xiao et al. 2023): the first ``sink_tokens`` plus the last ``window`` tokens; everything in
+  between is dropped. **Lossy for long context by construction**: a fact that scrolled out of the window is gone.
+  Keys keep the rotary positions they were written with (no re-rotation).
+
+Two ways to attend, and what each costs in memory:
+
+- ``model.generate(..., past_key_values=cache)`` runs HF's attention, which needs the whole cache as tensors: every
+  ``update`` dequantizes all stored tokens into a full-precision copy (as HF's own ``QuantizedCache`` does). The
+  stored bytes shrink; the peak during a step does not. :meth:`KVCacheOptimizer.memory_report` measures both.
+- :meth:`QuantizedKVCache.attend` computes attention on the stored form, ``attend_chunk`` tokens at a time with an
+  online softmax (as flash-decoding does across splits), so a step never holds more than one chunk dequantized. This
+  is the path of ryzen-opt's own decode loop (``KernelOptimizer``'s ``StaticDecoder.attach_cache``).
+
+Sizes are accounted from the tensors actually stored (codes, scales, zeros, the residual window), never from a formula.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ryzen_opt.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("quantized", "sink")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """What :class:`KVCacheOptimizer` builds. Frozen: one config, one kind of cache.
+
+    Attributes:
+        strategy: ``"quantized"`` (KIVI) or ``"sink"`` (StreamingLLM, lossy for long context).
+        bits: 8 or 4 (quantized).
+        group_size: tokens per key group (per-channel scales), and channels per value group (per-token scales).
+        residual_length: recent tokens kept in full precision (quantized); at least ``group_size``.
+        attend_chunk: tokens dequantized at a time by :meth:`QuantizedKVCache.attend` (bounds its peak memory).
+        sink_tokens, window: the sink strategy's kept prefix and recent window.
+    """
+
+    strategy: str = "quantized"
+    bits: int = 8
+    group_size: int = 64
+    residual_length: int = 128
+    attend_chunk: int = 512
+    sink_tokens: int = 4
+    window: int = 1020
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"KVCacheConfig.strategy = {self.strategy!r}: choose 'quantized' or 'sink'")
+        if self.bits not in (4, 8):
+            raise ConfigError(f"KVCacheConfig.bits = {self.bits!r}: choose 8 or 4")
+        if self.group_size < 2 or self.group_size & (self.group_size - 1):
+            raise ConfigError(f"KVCacheConfig.group_size = {self.group_size!r}: a power of two >= 2")
+        if self.residual_length < self.group_size:
+            raise ConfigError(
+                f"KVCacheConfig.residual_length = {self.residual_length} < group_size {self.group_size}: "
+                "the full-precision window must hold at least one group"
+            )
+        if self.attend_chunk < self.group_size:
+            raise ConfigError(f"KVCacheConfig.attend_chunk = {self.attend_chunk}: at least group_size")
+        if self.sink_tokens < 0 or self.window < 1:
+            raise ConfigError("KVCacheConfig: sink_tokens >= 0 and window >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVCacheConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"KVCacheConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------------------------- quantizer
+
+
+def quantize_groups(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization of ``x`` reduced over ``dim`` (size = the group): ``x ≈ q * scale + lo``.
+
+    Returns ``(q uint8, scale, lo)`` with ``scale``/``lo`` keeping ``dim`` as size 1; ``|error| <= scale / 2``.
+    """
+    levels = 2**bits - 1
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    scale = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+    q = torch.clamp(torch.round((x - lo) / scale), 0, levels).to(torch.uint8)
+    return q, scale, lo
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    return q[..., ::2] | (q[..., 1::2] << 4)
+
+
+def _unpack4(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], dim=-1).flatten(-2)
+
+
+@dataclass
+class _Chunk:
+    """``group_size`` tokens of one layer: keys per channel, values per token."""
+
+    kq: torch.Tensor  # [B, H, G, D] (int8) or [B, H, G, D/2] (int4), uint8
+    k_scale: torch.Tensor  # [B, H, 1, D]
+    k_lo: torch.Tensor
+    vq: torch.Tensor  # [B, H, G, D] or [B, H, G, D/2]
+    v_scale: torch.Tensor  # [B, H, G, D/gv, 1]
+    v_lo: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for t in (self.kq, self.k_scale, self.k_lo, self.vq, self.v_scale, self.v_lo)
+        )
+
+
+class QuantizedLayer(DynamicLayer):
+    """One layer of a :class:`QuantizedKVCache`: quantized chunks plus a full-precision residual window."""
+
+    is_croppable = True
+
+    def __init__(self, bits: int, group_size: int, residual_length: int) -> None:
+        super().__init__()
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.chunks: list[_Chunk] = []
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        # 4-D and empty (HF's DynamicLayer starts 1-D), so that shapes and slicing hold from the first token.
+        self.keys = key_states[..., :0, :].clone()
+        self.values = value_states[..., :0, :].clone()
+
+    # -- storage
+
+    def _quantize_chunk(self, k: torch.Tensor, v: torch.Tensor) -> _Chunk:
+        kq, ks, kl = quantize_groups(k, dim=2, bits=self.bits)  # per channel, over the chunk's tokens
+        d = v.shape[-1]
+        gv = min(self.group_size, d)
+        if d % gv:
+            gv = d  # a head dim the group does not divide: one group per token
+        vg = v.reshape(*v.shape[:-1], d // gv, gv)
+        vq, vs, vl = quantize_groups(vg, dim=-1, bits=self.bits)  # per token
+        vq = vq.reshape(v.shape)
+        if self.bits == 4:
+            kq, vq = _pack4(kq), _pack4(vq)
+        return _Chunk(kq, ks, kl, vq, vs, vl)
+
+    def _dequantize_chunk(self, c: _Chunk, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        kq = _unpack4(c.kq) if self.bits == 4 else c.kq
+        vq = _unpack4(c.vq) if self.bits == 4 else c.vq
+        k = kq.to(c.k_scale.dtype) * c.k_scale + c.k_lo
+        vg = vq.reshape(*vq.shape[:-1], c.v_scale.shape[-2], -1).to(c.v_scale.dtype)
+        v = (vg * c.v_scale + c.v_lo).reshape(vq.shape)
+        return k.to(dtype), v.to(dtype)
+
+    def _flush(self) -> None:
+        """Move the oldest tokens beyond the residual window into quantized chunks, a group at a time."""
+        g = self.group_size
+        while self.keys.shape[-2] - g >= self.residual_length:
+            self.chunks.append(self._quantize_chunk(self.keys[..., :g, :].float(), self.values[..., :g, :].float()))
+            self.keys = self.keys[..., g:, :]
+            self.values = self.values[..., g:, :]
+
+    def stored_bytes(self) -> int:
+        residual = 0 if not self.is_initialized else self.keys.numel() * self.keys.element_size() * 2
+        return residual + sum(c.nbytes() for c in self.chunks)
+
+    # -- HF Cache layer API
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append; return the whole cache as full-precision tensors (what HF's attention needs: a full copy)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        parts = [self._dequantize_chunk(c, self.dtype) for c in self.chunks]
+        keys = torch.cat([p[0] for p in parts] + [self.keys], dim=-2)
+        values = torch.cat([p[1] for p in parts] + [self.values], dim=-2)
+        self._flush()
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return len(self.chunks) * self.group_size + self.keys.shape[-2]
+
+    def reset(self) -> None:
+        self.chunks = []
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (HF's convention: a count <= 0; a positive one is an error)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = max(0, self.get_seq_length() + tokens_to_remove)
+        # Cropping into quantized storage brings those chunks back to the residual (dequantized: lossy once).
+        while len(self.chunks) * self.group_size > keep:
+            k, v = self._dequantize_chunk(self.chunks.pop(), self.dtype)
+            self.keys = torch.cat([k, self.keys], dim=-2)
+            self.values = torch.cat([v, self.values], dim=-2)
+        cut = keep - len(self.chunks) * self.group_size
+        self.keys = self.keys[..., :cut, :]
+        self.values = self.values[..., :cut, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("QuantizedKVCache supports neither beam search nor batch expansion")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("QuantizedKVCache does not support beam search; use num_beams=1")
+
+    # -- attention on the stored form
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk_tokens: int
+    ) -> torch.Tensor:
+        """Attention of ``q`` ``[B, Hq, T, D]`` over the stored tokens plus the new ``k``/``v`` (causal among the
+        new ones), then append them. Quantized tokens are dequantized ``chunk_tokens`` at a time (online softmax)."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        b, hq, t, d = q.shape
+        hk = k.shape[1]
+        group = hq // hk
+        qg = q.reshape(b, hk, group * t, d).float() * scale  # queries of one kv head side by side
+        m = torch.full((b, hk, group * t, 1), -math.inf, device=q.device)
+        denom = torch.zeros_like(m)
+        acc = torch.zeros(b, hk, group * t, v.shape[-1], device=q.device)
+
+        def absorb(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+            nonlocal m, denom, acc
+            s = qg @ keys.float().transpose(-1, -2)
+            if mask is not None:
+                s = s.masked_fill(~mask, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            correction = torch.exp(m - m_new)
+            denom = denom * correction + p.sum(-1, keepdim=True)
+            acc = acc * correction + p @ values.float()
+            m = m_new
+
+        per_call = max(1, chunk_tokens // self.group_size)
+        for start in range(0, len(self.chunks), per_call):
+            parts = [self._dequantize_chunk(c, torch.float32) for c in self.chunks[start : start + per_call]]
+            absorb(torch.cat([p[0] for p in parts], -2), torch.cat([p[1] for p in parts], -2), None)
+        if self.keys.shape[-2]:
+            absorb(self.keys, self.values, None)
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        absorb(k, v, causal.repeat(group, 1) if t > 1 else None)
+        out = (acc / denom).reshape(b, hq, t, -1).to(q.dtype)
+        self.keys = torch.cat([self.keys, k], dim=-2)
+        self.values = torch.cat([self.values, v], dim=-2)
+        self._flush()
+        return out
+
+
+class QuantizedKVCache(Cache):
+    """KIVI int8/int4 KV cache (module docstring). A ``transformers`` ``Cache``: ``generate`` accepts it."""
+
+    def __init__(self, num_layers: int, config: KVCacheConfig) -> None:
+        super().__init__(
+            layers=[QuantizedLayer(config.bits, config.group_size, config.residual_length) for _ in range(num_layers)]
+        )
+        self.config = config
+
+    def stored_bytes(self) -> int:
+        return sum(layer.stored_bytes() for layer in self.layers)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention over layer ``layer_idx``'s stored tokens and the new ones; appends the new ones."""
+        return self.layers[layer_idx].attend(q, k, v, scale, self.config.attend_chunk)
+
+
+class SinkLayer(DynamicLayer):
+    """The first ``sink`` tokens and the last ``window`` (StreamingLLM). Lossy: the middle is dropped."""
+
+    is_croppable = False
+
+    def __init__(self, sink: int, window: int) -> None:
+        super().__init__()
+        self.sink, self.window = sink, window
+        self.seen = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        if self.keys.shape[-2] > self.sink + self.window:
+            self.keys = torch.cat([self.keys[..., : self.sink, :], self.keys[..., -self.window :, :]], dim=-2)
+            self.values = torch.cat([self.values[..., : self.sink, :], self.values[..., -self.window :, :]], dim=-2)
+        return keys, values  # this step still attends to everything it was handed
+
+    def get_seq_length(self) -> int:
+        return self.seen  # positions keep counting: RoPE and cache_position stay absolute
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = 0 if not self.is_initialized else self.keys.shape[-2]
+        return stored + query_length, max(0, self.seen - stored)
+
+    def reset(self) -> None:
+        self.seen = 0
+        super().reset()
+
+    def stored_bytes(self) -> int:
+        return 0 if not self.is_initialized else self.keys.numel() * self.keys.element_size() * 2
+
+
+class SinkKVCache(Cache):
+    """Attention sinks plus a recent window (StreamingLLM): bounded memory, lossy beyond the window."""
+
+    def __init__(self, num_layers: int, config: KVCacheConfig) -> None:
+        super().__init__(layers=[SinkLayer(config.sink_tokens, config.window) for _ in range(num_layers)])
+        self.config = config
+
+    def stored_bytes(self) -> int:
+        return sum(layer.stored_bytes() for layer in self.layers)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Stored bytes of any cache: ours report their own; HF layers are summed from their key/value tensors."""
+    own = getattr(cache, "stored_bytes", None)
+    if own is not None:
+        return int(own())
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------- peak memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak bytes allocated above the start of the block, overall and after :meth:`mark` (e.g. once decode begins).
+
+    GPU: the CUDA allocator's peak. CPU: every allocation and free inside the block, traced by ``torch.profiler``
+    (``profile_memory=True``) and summed in time order: the peak of live tensor bytes. Everything measured must be
+    allocated inside the block (the profiler cannot see frees of older tensors), so a caller builds the cache inside
+    it. The resident set cannot show this peak, because the allocator reuses the pages a step freed (measured: RSS grew
+    by 20 KB across decode steps that each allocated and freed megabytes); ``rss_delta`` is kept beside it.
+    """
+
+    _MARK = "ryzen_opt.peak_memory.mark"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self.peak_after_mark = 0
+        self.rss_delta = 0
+
+    def __enter__(self) -> PeakMemory:
+        self._rss = _rss_bytes()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
+        return self
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self._start)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with torch.profiler.record_function(self._MARK):
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_after_mark = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.peak = max(self.peak, self.peak_after_mark)
+        else:
+            self._profile.__exit__(*exc)
+            events = sorted(self._profile.events(), key=lambda e: e.time_range.start)
+            marks = [e.time_range.start for e in events if e.name == self._MARK]
+            mark = marks[0] if marks else math.inf
+            live = 0
+            for event in events:
+                live += event.self_cpu_memory_usage
+                self.peak = max(self.peak, live)
+                if event.time_range.start >= mark:
+                    self.peak_after_mark = max(self.peak_after_mark, live)
+        self.rss_delta = _rss_bytes() - self._rss
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+
+
+def _num_layers(model: Any) -> int:
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if not layers:
+        raise ConfigError(f"{type(model).__name__}: its config names no number of layers; is it a decoder LM?")
+    return int(layers)
+
+
+class KVCacheOptimizer:
+    """Build smaller KV caches for a model. ``make_cache`` is the verb; ``memory_report`` measures one.
+
+    >>> cache = KVCacheOptimizer(KVCacheConfig(bits=8)).make_cache(model, max_len=2048)      # doctest: +SKIP
+    >>> model.generate(ids, past_key_values=cache, max_new_tokens=64)                       # doctest: +SKIP
+    """
+
+    def __init__(self, config: KVCacheConfig | None = None) -> None:
+        self.config = config or KVCacheConfig()
+        if not isinstance(self.config, KVCacheConfig):
+            raise ConfigError(f"KVCacheOptimizer takes a KVCacheConfig, got {type(self.config).__name__}")
+
+    def make_cache(self, model: Any, max_len: int | None = None) -> Cache:
+        """A fresh cache for ``model``. ``max_len`` is checked against the model's positions (the cache itself
+        grows as needed: a quantized cache allocates per group, not up front)."""
+        config = model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if max_len is not None and limit is not None and max_len > limit:
+            raise ConfigError(f"max_len {max_len} exceeds the model's {limit} positions")
+        layers = _num_layers(model)
+        if self.config.strategy == "sink":
+            return SinkKVCache(layers, self.config)
+        return QuantizedKVCache(layers, self.config)
+
+    @torch.no_grad()
+    def memory_report(self, model: Any, context_len: int, *, decode_steps: int = 16, seed: int = 0) -> dict[str, Any]:
+        """Stored KV bytes of the baseline (HF ``DynamicCache``, model dtype) and of this cache after a
+        ``context_len``-token prefill, the reduction, and the measured peak memory of ``decode_steps`` HF decode steps
+        with each (the quantized cache's HF path dequantizes everything every step: the peak shows it)."""
+        device = next(model.parameters()).device
+        vocab = model.config.vocab_size
+        ids = torch.randint(1, vocab, (1, context_len), generator=torch.Generator().manual_seed(seed)).to(device)
+        result: dict[str, Any] = {"context_len": context_len, "config": self.config.to_dict(), "device": str(device)}
+        for name in ("baseline", "optimized"):
+            with PeakMemory(device) as peak:
+                cache = DynamicCache(config=model.config) if name == "baseline" else self.make_cache(model)
+                out = model(ids, past_key_values=cache, use_cache=True)
+                stored = cache_bytes(cache)
+                token = out.logits[:, -1:].argmax(-1)
+                del out  # the prefill's [1, T, vocab] logits are not decode memory
+                peak.mark()
+                for _ in range(decode_steps):
+                    out = model(token, past_key_values=cache, use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1)
+                del cache, out
+            result[name] = {
+                "cache": type(self.make_cache(model)).__name__ if name == "optimized" else "DynamicCache",
+                "stored_bytes": stored,
+                "decode_peak_bytes": peak.peak_after_mark,
+                "rss_delta_bytes": peak.rss_delta,
+            }
+        result["reduction"] = 1.0 - result["optimized"]["stored_bytes"] / result["baseline"]["stored_bytes"]
+        base_peak, opt_peak = result["baseline"]["decode_peak_bytes"], result["optimized"]["decode_peak_bytes"]
+        result["peak_reduction"] = 1.0 - opt_peak / base_peak if base_peak > 0 else None
+        return result
+
+
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal attention of new queries over ``k``/``v`` whose last ``T`` entries are the queries' own (tests)."""
+    t, n = q.shape[2], k.shape[2]
+    mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
