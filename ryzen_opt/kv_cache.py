@@ -489,6 +489,35 @@ class KVCacheOptimizer:
         return result
 
 
+class CachedForward(torch.nn.Module):
+    """``model`` read through a cache: ``forward(input_ids)`` feeds the sequence ``chunk`` tokens at a time, each chunk
+    attending to what the cache stored of the previous ones, and returns every position's logits.
+
+    This is how accuracy with a KV cache is measured (DESIGN.md's accuracy loss, reference = the same procedure with
+    HF's full-precision ``DynamicCache``): the logits are the ones a decode would see, quantization error included,
+    while the scoring stays teacher-forced over held-out text.
+    """
+
+    def __init__(self, model: Any, make_cache: Any, chunk: int = 32) -> None:
+        super().__init__()
+        if chunk < 1:
+            raise ConfigError(f"chunk = {chunk}: at least 1")
+        self.model = model
+        self.make_cache = make_cache
+        self.chunk = chunk
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        from types import SimpleNamespace
+
+        cache = self.make_cache()
+        logits = []
+        for start in range(0, input_ids.shape[1], self.chunk):
+            out = self.model(input_ids[:, start : start + self.chunk], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        return SimpleNamespace(logits=torch.cat(logits, dim=1))
+
+
 def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain causal attention of new queries over ``k``/``v`` whose last ``T`` entries are the queries' own (tests)."""
     t, n = q.shape[2], k.shape[2]
