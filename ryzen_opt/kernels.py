@@ -812,7 +812,7 @@ class StaticDecoder:
             if max_len > self.limit():
                 raise ConfigError(f"prompt + new tokens = {max_len} exceed the model's {self.limit()} positions")
             self.external.reset()
-            self.max_len, self.pos = self.limit(), 0
+            self.pos = 0  # max_len stays the static cache's: it is still there for when the cache is detached
             return
         if max_len > self.limit():
             raise ConfigError(
@@ -866,7 +866,7 @@ class StaticDecoder:
         if self.k_cache is None and self.external is None:
             raise RuntimeError("StaticDecoder.forward before allocate()")
         pos, t = self.pos, ids.shape[1]
-        if pos + t > self.max_len:
+        if self.external is None and pos + t > self.max_len:
             raise ConfigError(f"the static cache holds {self.max_len} positions; {pos} used, {t} more asked")
         arch = self.arch
         h = self._embed(ids, pos)
@@ -1016,6 +1016,8 @@ def _bind_generate(model: Any, decoder: StaticDecoder) -> None:
     def generate(self: nn.Module, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if inputs is not None:
             kwargs["input_ids"] = inputs
+        if "past_key_values" in kwargs and kwargs["past_key_values"] is None:
+            del kwargs["past_key_values"]  # None asks for nothing: the lean loop's own cache
         cache = kwargs.get("past_key_values")
         own = cache is not None and callable(getattr(cache, "attend", None)) and cache.get_seq_length() == 0
         reason = _why_not_served(

@@ -174,10 +174,16 @@ class QuantizedLayer(DynamicLayer):
     def _flush(self) -> None:
         """Move the oldest tokens beyond the residual window into quantized chunks, a group at a time."""
         g = self.group_size
+        moved = False
         while self.keys.shape[-2] - g >= self.residual_length:
             self.chunks.append(self._quantize_chunk(self.keys[..., :g, :].float(), self.values[..., :g, :].float()))
             self.keys = self.keys[..., g:, :]
             self.values = self.values[..., g:, :]
+            moved = True
+        if moved:
+            # A slice keeps its whole base alive (a 4k-token prefill's fp32 keys, behind a 128-token window): copy the
+            # window out so that what is counted as stored is what is held.
+            self.keys, self.values = self.keys.clone(), self.values.clone()
 
     def stored_bytes(self) -> int:
         residual = 0 if not self.is_initialized else self.keys.numel() * self.keys.element_size() * 2
@@ -224,8 +230,8 @@ class QuantizedLayer(DynamicLayer):
             self.keys = torch.cat([k, self.keys], dim=-2)
             self.values = torch.cat([v, self.values], dim=-2)
         cut = keep - len(self.chunks) * self.group_size
-        self.keys = self.keys[..., :cut, :]
-        self.values = self.values[..., :cut, :]
+        self.keys = self.keys[..., :cut, :].clone()
+        self.values = self.values[..., :cut, :].clone()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("QuantizedKVCache supports neither beam search nor batch expansion")

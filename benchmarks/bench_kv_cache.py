@@ -1,0 +1,230 @@
+"""KVCacheOptimizer, measured: stored bytes and decode peaks, accuracy, greedy agreement, a retrieval probe, speed.
+
+    python benchmarks/bench_kv_cache.py                      # all sections, ~5 min on 2 Zen 4 cores
+    python benchmarks/bench_kv_cache.py --sections memory
+
+Sections:
+- **memory**: at 1k and 4k context, the stored KV bytes of HF's ``DynamicCache`` (model dtype) and of each cache
+  (codes, scales, residual window counted), the reduction, and the measured peak of live tensor bytes during 16 decode
+  steps (``kv_cache.PeakMemory``): through HF's attention (which dequantizes the whole cache every step) and through the
+  lean loop's ``attend`` (chunks of ``attend_chunk`` tokens), against the lean loop's own static cache.
+- **accuracy**: DESIGN.md's accuracy loss of next-token prediction through each cache against the full cache, on the
+  zoo target's held-out text in sequences of 512 tokens fed 32 at a time (``CachedForward``): with the default
+  residual window of 128, three quarters of each sequence is read from quantized storage.
+- **greedy**: agreement of 64-token greedy continuations (prompts of 384 held-out tokens) with the full cache.
+- **probe**: a name planted at the start of a long prompt of held-out code and asked for at the end, scored as the
+  log-probability gain of the name over a control prompt (the zoo target is too small to copy it back greedily).
+- **speed**: decode ms/token at 1k context: HF with ``DynamicCache`` and with each cache, and the lean loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ryzen_opt import zoo
+from ryzen_opt.bench import accuracy
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, PeakMemory, cache_bytes
+from ryzen_opt.reports import atomic_write_json, environment
+
+CONFIGS = {
+    "int8": KVCacheConfig(bits=8),
+    "int4": KVCacheConfig(bits=4),
+    "sink (4 + 1020)": KVCacheConfig(strategy="sink", sink_tokens=4, window=1020),
+}
+
+
+def _target() -> tuple[Any, Any]:
+    model, tokenizer = zoo.reference_model("target")
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _lean_peak(optimized: Any, ids: torch.Tensor, cache: Any, steps: int) -> tuple[int, int]:
+    decoder = optimized._ryzen_decoder
+    ids = ids[:, : decoder.limit() - steps - 1]  # the static cache must hold the decode steps too
+    with PeakMemory(torch.device("cpu")) as peak:
+        decoder.attach_cache(cache)
+        decoder.allocate(ids.shape[1] + steps + 1)
+        logits = decoder.forward(ids)
+        stored = cache_bytes(cache) if cache is not None else 2 * sum(t.numel() * 4 for t in decoder.k_cache)
+        peak.mark()
+        for _ in range(steps):
+            logits = decoder.step(logits.argmax(-1, keepdim=True))
+        decoder.attach_cache(None)
+    return stored, peak.peak_after_mark
+
+
+@torch.no_grad()
+def bench_memory(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    model, _ = _target()
+    optimized = KernelOptimizer(KernelConfig()).apply_to_model(copy.deepcopy(model))
+    print("\n== KV memory, zoo target (6 layers, 4 kv heads x 64)")
+    for context in args.contexts:
+        ids = torch.randint(1, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+        static_stored, static_peak = _lean_peak(optimized, ids, None, 16)
+        for name, config in CONFIGS.items():
+            report = KVCacheOptimizer(config).memory_report(model, context, decode_steps=16)
+            cache = KVCacheOptimizer(config).make_cache(model)
+            lean = _lean_peak(optimized, ids, cache, 16) if config.strategy == "quantized" else None
+            report["lean"] = None if lean is None else {"stored_bytes": lean[0], "decode_peak_bytes": lean[1]}
+            report["lean_static"] = {"stored_bytes": static_stored, "decode_peak_bytes": static_peak}
+            results.setdefault("memory", []).append({"name": name, **report})
+            base, opt = report["baseline"], report["optimized"]
+            line = (
+                f"{context:5d} tokens {name:16s} stored {base['stored_bytes'] / 2**20:6.2f} -> "
+                f"{opt['stored_bytes'] / 2**20:6.2f} MiB (reduction {report['reduction']:.1%}); decode peak, HF "
+                f"attention: {base['decode_peak_bytes'] / 2**20:6.2f} -> {opt['decode_peak_bytes'] / 2**20:6.2f} MiB"
+            )
+            if lean is not None:
+                line += (
+                    f"; lean loop: static {static_peak / 2**20:5.2f} MiB, attend {lean[1] / 2**20:5.2f} MiB "
+                    f"(stored {lean[0] / 2**20:.2f})"
+                )
+            print(line)
+
+
+@torch.no_grad()
+def bench_accuracy(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    torch.set_num_threads(max(args.threads))
+    model, tokenizer = _target()
+    heldout = zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
+    seqs = heldout[: (heldout.numel() // 512) * 512].reshape(-1, 512)[: args.sequences]
+    reference = CachedForward(model, DynamicCache, chunk=32)
+    print(f"\n== accuracy through the cache, zoo target, {seqs.shape[0]} x 512 tokens fed 32 at a time")
+    for name, config in CONFIGS.items():
+        optimizer = KVCacheOptimizer(config)
+        candidate = CachedForward(model, lambda optimizer=optimizer: optimizer.make_cache(model), chunk=32)
+        m = accuracy(reference, candidate, seqs, reference_name="DynamicCache", candidate_name=name)
+        results.setdefault("accuracy", []).append(
+            {"name": name, "config": config.to_dict(), "measurement": m.to_dict()}
+        )
+        print(f"{name:16s} {m.describe()}")
+
+
+@torch.no_grad()
+def _greedy(model: Any, ids: torch.Tensor, cache: Any, new: int) -> torch.Tensor:
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return out[0, ids.shape[1] :]
+
+
+@torch.no_grad()
+def bench_greedy(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    model, tokenizer = _target()
+    heldout = zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
+    prompts = [heldout[i * 997 : i * 997 + 384][None] for i in range(args.prompts)]
+    print(f"\n== greedy agreement over 64 tokens, {len(prompts)} prompts of 384 held-out tokens")
+    for name, config in CONFIGS.items():
+        prefixes = []
+        for ids in prompts:
+            want = _greedy(model, ids, DynamicCache(config=model.config), 64)
+            got = _greedy(model, ids, KVCacheOptimizer(config).make_cache(model), 64)
+            diff = (want != got).nonzero()
+            prefixes.append(int(diff[0, 0]) if diff.numel() else 64)
+        results.setdefault("greedy", []).append({"name": name, "identical_prefixes": prefixes})
+        print(f"{name:16s} identical prefix {statistics.mean(prefixes) / 64:.0%} of 64 tokens; per prompt {prefixes}")
+
+
+@torch.no_grad()
+def _value_logprob(model: Any, make_cache: Any, ids: torch.Tensor, n_value: int) -> float:
+    """Mean log-probability of the last ``n_value`` tokens of ``ids``, teacher-forced, read through the cache."""
+    logits = CachedForward(model, make_cache, chunk=32)(ids).logits[0, -n_value - 1 : -1].float()
+    return float(logits.log_softmax(-1).gather(1, ids[0, -n_value:, None]).mean())
+
+
+@torch.no_grad()
+def bench_probe(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The zoo target is a 6.8M code model: its greedy output does not copy a planted string back (measured: not at
+    64 tokens, even with the full cache), so recall is measured as a log-probability gain instead. The prompt plants
+    ``_SECRET_NAME = 'frobnicate_widget_cache'``, then held-out code, then ``_SECRET_NAME = 'frobnicate``; the score is
+    how much more likely ``_widget_cache`` is than after a control prompt that planted another name. A cache that lost
+    the plant shows the control's score (gain 0)."""
+    model, tokenizer = _target()
+    filler = zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
+    plant = tokenizer("_SECRET_NAME = 'frobnicate_widget_cache'\n", return_tensors="pt").input_ids
+    control = tokenizer("_SECRET_NAME = 'configure_logging_handler'\n", return_tensors="pt").input_ids
+    tail = tokenizer("\n_SECRET_NAME = 'frobnicate", return_tensors="pt").input_ids
+    value = tokenizer("_widget_cache", return_tensors="pt").input_ids
+    caches = [("full (DynamicCache)", lambda: DynamicCache(config=model.config))] + [
+        (n, lambda c=c: KVCacheOptimizer(c).make_cache(model)) for n, c in CONFIGS.items()
+    ]
+    print("\n== retrieval probe: log-probability gain of a planted name, asked for at the end of a long prompt")
+    for length in args.probe_lengths:
+        middle = filler[: max(0, length - plant.shape[1] - tail.shape[1] - value.shape[1])][None]
+        row: dict[str, Any] = {"prompt_tokens": plant.shape[1] + middle.shape[1] + tail.shape[1]}
+        for name, make in caches:
+            planted = _value_logprob(model, make, torch.cat([plant, middle, tail, value], 1), value.shape[1])
+            baseline = _value_logprob(model, make, torch.cat([control, middle, tail, value], 1), value.shape[1])
+            row[name] = {"logprob_planted": planted, "logprob_control": baseline, "gain": planted - baseline}
+        results.setdefault("probe", []).append(row)
+        summary = ", ".join(f"{k} {v['gain']:+.2f}" for k, v in row.items() if k != "prompt_tokens")
+        print(f"{row['prompt_tokens']:5d} tokens, gain in nats/token: {summary}")
+
+
+@torch.no_grad()
+def bench_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    torch.set_num_threads(max(args.threads))
+    model, _ = _target()
+    optimized = KernelOptimizer(KernelConfig()).apply_to_model(copy.deepcopy(model))
+    ids = torch.randint(1, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
+    print(f"\n== decode at 1k context, 32 new tokens, {torch.get_num_threads()} thread(s), median of 3")
+
+    def timed(fn: Any) -> float:
+        fn()
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs) / 32 * 1e3
+
+    rows = {"HF, DynamicCache": timed(lambda: _greedy(model, ids, DynamicCache(config=model.config), 32))}
+    rows["lean loop, static cache"] = timed(lambda: _greedy(optimized, ids, None, 32))
+    for name, config in CONFIGS.items():
+        rows[f"HF, {name}"] = timed(lambda c=config: _greedy(model, ids, KVCacheOptimizer(c).make_cache(model), 32))
+        if config.strategy == "quantized":
+            rows[f"lean loop, {name}"] = timed(
+                lambda c=config: _greedy(optimized, ids, KVCacheOptimizer(c).make_cache(model), 32)
+            )
+    results["speed_ms_per_token"] = rows
+    for name, ms in rows.items():
+        print(f"{name:28s} {ms:6.2f} ms/token (prefill of 1024 included, amortised over 32)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=["memory", "accuracy", "greedy", "probe", "speed"])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096])
+    parser.add_argument("--threads", nargs="+", type=int, default=[2])
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--probe-lengths", nargs="+", type=int, default=[64, 256, 1024, 2048])
+    parser.add_argument("--out", default="benchmarks/results/kv_cache.json")
+    args = parser.parse_args()
+    torch.set_num_threads(max(args.threads))
+    results: dict[str, Any] = {"benchmark": "KVCacheOptimizer", "args": vars(args)}
+    sections = {
+        "memory": bench_memory,
+        "accuracy": bench_accuracy,
+        "greedy": bench_greedy,
+        "probe": bench_probe,
+        "speed": bench_speed,
+    }
+    for name in args.sections:
+        sections[name](args, results)
+        results["environment"] = environment()
+        atomic_write_json(Path(args.out), results)
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
