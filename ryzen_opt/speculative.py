@@ -1,0 +1,490 @@
+"""SpeculativeDecoder: lossless speculative decoding with a draft model or n-gram (prompt-lookup) drafting.
+
+A drafter proposes ``k`` tokens; the target scores all of them in one forward; the longest acceptable prefix is kept,
+plus one token from the target (a correction, or a bonus when every draft was accepted). Why it is lossless:
+
+- **Greedy** (``temperature=0``): a draft token is kept only if it is the target's own argmax at that position, and
+  the extra token is the target's argmax, so the output is the target's greedy output token for token. The one
+  exception is a near-tie, a top-2 logit gap under 1e-5, where the target's one-token and several-token forwards can
+  round differently; such positions are counted in ``stats.near_ties``, never hidden.
+- **Sampling** follows Leviathan et al. 2023 / Chen et al. 2023: draft token ``x`` drawn from the draft's ``p`` is
+  accepted with probability ``min(1, q(x) / p(x))`` (``q`` the target's distribution after the same temperature /
+  top-k / top-p); on rejection the token is drawn from ``norm(max(0, q - p))``; after ``k`` acceptances a bonus token
+  is drawn from ``q``. The output then follows ``q`` exactly. The n-gram drafter proposes deterministically
+  (``p`` = a point mass), for which the same rule reads: accept with probability ``q(x)``, else draw from ``q``
+  without ``x``.
+
+Caches roll back by position after a rejection: the KernelOptimizer's static cache by moving its position (stale
+entries are overwritten later), HF caches (``DynamicCache``, the KVCacheOptimizer's) through ``crop``. The draft length
+adapts with HF's heuristic (+2 after a fully accepted round, -1 otherwise).
+
+On this CPU, verifying ``k`` tokens costs more than one decode step (fp32 ``F.linear`` with 8 rows takes ~4x one
+row), so the verify path is the one that measured cheapest: the KernelOptimizer's lean loop when the target has one
+(int8 verify of 4 tokens: 1.1x a single step), HF's forward otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ryzen_opt.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+NEAR_TIE_GAP = 1e-5
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How :class:`SpeculativeDecoder` drafts and verifies.
+
+    Attributes:
+        num_draft_tokens: draft length ``k`` of the first round.
+        adaptive: HF's heuristic: ``k + 2`` after a round where every draft was accepted, ``k - 1`` otherwise.
+        min_draft_tokens, max_draft_tokens: bounds of the adaptive ``k``.
+    """
+
+    num_draft_tokens: int = 4
+    adaptive: bool = True
+    min_draft_tokens: int = 1
+    max_draft_tokens: int = 12
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_draft_tokens <= self.num_draft_tokens <= self.max_draft_tokens:
+            raise ConfigError(
+                "SpecConfig: need 1 <= min_draft_tokens <= num_draft_tokens <= max_draft_tokens, got "
+                f"{self.min_draft_tokens}, {self.num_draft_tokens}, {self.max_draft_tokens}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SpecStats:
+    """What a speculative generation did. ``acceptance_rate`` = accepted / proposed draft tokens."""
+
+    proposed: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    new_tokens: int = 0
+    per_position_proposed: list[int] = field(default_factory=list)
+    per_position_accepted: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    near_ties: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [
+            a / p if p else 0.0 for a, p in zip(self.per_position_accepted, self.per_position_proposed, strict=True)
+        ]
+
+    def _count_position(self, index: int, accepted: bool) -> None:
+        while len(self.per_position_proposed) <= index:
+            self.per_position_proposed.append(0)
+            self.per_position_accepted.append(0)
+        self.per_position_proposed[index] += 1
+        self.per_position_accepted[index] += int(accepted)
+
+    def merge(self, other: SpecStats) -> SpecStats:
+        """The stats of two generations together (sums; per-position counts added position by position)."""
+        out = SpecStats()
+        for name in (
+            "proposed",
+            "accepted",
+            "target_forwards",
+            "new_tokens",
+            "near_ties",
+            "draft_seconds",
+            "verify_seconds",
+        ):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.draft_lengths = self.draft_lengths + other.draft_lengths
+        for source in (self, other):
+            for i, (p, a) in enumerate(zip(source.per_position_proposed, source.per_position_accepted, strict=True)):
+                out._count_position(i, False)
+                out.per_position_proposed[i] += p - 1
+                out.per_position_accepted[i] += a
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            acceptance_rate=self.acceptance_rate,
+            tokens_per_target_forward=self.tokens_per_target_forward,
+            per_position_acceptance=self.per_position_acceptance,
+        )
+        return data
+
+
+@dataclass
+class SpecOutput:
+    """``sequences``: prompt + new tokens ``[1, T]`` (as HF's ``generate`` returns them); ``stats``: the statistics."""
+
+    sequences: torch.Tensor
+    stats: SpecStats
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+
+class _Runner(Protocol):
+    length: int
+
+    def reset(self, max_len: int) -> None: ...
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def rollback(self, length: int) -> None: ...
+
+
+class _LeanRunner:
+    """A model optimized by the KernelOptimizer: its static-cache decoder (duck-typed: optimizers don't import
+    each other). An optional cache factory attaches a cache with ``attend`` (the KVCacheOptimizer's)."""
+
+    def __init__(self, decoder: Any, cache_factory: Callable[[], Any] | None) -> None:
+        self.decoder = decoder
+        self.cache_factory = cache_factory
+
+    @property
+    def length(self) -> int:
+        return int(self.decoder.pos)
+
+    def reset(self, max_len: int) -> None:
+        if self.cache_factory is not None:
+            self.decoder.attach_cache(self.cache_factory())
+        self.decoder.allocate(max_len)
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.forward(ids, all_logits=True)[0].float()
+
+    def rollback(self, length: int) -> None:
+        self.decoder.crop(length)
+
+    def close(self) -> None:
+        if self.cache_factory is not None:
+            self.decoder.attach_cache(None)
+
+
+class _HFRunner:
+    """Any causal LM through HF's forward and a ``Cache`` that can ``crop`` (DynamicCache by default)."""
+
+    def __init__(self, model: Any, cache_factory: Callable[[], Any] | None) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache_factory = cache_factory or (lambda: DynamicCache(config=model.config))
+        self.cache: Any = None
+        self.length = 0
+
+    def reset(self, max_len: int) -> None:
+        self.cache = self.cache_factory()
+        self.length = 0
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(ids, past_key_values=self.cache, use_cache=True)
+        self.length += ids.shape[1]
+        return out.logits[0].float()
+
+    def rollback(self, length: int) -> None:
+        if length < self.length:
+            self.cache.crop(length - self.length)
+            self.length = length
+
+    def close(self) -> None:
+        self.cache = None
+
+
+def _runner(model: Any, cache_factory: Callable[[], Any] | None) -> _LeanRunner | _HFRunner:
+    decoder = getattr(model, "_ryzen_decoder", None)
+    if decoder is not None and getattr(decoder, "_compiled", None) is None:
+        return _LeanRunner(decoder, cache_factory)
+    return _HFRunner(model, cache_factory)
+
+
+# ------------------------------------------------------------------------------------------------ drafters
+
+
+class _Sampling:
+    """The warping both models share: temperature, then top-k, then top-p (HF's order)."""
+
+    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None):
+        self.greedy = temperature == 0
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            probs = sorted_scores.softmax(-1)
+            remove = probs.cumsum(-1) - probs > self.top_p
+            sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
+            scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+        return scores.softmax(-1)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+
+class Drafter(Protocol):
+    def propose(self, sequence: list[int], k: int, sampling: _Sampling) -> tuple[list[int], torch.Tensor | None]:
+        """Up to ``k`` draft tokens after ``sequence``, and their draft distributions ``[n, V]`` (``None``: the
+        proposal is deterministic, a point mass)."""
+        ...
+
+    def start(self, prompt: list[int], max_len: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ModelDrafter:
+    """A draft language model (for the zoo: the target's first layers, an early exit), run through its own cache."""
+
+    def __init__(self, model: Any, cache_factory: Callable[[], Any] | None = None) -> None:
+        self.model = model
+        self.runner = _runner(model, cache_factory)
+        self.tokens: list[int] = []
+
+    def start(self, prompt: list[int], max_len: int) -> None:
+        self.runner.reset(max_len)
+        self.tokens = []
+
+    def propose(self, sequence: list[int], k: int, sampling: _Sampling) -> tuple[list[int], torch.Tensor | None]:
+        # Roll back to what the draft processed that is still part of the committed sequence (keeping at least the
+        # last committed token to feed, whose logits start the draft).
+        common = 0
+        for a, b in zip(self.tokens, sequence, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(sequence) - 1)
+        self.runner.rollback(common)
+        self.tokens = list(sequence[:common])
+        device = _device(self.model)
+        logits = self.runner.extend(torch.tensor([sequence[common:]], device=device))[-1]
+        self.tokens = list(sequence)
+        drafts: list[int] = []
+        dists = []
+        for i in range(k):
+            if sampling.greedy:
+                token = int(logits.argmax())
+            else:
+                p = sampling.probs(logits)
+                token = sampling.draw(p)
+                dists.append(p)
+            drafts.append(token)
+            if i + 1 < k:
+                logits = self.runner.extend(torch.tensor([[token]], device=device))[-1]
+                self.tokens.append(token)
+        return drafts, (torch.stack(dists) if dists else None)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class NGramDrafter:
+    """Prompt lookup (Saxena 2023; HF's ``prompt_lookup_num_tokens``): find the latest earlier occurrence of the last
+    ``n`` tokens (``max_ngram`` down to ``min_ngram``) and propose what followed it. No model, no cost but a search."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ConfigError(f"NGramDrafter: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def start(self, prompt: list[int], max_len: int) -> None:
+        pass
+
+    def propose(self, sequence: list[int], k: int, sampling: _Sampling) -> tuple[list[int], torch.Tensor | None]:
+        n_tokens = len(sequence)
+        for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
+            tail = sequence[-n:]
+            for start in range(n_tokens - n - 1, -1, -1):
+                if sequence[start : start + n] == tail:
+                    follow = sequence[start + n : start + n + k]
+                    if follow:
+                        return follow, None
+        return [], None
+
+    def close(self) -> None:
+        pass
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------- decoder
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of ``target`` with ``drafter`` (a :class:`ModelDrafter`, an :class:`NGramDrafter`, or a
+    draft model, which is wrapped in a ModelDrafter). ``generate`` is the verb.
+
+    ``target_cache_factory`` gives the target's cache (e.g. ``lambda: kv.make_cache(target)`` with the
+    KVCacheOptimizer); by default HF's ``DynamicCache``, or the KernelOptimizer's static cache if the target has one.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        drafter: Any,
+        config: SpecConfig | None = None,
+        *,
+        target_cache_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter if hasattr(drafter, "propose") else ModelDrafter(drafter)
+        self.config = config or SpecConfig()
+        self.runner = _runner(target, target_cache_factory)
+        if isinstance(self.drafter, ModelDrafter):
+            t_vocab = target.config.vocab_size
+            d_vocab = self.drafter.model.config.vocab_size
+            if t_vocab != d_vocab:
+                raise ConfigError(f"target vocabulary {t_vocab} != draft vocabulary {d_vocab}: they must share one")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+    ) -> SpecOutput:
+        """Generate up to ``max_new_tokens`` after ``input_ids`` ``[1, T]``; stops after an EOS token
+        (``eos_token_id``, default: none, so that a run has a known length)."""
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise ConfigError(
+                f"SpeculativeDecoder serves batch size 1; got input_ids of shape {tuple(input_ids.shape)}. "
+                "Loop over the batch, or use HF generate(assistant_model=...) for batches."
+            )
+        if input_ids.shape[1] < 1 or max_new_tokens < 1:
+            raise ConfigError("SpeculativeDecoder.generate needs a non-empty prompt and max_new_tokens >= 1")
+        if temperature < 0:
+            raise ConfigError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        sampling = _Sampling(temperature, top_k, top_p, generator)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        device = _device(self.target)
+        prompt = input_ids[0].tolist()
+        max_len = len(prompt) + max_new_tokens + self.config.max_draft_tokens + 2
+        stats = SpecStats()
+        sequence = list(prompt)
+        self.runner.reset(max_len)
+        self.drafter.start(prompt, max_len)
+        try:
+            # The target processes everything but the last committed token, which opens the next verification.
+            if len(prompt) > 1:
+                self.runner.extend(torch.tensor([prompt[:-1]], device=device))
+            k = self.config.num_draft_tokens
+            while len(sequence) - len(prompt) < max_new_tokens:
+                remaining = max_new_tokens - (len(sequence) - len(prompt))
+                started = time.perf_counter()
+                budget = min(k, remaining - 1)  # the target adds one token of its own
+                drafts, dists = self.drafter.propose(sequence, budget, sampling) if budget > 0 else ([], None)
+                stats.draft_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                committed = len(sequence)
+                logits = self.runner.extend(torch.tensor([[sequence[-1], *drafts]], device=device))
+                stats.target_forwards += 1
+                new, accepted = self._verify(logits, drafts, dists, sampling, stats)
+                self.runner.rollback(committed + accepted)  # keep what the target processed of the kept tokens
+                stats.verify_seconds += time.perf_counter() - started
+                stats.proposed += len(drafts)
+                stats.accepted += accepted
+                if drafts:
+                    stats.draft_lengths.append(len(drafts))
+                for i in range(len(drafts)):
+                    stats._count_position(i, i < accepted)
+                new = new[:remaining]
+                stop = next((i for i, t in enumerate(new) if t in eos), None)
+                if stop is not None:
+                    new = new[: stop + 1]
+                sequence.extend(new)
+                if stop is not None:
+                    break
+                if self.config.adaptive and drafts:
+                    if accepted == len(drafts):
+                        k = min(self.config.max_draft_tokens, k + 2)
+                    else:
+                        k = max(self.config.min_draft_tokens, k - 1)
+        finally:
+            self.drafter.close()
+            close = getattr(self.runner, "close", None)
+            if close is not None:
+                close()
+        stats.new_tokens = len(sequence) - len(prompt)
+        return SpecOutput(torch.tensor([sequence], dtype=input_ids.dtype, device=input_ids.device), stats)
+
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        drafts: list[int],
+        dists: torch.Tensor | None,
+        sampling: _Sampling,
+        stats: SpecStats,
+    ) -> tuple[list[int], int]:
+        """``(tokens to append, number of drafts accepted)`` from the target's ``logits`` ``[k + 1, V]``."""
+        if sampling.greedy:
+            top2 = logits.topk(2, dim=-1)
+            choice = top2.indices[:, 0].tolist()
+            gaps = (top2.values[:, 0] - top2.values[:, 1]).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
+                accepted += 1
+            stats.near_ties += sum(gap < NEAR_TIE_GAP for gap in gaps[: accepted + 1])
+            return drafts[:accepted] + [choice[accepted]], accepted
+        target_probs = sampling.probs(logits)
+        for i, token in enumerate(drafts):
+            q = target_probs[i]
+            p_token = float(dists[i, token]) if dists is not None else 1.0
+            if sampling.uniform() < min(1.0, float(q[token]) / p_token):
+                continue
+            residual = q - dists[i] if dists is not None else q.clone()
+            if dists is None:
+                residual[token] = 0.0
+            residual = residual.clamp_min(0.0)
+            total = float(residual.sum())
+            # An all-zero residual only happens when q <= p everywhere, i.e. q == p: then rejection had probability 0.
+            return drafts[:i] + [sampling.draw(residual / total if total > 0 else q)], i
+        return drafts + [sampling.draw(target_probs[len(drafts)])], len(drafts)
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    draft_tokens: list[int],
+    generator: torch.Generator,
+) -> tuple[list[int], int]:
+    """The sampling rule alone (for tests and other decoders): ``target_probs`` ``[k + 1, V]`` (already warped),
+    ``draft_probs`` ``[k, V]``, the ``k`` draft tokens drawn from them. Returns ``(tokens, accepted)``."""
+    sampling = _Sampling(1.0, None, None, generator)
+    sampling.probs = lambda logits: logits  # type: ignore[method-assign]  # inputs are probabilities already
+    decoder = SpeculativeDecoder.__new__(SpeculativeDecoder)
+    return decoder._verify(target_probs, draft_tokens, draft_probs, sampling, SpecStats())
