@@ -56,6 +56,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ryzen_opt import zoo
 from ryzen_opt.reports import atomic_write_json, environment
 
 logger = logging.getLogger("bench_peers")
@@ -81,15 +82,7 @@ PACKAGES = (
     "onnx",
     "onnx-ir",
 )
-CONFIG_134M: dict[str, Any] = {
-    "vocab_size": 32000,
-    "hidden_size": 768,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 12,
-    "max_position_embeddings": 2048,
-}
+CONFIG_134M: dict[str, Any] = dict(zoo.LLAMA_134M)  # the speed reference
 HASHED_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt"}
 
 # Runs llama.cpp's converter with one patch: an unrecognised BPE pre-tokenizer is written as "gpt-2" (byte-level

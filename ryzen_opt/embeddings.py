@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.quant import INT4_CPU_BLOCK_ROWS, gather_int4_cpu, pack_int4_cpu, quantize_int4, quantize_int8
 
@@ -47,7 +48,7 @@ class UnsupportedEmbeddingError(RyzenOptError, TypeError):
 
 
 @dataclass(frozen=True)
-class CompressionConfig:
+class CompressionConfig(ConfigMixin):
     """What :class:`EmbeddingCompressor` applies. Frozen: one config describes one compressed model.
 
     Attributes:
@@ -81,17 +82,6 @@ class CompressionConfig:
             raise ConfigError("CompressionConfig.rank / target_ratio apply to method='lowrank' only")
         if not (self.embedding or self.lm_head):
             raise ConfigError("CompressionConfig: embedding and lm_head are both False: nothing to compress")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"CompressionConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 def sqnr_db(original: torch.Tensor, approx: torch.Tensor) -> float:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.quant import dequantize_int4, quantize_int4, quantize_int8
 
@@ -77,7 +78,7 @@ class UnsupportedModelError(RyzenOptError, TypeError):
 
 
 @dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(ConfigMixin):
     """What :class:`KernelOptimizer` applies. Frozen: one config describes one optimized model.
 
     Attributes:
@@ -134,17 +135,6 @@ class KernelConfig:
         if self.lm_head != "auto":
             return self.lm_head
         return "int8" if self.weights == "int4" else self.weights
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> KernelConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"KernelConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 # ------------------------------------------------------------------------------------------- linear modules

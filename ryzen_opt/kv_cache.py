@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ STRATEGIES = ("quantized", "sink")
 
 
 @dataclass(frozen=True)
-class KVCacheConfig:
+class KVCacheConfig(ConfigMixin):
     """What :class:`KVCacheOptimizer` builds. Frozen: one config, one kind of cache.
 
     Attributes:
@@ -78,17 +79,6 @@ class KVCacheConfig:
             raise ConfigError(f"KVCacheConfig.attend_chunk = {self.attend_chunk}: at least group_size")
         if self.sink_tokens < 0 or self.window < 1:
             raise ConfigError("KVCacheConfig: sink_tokens >= 0 and window >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> KVCacheConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"KVCacheConfig: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 # ----------------------------------------------------------------------------------------------- quantizer

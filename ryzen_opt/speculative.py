@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ NEAR_TIE_GAP = 1e-5
 
 
 @dataclass(frozen=True)
-class SpecConfig:
+class SpecConfig(ConfigMixin):
     """How :class:`SpeculativeDecoder` drafts and verifies.
 
     Attributes:
@@ -61,9 +62,6 @@ class SpecConfig:
                 "SpecConfig: need 1 <= min_draft_tokens <= num_draft_tokens <= max_draft_tokens, got "
                 f"{self.min_draft_tokens}, {self.num_draft_tokens}, {self.max_draft_tokens}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
