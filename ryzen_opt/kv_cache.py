@@ -238,6 +238,8 @@ class QuantizedLayer(DynamicLayer):
         new ones), then append them. Quantized tokens are dequantized ``chunk_tokens`` at a time (online softmax)."""
         if not self.is_initialized:
             self.lazy_initialization(k, v)
+        if len(self.chunks) * self.group_size <= chunk_tokens:
+            return self._attend_whole(q, k, v, scale)
         b, hq, t, d = q.shape
         hk = k.shape[1]
         group = hq // hk
@@ -267,6 +269,23 @@ class QuantizedLayer(DynamicLayer):
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         absorb(k, v, causal.repeat(group, 1) if t > 1 else None)
         out = (acc / denom).reshape(b, hq, t, -1).to(q.dtype)
+        self.keys = torch.cat([self.keys, k], dim=-2)
+        self.values = torch.cat([self.values, v], dim=-2)
+        self._flush()
+        return out
+
+    def _attend_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """A cache that fits in one chunk: dequantize it whole (at most ``attend_chunk`` tokens, the same bound as
+        the chunked path) and run one SDPA: at short contexts the online softmax's dozen small ops per layer cost
+        more than the attention itself."""
+        parts = [self._dequantize_chunk(c, k.dtype) for c in self.chunks]
+        keys = torch.cat([p[0] for p in parts] + [self.keys, k], dim=-2)
+        values = torch.cat([p[1] for p in parts] + [self.values, v], dim=-2)
+        t, n = q.shape[2], keys.shape[2]
+        mask = None if t == 1 else torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
         self.keys = torch.cat([self.keys, k], dim=-2)
         self.values = torch.cat([self.values, v], dim=-2)
         self._flush()
