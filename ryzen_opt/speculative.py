@@ -49,12 +49,17 @@ class SpecConfig(ConfigMixin):
         num_draft_tokens: draft length ``k`` of the first round.
         adaptive: HF's heuristic: ``k + 2`` after a round where every draft was accepted, ``k - 1`` otherwise.
         min_draft_tokens, max_draft_tokens: bounds of the adaptive ``k``.
+        draft_confidence: a draft model stops proposing (after its first token) when its own top probability falls
+            below this: a token it is unsure of is likely rejected, and every rejected draft cost a draft step
+            (HF's ``assistant_confidence_threshold`` plays the same role). 0 turns it off. Any stopping rule keeps
+            the output exact: verification does not depend on why drafting stopped.
     """
 
     num_draft_tokens: int = 4
     adaptive: bool = True
     min_draft_tokens: int = 1
     max_draft_tokens: int = 12
+    draft_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_draft_tokens <= self.num_draft_tokens <= self.max_draft_tokens:
@@ -62,6 +67,8 @@ class SpecConfig(ConfigMixin):
                 "SpecConfig: need 1 <= min_draft_tokens <= num_draft_tokens <= max_draft_tokens, got "
                 f"{self.min_draft_tokens}, {self.num_draft_tokens}, {self.max_draft_tokens}"
             )
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ConfigError(f"SpecConfig.draft_confidence = {self.draft_confidence}: must be in [0, 1)")
 
 
 @dataclass
@@ -260,10 +267,11 @@ class Drafter(Protocol):
 class ModelDrafter:
     """A draft language model (for the zoo: the target's first layers, an early exit), run through its own cache."""
 
-    def __init__(self, model: Any, cache_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(self, model: Any, cache_factory: Callable[[], Any] | None = None, confidence: float = 0.0) -> None:
         self.model = model
         self.runner = _runner(model, cache_factory)
         self.tokens: list[int] = []
+        self.confidence = confidence
 
     def start(self, prompt: list[int], max_len: int) -> None:
         self.runner.reset(max_len)
@@ -287,9 +295,13 @@ class ModelDrafter:
         dists = []
         for i in range(k):
             if sampling.greedy:
+                if i and self.confidence and float(logits.softmax(-1).max()) < self.confidence:
+                    break
                 token = int(logits.argmax())
             else:
                 p = sampling.probs(logits)
+                if i and self.confidence and float(p.max()) < self.confidence:
+                    break
                 token = sampling.draw(p)
                 dists.append(p)
             drafts.append(token)
@@ -353,8 +365,11 @@ class SpeculativeDecoder:
         target_cache_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.target = target
-        self.drafter = drafter if hasattr(drafter, "propose") else ModelDrafter(drafter)
         self.config = config or SpecConfig()
+        if hasattr(drafter, "propose"):
+            self.drafter = drafter
+        else:
+            self.drafter = ModelDrafter(drafter, confidence=self.config.draft_confidence)
         self.runner = _runner(target, target_cache_factory)
         report = getattr(target, "_ryzen_kernels", None)
         if report is not None and "fbgemm" in report.kernels and report.config.get("weights") == "int8":
