@@ -3,7 +3,8 @@
 The order is fixed by what each one replaces: the EmbeddingCompressor first (it needs the ``nn.Embedding`` and the
 LM head ``nn.Linear``), then the KernelOptimizer (it keeps a head that is already compressed), then speculative decoding
 on top, with the KVCacheOptimizer's cache as the target's cache (the lean loop attends on its stored form). The draft
-gets the same kernels (not the embedding compression: see ``OptimizedSystem._optimize``). A model without a draft drafts by n-gram lookup.
+gets the same kernels, not the embedding compression (see ``OptimizedSystem._optimize``). A model without a draft
+drafts by n-gram lookup.
 
 ``compose`` measures each optimizer alone and all of them together against the same baseline (HF ``generate``,
 fp32, its default attention and dynamic cache), because composed optimizations are known to regress.
