@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -49,21 +50,36 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ryzen_opt.pipeline import RunConfig, StageResult, run_pipeline
+    from ryzen_opt.summary import gate_rows
 
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     overrides = {k: v for k, v in (("device", args.device), ("output_dir", args.output_dir)) if v is not None}
     if overrides:
-        config = RunConfig.from_dict({**config.to_dict(), **overrides})
+        config = dataclasses.replace(config, **overrides)  # __post_init__ checks the values again
+    stages = ("setup", "training", "validation", "testing")
+    done = {"n": 0}
 
     def progress(result: StageResult) -> None:
-        line = f"[{result.status.value:>9}] {result.name}"
+        done["n"] += 1
+        line = f"[{done['n']}/{len(stages)}] [{result.status.value:>9}] {result.name} ({result.duration_s:.0f} s)"
         if result.reason:
             line += f": {result.reason}"
         print(line, flush=True)
 
+    def say(message: str) -> None:
+        print(f"      {message}", flush=True)
+
     print(f"ryzen-opt run: device={config.device} output_dir={config.output_dir}")
-    report = run_pipeline(config, progress=progress)
-    print(f"final report: {report['path']} (status {report['status']})")
+    report = run_pipeline(config, progress=progress, say=say)
+    rows = gate_rows(report)
+    if rows:
+        print()
+        print_table(rows, header=("optimizer", "metric", "model", "measured [95% CI] (threshold)", "status"))
+    print(f"\nfinal report: {report['path']} (status {report['status']})")
+    if report.get("summary_path"):
+        print(f"summary with plots: {report['summary_path']}")
+    for reason in report["incomplete_reasons"]:
+        print(f"  incomplete: {reason}")
     failed = [s for s in report["stages"] if s["status"] == "FAILED"]
     return 1 if failed else 0
 

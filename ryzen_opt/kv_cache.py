@@ -24,9 +24,12 @@ Sizes are accounted from the tensors actually stored (codes, scales, zeros, the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,6 +379,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silence the profiler's native start/stop lines (kineto writes them straight to fd 1/2, past Python)."""
+    saved = []
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            saved.append((fd, os.dup(fd)))
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:  # no real file descriptors (an embedded interpreter): leave the output alone
+        pass
+    try:
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 class PeakMemory:
     """Peak bytes allocated above the start of the block, overall and after :meth:`mark` (e.g. once decode begins).
 
@@ -404,7 +429,8 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profile.__enter__()
+            with _quiet_native_output():
+                self._profile.__enter__()
         return self
 
     def mark(self) -> None:
@@ -422,7 +448,8 @@ class PeakMemory:
             self.peak_after_mark = torch.cuda.max_memory_allocated(self.device) - self._start
             self.peak = max(self.peak, self.peak_after_mark)
         else:
-            self._profile.__exit__(*exc)
+            with _quiet_native_output():
+                self._profile.__exit__(*exc)
             events = sorted(self._profile.events(), key=lambda e: e.time_range.start)
             marks = [e.time_range.start for e in events if e.name == self._MARK]
             mark = marks[0] if marks else math.inf

@@ -43,7 +43,10 @@ def test_unknown_command_is_usage_error() -> None:
 
 @pytest.mark.slow
 def test_run_writes_report_in_cwd(tmp_path: Path) -> None:
-    (tmp_path / "tiny.toml").write_text('zoo_recipe = "tiny"\n')
+    (tmp_path / "tiny.toml").write_text(
+        'zoo_recipe = "tiny"\n[validation]\nmodels = ["zoo"]\nprompts = 1\npairs = 3\nnew_tokens = 16\n'
+        "accuracy_blocks = 8\ncontext_len = 256\n[testing]\nenabled = false\n"
+    )
     proc = _run("run", "tiny.toml", "--device", "cpu", cwd=tmp_path, RYZEN_OPT_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "ryzen_results" / "phase2_final_report.json").read_text())
@@ -77,3 +80,46 @@ def test_run_bad_config_exits_2_and_names_key(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "zoo_recipe" in proc.stderr
     assert "allowed values" in proc.stderr
+
+
+def test_run_help_names_the_config() -> None:
+    proc = _run("run", "--help")
+    assert proc.returncode == 0
+    assert "TOML config" in proc.stdout
+
+
+def test_run_bad_value_in_a_table_names_table_key_and_choices(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text('[kernels]\nweights = "int3"\n')
+    proc = _run("run", "bad.toml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "[kernels]" in proc.stderr
+    assert "'int8', 'int4'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_complete_report_and_no_temp_files(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    (tmp_path / "tiny.toml").write_text('zoo_recipe = "tiny"\n[testing]\nenabled = false\n')
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RYZEN_OPT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(
+        [*_cli(), "run", "tiny.toml", "--device", "cpu"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the run has started: its first line is printed before any stage
+    assert line.startswith("ryzen-opt run"), line
+    time.sleep(1.0)  # inside setup: the tiny zoo trains for several seconds on a fresh cache
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out, err)
+    results = tmp_path / "ryzen_results"
+    report = json.loads((results / "phase2_final_report.json").read_text())
+    assert report["status"] == "INCOMPLETE"
+    assert any("interrupted" in reason for reason in report["incomplete_reasons"])
+    assert not [p for p in results.rglob("*") if p.name.endswith(".tmp")], "a temp file was left behind"

@@ -40,26 +40,33 @@ def test_env_bad_device_is_clear_error(capsys: pytest.CaptureFixture[str]) -> No
     assert "unknown device 'tpu'" in capsys.readouterr().err
 
 
-def test_run_reports_unbuilt_stages_honestly(
+@pytest.mark.slow
+def test_run_on_the_tiny_zoo_measures_every_stage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RYZEN_OPT_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'device = "cpu"\noutput_dir = "{tmp_path / "out"}"\nzoo_recipe = "tiny"\n')
-    assert main(["run", str(cfg)]) == 0
+    cfg.write_text(
+        f'device = "cpu"\noutput_dir = "{tmp_path / "out"}"\nzoo_recipe = "tiny"\n'
+        '[validation]\nmodels = ["zoo"]\nprompts = 1\npairs = 3\nnew_tokens = 16\naccuracy_blocks = 8\n'
+        "context_len = 256\n[testing]\nenabled = false\n"
+    )
+    code = main(["run", str(cfg)])
     out = tmp_path / "out"
     report = json.loads((out / "phase2_final_report.json").read_text())
     statuses = {s["name"]: s["status"] for s in report["stages"]}
-    assert statuses["setup"] == "DONE"
-    assert statuses["training"] == "DONE"
+    assert statuses == {"setup": "DONE", "training": "DONE", "validation": "DONE", "testing": "DONE"}
+    assert code == 0
     training = json.loads((out / "training_metrics_report.json").read_text())
     assert training["statistics"]["total_batches"] > 0
-    # Until a stage is built the report says so; it never claims COMPLETE.
-    not_built = [name for name, status in statuses.items() if status == "NOT_BUILT"]
-    if not_built:
-        assert report["status"] == "INCOMPLETE"
-        assert any(name in reason for name in not_built for reason in report["incomplete_reasons"])
-        assert "NOT_BUILT" in capsys.readouterr().out
+    validation = json.loads((out / "validation_report.json").read_text())
+    assert {r["name"] for r in validation["results"]} >= {"kernel_performance", "end_to_end_system", "correctness"}
+    # Status follows the gates: COMPLETE only if none fails (a tiny model may well miss the speed bars).
+    assert (report["status"] == "COMPLETE") == (not report["incomplete_reasons"])
+    assert (out / "phase2_summary.md").is_file()
+    printed = capsys.readouterr().out
+    assert "[4/4]" in printed
+    assert "final report" in printed
 
 
 def test_run_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
