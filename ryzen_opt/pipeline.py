@@ -403,14 +403,17 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
         # One prompt: HF generate on the 134M takes ~2 s per 64 tokens, and the ratio is stable across prompts.
         prompts = [torch.randint(1, 32000, (1, 32), generator=generator).to(ctx.device)]
     ctx.say(f"validation [{label}]: each optimizer alone and all four together vs HF generate")
+    from tqdm.auto import tqdm
+
+    # Five timed arms, then speculative, KV memory, compression and accuracy: a bar per model.
+    bar = tqdm(total=9, desc=f"validation [{label}]", unit="step", leave=False, disable=None)
+
+    def step(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update(1)
+
     speeds = compose(
-        reference,
-        draft,
-        prompts,
-        new_tokens=v.new_tokens,
-        config=cfg.system,
-        pairs=v.pairs,
-        progress=lambda arm, label=label: ctx.say(f"validation [{label}]: timing {arm}"),
+        reference, draft, prompts, new_tokens=v.new_tokens, config=cfg.system, pairs=v.pairs, progress=step
     )
     model_data: dict[str, Any] = {"speedups_vs_hf": {k: m.to_dict() for k, m in speeds.items()}}
     tag(validator.validate_kernel_performance(speeds["kernels"], baseline=baseline), "kernel_optimizer", label)
@@ -423,6 +426,7 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
     spec = SpeculativeDecoder(
         kernels_only, draft_kernels if draft_kernels is not None else NGramDrafter(), cfg.system.speculative
     )
+    step("speculative vs the target alone")
     stats = None
     for ids in prompts:
         out = spec.generate(ids, v.new_tokens)
@@ -452,6 +456,7 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
     )
     tag(validator.results[-1], "speculative_decoder", label)
     # KV memory at the configured context, and the compression ratio.
+    step("KV cache memory")
     context = min(v.context_len, getattr(reference.config, "max_position_embeddings", v.context_len))
     kv_report = KVCacheOptimizer(cfg.system.kv_cache).memory_report(reference, context, decode_steps=4)
     model_data["kv_memory"] = kv_report
@@ -460,6 +465,7 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
         "kv_cache_optimizer",
         label,
     )
+    step("embedding compression")
     compressor = EmbeddingCompressor(cfg.system.embeddings)
     compressed = compressor.apply_to_model(copy.deepcopy(reference))
     model_data["compression"] = compressor.compression_report()
@@ -492,6 +498,8 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
             accuracies[optimizer] = m.to_dict()
             tag(validator.validate_correctness(m), optimizer, label)
         model_data["accuracy"] = accuracies
+    step("accuracy")
+    bar.close()
     return label, model_data
 
 
@@ -546,15 +554,17 @@ def _testing(ctx: RunContext) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", *t.paths, *t.pytest_args, f"--ryzen-report-dir={report_dir}"]
     ctx.say(f"testing: {' '.join(cmd)}")
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=t.timeout_s, check=False)
-    tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    # pytest's own progress (its dots and percentages) goes to the terminal as it runs.
+    proc = subprocess.run(cmd, timeout=t.timeout_s, check=False)
     report_path = report_dir / "integration_test_report.json"
     if not report_path.is_file():
-        raise RyzenOptError(f"pytest exited {proc.returncode} without an integration report: {proc.stderr[-400:]}")
+        raise RyzenOptError(f"pytest exited {proc.returncode} without writing {report_path} (see its output above)")
     report = json.loads(report_path.read_text())
     atomic_write_json(ctx.out / "integration_test_report.json", report)
-    if proc.returncode not in (0,):
-        raise RyzenOptError(f"pytest exited {proc.returncode}: {tail[0] if tail else proc.stderr[-200:]}")
+    counts = report["summary"]
+    tail = [", ".join(f"{counts[k]} {k}" for k in ("passed", "failed", "skipped", "errors"))]
+    if proc.returncode != 0:
+        raise RyzenOptError(f"pytest exited {proc.returncode}: {tail[0]}")
     return {
         "command": cmd,
         "exit_code": proc.returncode,
