@@ -416,7 +416,12 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
         reference, draft, prompts, new_tokens=v.new_tokens, config=cfg.system, pairs=v.pairs, progress=step
     )
     model_data: dict[str, Any] = {"speedups_vs_hf": {k: m.to_dict() for k, m in speeds.items()}}
-    tag(validator.validate_kernel_performance(speeds["kernels"], baseline=baseline), "kernel_optimizer", label)
+    # Which gates apply where is the issues' definition: the kernel speedup (3x) is a claim about a model big enough
+    # to be bound by streaming weights (the 134M); the zoo target's 6.8M are bound by per-token overhead, so there the
+    # kernels' speedup is reported (speedups_vs_hf) but not gated. Speculative decoding's gates are about a trained
+    # draft (the zoo's); n-gram drafting on a random model is reported, not gated.
+    if label == "134m":
+        tag(validator.validate_kernel_performance(speeds["kernels"], baseline=baseline), "kernel_optimizer", label)
     tag(validator.validate_end_to_end_system(speeds["all four"], baseline=baseline), "e2e", label)
     # Speculative decoding against the target alone with the same kernels (its own baseline).
     system = OptimizedSystem(reference, draft, cfg.system)
@@ -444,17 +449,18 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
         candidate_name="speculative decoding",
     )
     model_data["speculative"] = {"stats": stats.to_dict() if stats else None, "speedup": spec_speed.to_dict()}
-    tag(
-        validator.validate_speculative_decoding(
-            stats.acceptance_rate if stats else None,
-            speedup=spec_speed,
-            baseline="target alone, same kernels",
-            reason=None if stats and stats.proposed else "the drafter proposed nothing",
-        ),
-        "speculative_decoder",
-        label,
-    )
-    tag(validator.results[-1], "speculative_decoder", label)
+    if draft is not None:
+        tag(
+            validator.validate_speculative_decoding(
+                stats.acceptance_rate if stats else None,
+                speedup=spec_speed,
+                baseline="target alone, same kernels",
+                reason=None if stats and stats.proposed else "the drafter proposed nothing",
+            ),
+            "speculative_decoder",
+            label,
+        )
+        tag(validator.results[-1], "speculative_decoder", label)
     # KV memory at the configured context, and the compression ratio.
     step("KV cache memory")
     context = min(v.context_len, getattr(reference.config, "max_position_embeddings", v.context_len))

@@ -37,7 +37,7 @@ class SystemConfig:
     kernels: KernelConfig = field(default_factory=lambda: KernelConfig(weights="int4"))
     embeddings: CompressionConfig = field(default_factory=lambda: CompressionConfig(method="int8"))
     kv_cache: KVCacheConfig = field(default_factory=lambda: KVCacheConfig(bits=8))
-    speculative: SpecConfig = field(default_factory=lambda: SpecConfig(num_draft_tokens=4, max_draft_tokens=8))
+    speculative: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
