@@ -45,11 +45,20 @@ def test_run_on_the_tiny_zoo_measures_every_stage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RYZEN_OPT_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "corpus.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    suite = tmp_path / "suite" / "test_user_suite.py"
+    suite.parent.mkdir()
+    suite.write_text(
+        "def test_sorting_is_stable():\n"
+        "    assert sorted([(1, 'b'), (0, 'a'), (1, 'a')]) == [(0, 'a'), (1, 'a'), (1, 'b')]\n"
+    )
     cfg = tmp_path / "run.toml"
     cfg.write_text(
         f'device = "cpu"\noutput_dir = "{tmp_path / "out"}"\nzoo_recipe = "tiny"\n'
+        f'[training]\ntext_files = ["{text}"]\nsteps = 3\nbatch_size = 2\nblock_size = 32\n'
         '[validation]\nmodels = ["zoo"]\nprompts = 1\npairs = 3\nnew_tokens = 16\naccuracy_blocks = 8\n'
-        "context_len = 256\n[testing]\nenabled = false\n"
+        f'context_len = 256\n[testing]\npaths = ["{suite}"]\npytest_args = ["-q", "-p", "no:cacheprovider"]\n'
     )
     code = main(["run", str(cfg)])
     out = tmp_path / "out"
@@ -58,9 +67,14 @@ def test_run_on_the_tiny_zoo_measures_every_stage(
     assert statuses == {"setup": "DONE", "training": "DONE", "validation": "DONE", "testing": "DONE"}
     assert code == 0
     training = json.loads((out / "training_metrics_report.json").read_text())
-    assert training["statistics"]["total_batches"] > 0
+    assert training["statistics"]["total_batches"] == 3  # the fine-tune's own steps, measured now
+    stage = {s["name"]: s for s in report["stages"]}
+    assert stage["training"]["data"]["mode"] == "fine-tune"
+    integration = json.loads((out / "integration_test_report.json").read_text())
+    assert integration["summary"]["passed"] == 1
     validation = json.loads((out / "validation_report.json").read_text())
-    assert {r["name"] for r in validation["results"]} >= {"kernel_performance", "end_to_end_system", "correctness"}
+    names = {r["name"] for r in validation["results"]}
+    assert names >= {"end_to_end_system", "correctness", "speculative_decoding", "embedding_compression"}
     # Status follows the gates: COMPLETE only if none fails (a tiny model may well miss the speed bars).
     assert (report["status"] == "COMPLETE") == (not report["incomplete_reasons"])
     assert (out / "phase2_summary.md").is_file()
