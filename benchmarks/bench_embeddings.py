@@ -27,7 +27,7 @@ import torch
 from ryzen_opt import zoo
 from ryzen_opt.bench import accuracy, compare, generate_workload
 from ryzen_opt.embeddings import CompressionConfig, EmbeddingCompressor
-from ryzen_opt.reports import atomic_write_json, environment
+from ryzen_opt.reports import run_sections
 
 SETTINGS: list[dict[str, Any]] = [
     {"method": "int8"},
@@ -118,10 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, Any] = {"benchmark": "EmbeddingCompressor: ratio vs accuracy, decode", "args": vars(args)}
     sections = {"accuracy": bench_accuracy, "decode": bench_decode}
-    for name in args.sections:
-        sections[name](args, results)
-        results["environment"] = environment()
-        atomic_write_json(Path(args.out), results)
+    run_sections(sections, args.sections, args, results, Path(args.out))  # rewritten after every section
     print(f"\nwritten {args.out}")
 
 

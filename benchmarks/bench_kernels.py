@@ -32,7 +32,7 @@ import torch
 from ryzen_opt import zoo
 from ryzen_opt.bench import accuracy, compare, generate_workload, greedy_agreement
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
-from ryzen_opt.reports import atomic_write_json, environment
+from ryzen_opt.reports import run_sections
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 64
 
@@ -242,10 +242,7 @@ def main() -> None:
         "args": vars(args),
     }
     sections = {"decode": bench_decode, "prefill": bench_prefill, "accuracy": bench_accuracy, "compile": bench_compile}
-    for name in args.sections:
-        sections[name](args, results)
-        results["environment"] = environment()
-        atomic_write_json(Path(args.out), results)  # after every section: an interrupted run keeps what it measured
+    run_sections(sections, args.sections, args, results, Path(args.out))  # rewritten after every section
     print(f"\nwritten {args.out}")
 
 

@@ -33,7 +33,7 @@ from ryzen_opt import zoo
 from ryzen_opt.bench import accuracy
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, PeakMemory, cache_bytes
-from ryzen_opt.reports import atomic_write_json, environment
+from ryzen_opt.reports import run_sections
 
 CONFIGS = {
     "int8": KVCacheConfig(bits=8),
@@ -219,10 +219,7 @@ def main() -> None:
         "probe": bench_probe,
         "speed": bench_speed,
     }
-    for name in args.sections:
-        sections[name](args, results)
-        results["environment"] = environment()
-        atomic_write_json(Path(args.out), results)
+    run_sections(sections, args.sections, args, results, Path(args.out))  # rewritten after every section
     print(f"\nwritten {args.out}")
 
 

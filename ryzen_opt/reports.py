@@ -92,3 +92,14 @@ def validate_report(name: str, data: Any) -> None:
     import jsonschema
 
     jsonschema.validate(data, load_schema(name), cls=jsonschema.Draft202012Validator)
+
+
+def run_sections(
+    sections: dict[str, Any], names: list[str], args: Any, results: dict[str, Any], out: str | os.PathLike[str]
+) -> None:
+    """Run benchmark sections in order, rewriting ``out`` (atomically, environment included) after each one, so
+    that an interrupted benchmark keeps everything it measured."""
+    for name in names:
+        sections[name](args, results)
+        results["environment"] = environment()
+        atomic_write_json(out, results)
