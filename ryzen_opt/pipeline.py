@@ -159,7 +159,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         """Build from a parsed TOML document; unknown keys and wrong types are errors that name the key."""
-        allowed = (*_TOP_LEVEL, *_SECTIONS)
+        allowed = (*_TOP_LEVEL, "compile_draft", *_SECTIONS)
         unknown = sorted(set(data) - set(allowed))
         if unknown:
             raise ConfigError(
@@ -179,7 +179,11 @@ class RunConfig:
             if not isinstance(table, Mapping):
                 raise ConfigError(f"config key {name!r} must be a table ([{name}]), got {type(table).__name__}")
             sections[name] = _section(name, section_cls, table)
+        compile_draft = data.get("compile_draft", True)
+        if not isinstance(compile_draft, bool):
+            raise ConfigError(f"config key 'compile_draft' must be true or false, got {compile_draft!r}")
         system = SystemConfig(
+            compile_draft=compile_draft,
             kernels=sections.pop("kernels"),
             embeddings=sections.pop("embeddings"),
             kv_cache=sections.pop("kv_cache"),
@@ -427,7 +431,9 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
     system = OptimizedSystem(reference, draft, cfg.system)
     kernels_only = KernelOptimizer(cfg.system.kernels).apply_to_model(copy.deepcopy(reference))
     # Its own baseline: the target alone with the same kernels; so the drafting target has those kernels only too.
-    draft_kernels = None if draft is None else KernelOptimizer(cfg.system.kernels).apply_to_model(copy.deepcopy(draft))
+    draft_kernels = (
+        None if draft is None else KernelOptimizer(cfg.system.draft_kernels()).apply_to_model(copy.deepcopy(draft))
+    )
     spec = SpeculativeDecoder(
         kernels_only, draft_kernels if draft_kernels is not None else NGramDrafter(), cfg.system.speculative
     )

@@ -13,6 +13,7 @@ fp32, its default attention and dynamic cache), because composed optimizations a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class SystemConfig:
     embeddings: CompressionConfig = field(default_factory=lambda: CompressionConfig(method="int8"))
     kv_cache: KVCacheConfig = field(default_factory=lambda: KVCacheConfig(bits=8))
     speculative: SpecConfig = field(default_factory=SpecConfig)
+    compile_draft: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,7 +47,13 @@ class SystemConfig:
             "embeddings": self.embeddings.to_dict(),
             "kv_cache": self.kv_cache.to_dict(),
             "speculative": self.speculative.to_dict(),
+            "compile_draft": self.compile_draft,
         }
+
+    def draft_kernels(self) -> KernelConfig:
+        """The draft's kernels: the target's, compiled when ``compile_draft`` (measured on the zoo draft: a step
+        0.33 -> 0.17 ms, for ~6 s of compile). The target stays eager: it attends through the KV cache."""
+        return dataclasses.replace(self.kernels, compile=True) if self.compile_draft else self.kernels
 
 
 class OptimizedSystem:
@@ -77,7 +85,8 @@ class OptimizedSystem:
             self.applied["target_embeddings"] = {
                 k: v for k, v in compressor.compression_report().items() if k in ("method", "tied", "ratio")
             }
-        model = KernelOptimizer(self.config.kernels).apply_to_model(model)
+        kernels = self.config.kernels if role == "target" else self.config.draft_kernels()
+        model = KernelOptimizer(kernels).apply_to_model(model)
         self.applied[f"{role}_kernels"] = kernel_report(model).to_dict()
         return model
 
