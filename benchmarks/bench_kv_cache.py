@@ -31,6 +31,7 @@ from transformers import DynamicCache
 
 from ryzen_opt import zoo
 from ryzen_opt.bench import accuracy
+from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, PeakMemory, cache_bytes
 from ryzen_opt.reports import run_sections
@@ -113,7 +114,7 @@ def bench_accuracy(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _greedy(model: Any, ids: torch.Tensor, cache: Any, new: int) -> torch.Tensor:
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=new, min_new_tokens=new, do_sample=False)
     return out[0, ids.shape[1] :]
 
 

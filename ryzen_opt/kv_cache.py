@@ -12,8 +12,8 @@ Two strategies:
 
 Two ways to attend, and what each costs in memory:
 
-- ``model.generate(..., past_key_values=cache)`` runs HF's attention, which needs the whole cache as tensors: every
-  ``update`` dequantizes all stored tokens into a full-precision copy (as HF's own ``QuantizedCache`` does). The
+- ``model.generate(..., cache=cache)`` (``past_key_values=`` before transformers 5.24) runs HF's attention, which
+  needs the whole cache as tensors: every ``update`` dequantizes all stored tokens into a full-precision copy (as HF's own ``QuantizedCache`` does). The
   stored bytes shrink; the peak during a step does not. :meth:`KVCacheOptimizer.memory_report` measures both.
 - :meth:`QuantizedKVCache.attend` computes attention on the stored form, ``attend_chunk`` tokens at a time with an
   online softmax (as flash-decoding does across splits), so a step never holds more than one chunk dequantized. This
@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
 
@@ -125,7 +126,41 @@ class _Chunk:
         )
 
 
-class QuantizedLayer(DynamicLayer):
+class _GrowingLayer(CacheLayerMixin):
+    """A cache layer that grows by concatenation, built on the documented ``CacheLayerMixin`` API alone.
+
+    Not on ``DynamicLayer``: what its lazy initialisation sets changed between releases (5.23 set ``dtype``, 5.24 does
+    not), so this layer sets every attribute it reads itself.
+    """
+
+    is_sliding = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        # 4-D and empty, so that shapes and slicing hold from the first token.
+        self.keys = key_states[..., :0, :].clone()
+        self.values = value_states[..., :0, :].clone()
+        self.is_initialized = True
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # grows without a limit
+
+    def reset(self) -> None:
+        # Dropped, not zeroed: the layer grows by concatenation and starts again from its lazy initialisation.
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class QuantizedLayer(_GrowingLayer):
     """One layer of a :class:`QuantizedKVCache`: quantized chunks plus a full-precision residual window."""
 
     is_croppable = True
@@ -134,12 +169,6 @@ class QuantizedLayer(DynamicLayer):
         super().__init__()
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.chunks: list[_Chunk] = []
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        # 4-D and empty (HF's DynamicLayer starts 1-D), so that shapes and slicing hold from the first token.
-        self.keys = key_states[..., :0, :].clone()
-        self.values = value_states[..., :0, :].clone()
 
     # -- storage
 
@@ -188,10 +217,7 @@ class QuantizedLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append; return the whole cache as full-precision tensors (what HF's attention needs: a full copy)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append(key_states, value_states)
         parts = [self._dequantize_chunk(c, self.dtype) for c in self.chunks]
         keys = torch.cat([p[0] for p in parts] + [self.keys], dim=-2)
         values = torch.cat([p[1] for p in parts] + [self.values], dim=-2)
@@ -312,7 +338,7 @@ class QuantizedKVCache(Cache):
         return self.layers[layer_idx].attend(q, k, v, scale, self.config.attend_chunk)
 
 
-class SinkLayer(DynamicLayer):
+class SinkLayer(_GrowingLayer):
     """The first ``sink`` tokens and the last ``window`` (StreamingLLM). Lossy: the middle is dropped."""
 
     is_croppable = False
@@ -325,7 +351,8 @@ class SinkLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = super().update(key_states, value_states)
+        self._append(key_states, value_states)
+        keys, values = self.keys, self.values
         self.seen += key_states.shape[-2]
         if self.keys.shape[-2] > self.sink + self.window:
             self.keys = torch.cat([self.keys[..., : self.sink, :], self.keys[..., -self.window :, :]], dim=-2)
@@ -478,7 +505,7 @@ class KVCacheOptimizer:
     """Build smaller KV caches for a model. ``make_cache`` is the verb; ``memory_report`` measures one.
 
     >>> cache = KVCacheOptimizer(KVCacheConfig(bits=8)).make_cache(model, max_len=2048)      # doctest: +SKIP
-    >>> model.generate(ids, past_key_values=cache, max_new_tokens=64)                       # doctest: +SKIP
+    >>> model.generate(ids, cache=cache, max_new_tokens=64)                       # doctest: +SKIP
     """
 
     def __init__(self, config: KVCacheConfig | None = None) -> None:
@@ -510,13 +537,13 @@ class KVCacheOptimizer:
         for name in ("baseline", "optimized"):
             with PeakMemory(device) as peak:
                 cache = DynamicCache(config=model.config) if name == "baseline" else self.make_cache(model)
-                out = model(ids, past_key_values=cache, use_cache=True)
+                out = model(ids, **cache_kwargs(cache), use_cache=True)
                 stored = cache_bytes(cache)
                 token = out.logits[:, -1:].argmax(-1)
                 del out  # the prefill's [1, T, vocab] logits are not decode memory
                 peak.mark()
                 for _ in range(decode_steps):
-                    out = model(token, past_key_values=cache, use_cache=True)
+                    out = model(token, **cache_kwargs(cache), use_cache=True)
                     token = out.logits[:, -1:].argmax(-1)
                 del cache, out
             result[name] = {
@@ -555,7 +582,7 @@ class CachedForward(torch.nn.Module):
         cache = self.make_cache()
         logits = []
         for start in range(0, input_ids.shape[1], self.chunk):
-            out = self.model(input_ids[:, start : start + self.chunk], past_key_values=cache, use_cache=True)
+            out = self.model(input_ids[:, start : start + self.chunk], **cache_kwargs(cache), use_cache=True)
             logits.append(out.logits)
         return SimpleNamespace(logits=torch.cat(logits, dim=1))
 

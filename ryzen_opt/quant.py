@@ -11,6 +11,9 @@ int8/int4 matrices; DESIGN.md keeps optimizers from importing each other, so wha
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 from ryzen_opt.errors import ConfigError
@@ -53,10 +56,53 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
     return (g * scale[..., None] + minimum[..., None]).reshape(n, k)
 
 
-# ATen's CPU int4 layout, read off the kernel (pack an index pattern and see where each nibble lands; the unit tests
-# re-check it against the torch in use): rows in blocks of 64; inside a block, for each input column k, 32 bytes, byte j
-# holding row j in its low nibble and row j + 32 in its high one. So a block is a [K, 32] byte matrix.
+# ATen's CPU int4 layout differs with the CPU capability torch dispatches to. Read off the kernel (pack one-hot
+# patterns, see where each nibble lands) rather than assumed:
+# - AVX-512: rows in blocks of 64; inside a block, for each input column k, 32 bytes, byte j holding row j in its low
+#   nibble and row j + 32 in its high one (a block is a [K, 32] byte matrix);
+# - AVX2: blocks of 32 rows, [K, 16] bytes per block, byte j holding rows j and j + 16.
+# Rows are padded to 64, a multiple of every block size seen.
 INT4_CPU_BLOCK_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Int4CpuLayout:
+    """Where ATen's CPU int4 kernel puts row ``lane`` of a block: byte ``byte[lane]``, high nibble if ``high[lane]``."""
+
+    block_rows: int
+    byte: torch.Tensor  # [block_rows] int64
+    high: torch.Tensor  # [block_rows] bool
+
+
+@functools.cache
+def int4_cpu_layout() -> Int4CpuLayout:
+    """The layout of ``torch._convert_weight_to_int4pack_for_cpu`` in this process (probed once, then cached).
+
+    Raises ``RuntimeError`` naming what was seen if the kernel packs some other way than ``[N/B, K, B/2]`` bytes
+    with two rows per byte: a torch whose layout nobody has decoded must not be read as if it were known.
+    """
+    rows, width = INT4_CPU_BLOCK_ROWS, 2
+    where = []
+    for r in range(rows):
+        q = torch.zeros(rows, width, dtype=torch.int32)
+        q[r, 1] = 15
+        flat = torch._convert_weight_to_int4pack_for_cpu(q, 1).view(-1)
+        hit = (flat != 0).nonzero().flatten()
+        if hit.numel() != 1 or int(flat[hit[0]]) not in (0x0F, 0xF0):
+            raise RuntimeError(f"int4 CPU layout: row {r} packed to bytes {hit.tolist()}; not a two-rows-per-byte layout")
+        where.append((int(hit[0]), int(flat[hit[0]]) == 0xF0))
+    block = 2 * where[0][0]  # row 0, column 1 sits half a block's width in: [N/B, K=2, B/2] bytes
+    if block < 2 or rows % block:
+        raise RuntimeError(f"int4 CPU layout: row 0, column 1 landed at byte {where[0][0]}; no block size fits")
+    byte, high = [], []
+    for r, (index, hi) in enumerate(where):
+        blk, within = divmod(index, block)
+        col, b = divmod(within, block // 2)
+        if blk != r // block or col != 1:
+            raise RuntimeError(f"int4 CPU layout: row {r} landed at byte {index}; not [N/B, K, B/2] with B={block}")
+        byte.append(b)
+        high.append(hi)
+    return Int4CpuLayout(block, torch.tensor(byte[:block]), torch.tensor(high[:block]))
 
 
 def pack_int4_cpu(q: torch.Tensor) -> torch.Tensor:
@@ -69,10 +115,13 @@ def pack_int4_cpu(q: torch.Tensor) -> torch.Tensor:
 
 def gather_int4_cpu(packed: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
     """Rows ``rows`` (any shape of indices) of a :func:`pack_int4_cpu` matrix, as values 0..15 ``[*rows.shape, K]``."""
-    blocks = packed.view(-1, width, INT4_CPU_BLOCK_ROWS // 2)  # [N / 64, K, 32]
+    layout = int4_cpu_layout()
+    b = layout.block_rows
+    blocks = packed.view(-1, width, b // 2)  # [N / B, K, B / 2]
     flat = rows.reshape(-1)
-    lane = flat % INT4_CPU_BLOCK_ROWS
-    picked = blocks[flat // INT4_CPU_BLOCK_ROWS]  # [R, K, 32]
-    byte = picked.gather(2, (lane % 32)[:, None, None].expand(-1, width, 1)).squeeze(2)  # [R, K]
-    values = torch.where((lane >= 32)[:, None], byte >> 4, byte & 15)
+    lane = flat % b
+    picked = blocks[flat // b]  # [R, K, B / 2]
+    index = layout.byte.to(flat.device)[lane]
+    byte = picked.gather(2, index[:, None, None].expand(-1, width, 1)).squeeze(2)  # [R, K]
+    values = torch.where(layout.high.to(flat.device)[lane][:, None], byte >> 4, byte & 15)
     return values.reshape(*rows.shape, width)

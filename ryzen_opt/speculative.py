@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
 
@@ -206,7 +207,7 @@ class _HFRunner:
         self.length = 0
 
     def extend(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, past_key_values=self.cache, use_cache=True)
+        out = self.model(ids, **cache_kwargs(self.cache), use_cache=True)
         self.length += ids.shape[1]
         return out.logits[0].float()
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ryzen_opt.bench import SpeedupMeasurement, compare, generate_workload
+from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
@@ -146,7 +147,7 @@ def compose(
 
     def hf_with_cache(ids: torch.Tensor, n: int) -> Any:
         cache = kv.make_cache(reference)
-        return reference.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return reference.generate(ids, **cache_kwargs(cache), max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     arms = [
         Arm(

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.kv_cache import (
@@ -145,12 +146,12 @@ def test_generate_accepts_the_cache_and_the_sink_cache_stays_bounded():
     ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(0))
     optimizer = KVCacheOptimizer(KVCacheConfig(bits=8, group_size=8, residual_length=8))
     cache = optimizer.make_cache(model, max_len=128)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 50)
     assert cache.get_seq_length() == 49
     sink = KVCacheOptimizer(KVCacheConfig(strategy="sink", sink_tokens=2, window=16)).make_cache(model)
     assert isinstance(sink, SinkKVCache)
-    out = model.generate(ids, past_key_values=sink, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, **cache_kwargs(sink), max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 50)
     assert all(layer.keys.shape[-2] == 18 for layer in sink.layers)
 
@@ -160,8 +161,8 @@ def test_the_lean_loop_with_the_cache_equals_hf_with_the_cache():
     optimized = KernelOptimizer(KernelConfig()).apply_to_model(copy.deepcopy(model))
     kv = KVCacheOptimizer(KVCacheConfig(bits=4, group_size=8, residual_length=8))
     ids = torch.randint(1, 256, (1, 30), generator=torch.Generator().manual_seed(1))
-    hf = model.generate(ids, past_key_values=kv.make_cache(model), max_new_tokens=12, do_sample=False)
-    lean = optimized.generate(ids, past_key_values=kv.make_cache(model), max_new_tokens=12, do_sample=False)
+    hf = model.generate(ids, **cache_kwargs(kv.make_cache(model)), max_new_tokens=12, do_sample=False)
+    lean = optimized.generate(ids, **cache_kwargs(kv.make_cache(model)), max_new_tokens=12, do_sample=False)
     assert torch.equal(hf, lean)
 
 

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.kv_cache import KVCacheConfig, KVCacheOptimizer
@@ -112,7 +113,7 @@ def test_works_with_the_kv_cache_optimizers_cache(models):
     ids = torch.randint(1, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
     out = decoder.generate(ids, max_new_tokens=30)
     want = target.generate(
-        ids, past_key_values=kv.make_cache(target), max_new_tokens=30, min_new_tokens=30, do_sample=False
+        ids, **cache_kwargs(kv.make_cache(target)), max_new_tokens=30, min_new_tokens=30, do_sample=False
     )
     _assert_lossless(out, want)
 

@@ -135,7 +135,7 @@ def test_short_real_run_learns_and_reports(tiny_data: tuple, tmp_path: Path) -> 
     assert len(epochs) == 2
     # 80 steps on real text must beat the untrained model and keep improving; a broken loop would not.
     assert epochs[-1].val_loss < epochs[0].val_loss < math.log(recipe.vocab_size)
-    assert epochs[-1].accuracy > 0.05
+    assert epochs[-1].accuracy > 5 / recipe.vocab_size  # 5x uniform guessing (the exact figure varies with the ISA)
     assert summary["final_eval"]["loss"] == pytest.approx(epochs[-1].val_loss)
     assert len(collector.batch_metrics) == config.steps
     assert all(b.tokens_per_s > 0 and b.grad_norm is not None for b in collector.batch_metrics)
