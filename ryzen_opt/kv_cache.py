@@ -13,8 +13,9 @@ Two strategies:
 Two ways to attend, and what each costs in memory:
 
 - ``model.generate(..., cache=cache)`` (``past_key_values=`` before transformers 5.24) runs HF's attention, which
-  needs the whole cache as tensors: every ``update`` dequantizes all stored tokens into a full-precision copy (as HF's own ``QuantizedCache`` does). The
-  stored bytes shrink; the peak during a step does not. :meth:`KVCacheOptimizer.memory_report` measures both.
+  needs the whole cache as tensors: every ``update`` dequantizes all stored tokens into a full-precision copy (as
+  HF's own ``QuantizedCache`` does). The stored bytes shrink; the peak during a step does not.
+  :meth:`KVCacheOptimizer.memory_report` measures both.
 - :meth:`QuantizedKVCache.attend` computes attention on the stored form, ``attend_chunk`` tokens at a time with an
   online softmax (as flash-decoding does across splits), so a step never holds more than one chunk dequantized. This
   is the path of ryzen-opt's own decode loop (``KernelOptimizer``'s ``StaticDecoder.attach_cache``).

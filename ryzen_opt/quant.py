@@ -89,7 +89,7 @@ def int4_cpu_layout() -> Int4CpuLayout:
         flat = torch._convert_weight_to_int4pack_for_cpu(q, 1).view(-1)
         hit = (flat != 0).nonzero().flatten()
         if hit.numel() != 1 or int(flat[hit[0]]) not in (0x0F, 0xF0):
-            raise RuntimeError(f"int4 CPU layout: row {r} packed to bytes {hit.tolist()}; not a two-rows-per-byte layout")
+            raise RuntimeError(f"int4 CPU layout: row {r} packed to bytes {hit.tolist()}; not two rows per byte")
         where.append((int(hit[0]), int(flat[hit[0]]) == 0xF0))
     block = 2 * where[0][0]  # row 0, column 1 sits half a block's width in: [N/B, K=2, B/2] bytes
     if block < 2 or rows % block:
