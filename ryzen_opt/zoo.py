@@ -323,7 +323,16 @@ def cache_root() -> Path:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of the recipe, the corpus content, the format and the major library versions."""
+    """Hash of what the trained zoo depends on: the recipe, the corpus content, our format, and the *major* versions of
+    the libraries whose files we write.
+
+    - ``transformers`` and ``tokenizers`` majors: ``save_pretrained``'s config and ``tokenizer.json`` are their file
+      formats; a major release may change them, a minor one keeps loading them.
+    - Not torch, not minor versions: they change the last bits of training (as the CPU's ISA does), not whether the
+      weights are a valid, trained fixture; every test measures the zoo in its own run rather than trusting stored
+      numbers. Keying on them retrained the zoo (10+ minutes) after every upgrade.
+    """
+    import tokenizers
     import transformers
 
     _, _, corpus_digest = _corpus(recipe.heldout_every, recipe.max_train_chars)
@@ -331,8 +340,8 @@ def recipe_hash(recipe: Recipe) -> str:
         "recipe": recipe.to_dict(),
         "corpus": corpus_digest,
         "format": ZOO_FORMAT,
-        "torch": torch.__version__.split("+")[0],
-        "transformers": transformers.__version__,
+        "transformers_major": transformers.__version__.split(".")[0],
+        "tokenizers_major": tokenizers.__version__.split(".")[0],
     }
     # ``progress`` changes nothing about the weights.
     payload["recipe"]["train"].pop("progress", None)

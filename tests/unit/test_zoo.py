@@ -108,3 +108,20 @@ def test_unfinished_build_is_rebuilt(built: Path) -> None:
     assert "manifest" in (zoo.verify(path) or "")
     zoo.build("tiny")
     assert zoo.verify(path) is None
+
+
+def test_cache_key_survives_minor_upgrades_but_not_major_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenizers
+    import transformers
+
+    recipe = zoo.get_recipe("tiny")
+    key = zoo.recipe_hash(recipe)
+    major = transformers.__version__.split(".")[0]
+    monkeypatch.setattr(transformers, "__version__", f"{major}.999.0")
+    monkeypatch.setattr(torch, "__version__", "2.999.0+cpu")
+    assert zoo.recipe_hash(recipe) == key  # a minor transformers or any torch upgrade keeps the trained zoo
+    monkeypatch.setattr(transformers, "__version__", f"{int(major) + 1}.0.0")
+    assert zoo.recipe_hash(recipe) != key  # a new major may change save_pretrained's files
+    monkeypatch.setattr(transformers, "__version__", f"{major}.0.0")
+    monkeypatch.setattr(tokenizers, "__version__", "999.0.0")
+    assert zoo.recipe_hash(recipe) != key
