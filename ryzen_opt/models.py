@@ -105,7 +105,8 @@ def load_model(
     """Load a causal LM (and its tokenizer) with ``AutoModelForCausalLM.from_pretrained``.
 
     Args:
-        name_or_path: a local directory written by ``save_pretrained``, or a hub id such as ``"org/name"``.
+        name_or_path: a local directory written by ``save_pretrained``, a ``.gguf`` file (or a directory holding one
+            and no ``config.json``), or a hub id such as ``"org/name"``.
         device: where to put the model (see ``resolve_device``).
         dtype: ``"float32"``, ``"bfloat16"``, a ``torch.dtype``, or ``None`` for the checkpoint's own dtype.
         tokenizer: also load the tokenizer with ``AutoTokenizer``. A local directory without tokenizer files
@@ -129,6 +130,9 @@ def load_model(
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
 
+    gguf = find_gguf(local) if local.exists() else None
+    if gguf is not None:
+        return load_gguf(gguf, dev, torch_dtype, tokenizer=tokenizer, **from_pretrained_kwargs)
     if local.exists() or _looks_like_path(name):
         _check_local_dir(local)
         source = str(local)
@@ -167,4 +171,55 @@ def _load(
         tok_kwargs = {"local_files_only": kwargs.get("local_files_only", False)}
         tok = tokenizer_cls.from_pretrained(source, **tok_kwargs)
     logger.info("loaded %s (%s, %s) on %s", source, type(model).__name__, model.dtype, device)
+    return model, tok
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: itself if it is a ``.gguf`` file, the one ``.gguf`` of a directory without
+    ``config.json``, else ``None``. A directory with several is an error: which one was meant is not ours to guess."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelLoadError(
+            f"{str(path)!r} holds {len(found)} .gguf files ({', '.join(f.name for f in found)}): pass the file itself"
+        )
+    return found[0] if found else None
+
+
+def load_gguf(
+    path: Path,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    tokenizer: bool = True,
+    **from_pretrained_kwargs: Any,
+) -> tuple[Any, Any]:
+    """Load a GGUF checkpoint through transformers (``from_pretrained(dir, gguf_file=name)``).
+
+    transformers dequantizes every tensor (Q4_1, Q8_0, ...) to ``dtype`` (float32 by default): the result is a plain
+    model, the reference that ryzen-opt's optimizers quantize again. ``config.quantization_config`` is dropped, since
+    it describes the file, not the model in memory, and ``save_pretrained`` would otherwise write a config that
+    claims GGUF weights. Needs the ``gguf`` package; converting takes tens of seconds (the tokenizer dominates), so
+    :func:`ryzen_opt.zoo.reference_model` converts once and caches a safetensors directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(f"reading {path.name} needs the gguf package: pip install gguf") from exc
+    dev = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "local_files_only": True, **from_pretrained_kwargs}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"transformers could not read the GGUF file {str(path)!r}: {exc}") from exc
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.eval().to(dev)
+    logger.info("loaded %s (%s, %s) on %s", path, type(model).__name__, model.dtype, dev)
     return model, tok

