@@ -7,7 +7,10 @@ gets the same kernels, not the embedding compression (see ``OptimizedSystem._opt
 drafts by n-gram lookup.
 
 ``compose`` measures each optimizer alone and all of them together against the same baseline (HF ``generate``,
-fp32, its default attention and dynamic cache), because composed optimizations are known to regress.
+fp32, its default attention and dynamic cache), because composed optimizations are known to regress. What it measures
+is built once by :func:`build_variants` (each optimizer alone, and the whole system, draft compiled once), so that a
+caller who measures more on the same models (``ryzen-opt run``'s validation: accuracy, speculative decoding against
+the target alone) passes the same :class:`Variants` instead of building and compiling them again.
 """
 
 from __future__ import annotations
@@ -105,6 +108,47 @@ class OptimizedSystem:
 
 
 @dataclass
+class Variants:
+    """One reference model optimized each way that is measured, each built once.
+
+    Attributes:
+        reference: the model as given (fp32); not copied, never modified.
+        draft: the draft model as given, or ``None`` (n-gram drafting).
+        kernels: a copy of the reference with the KernelOptimizer alone.
+        embeddings: a copy of the reference with the EmbeddingCompressor alone (``embeddings_report``: its
+            ``compression_report()``).
+        system: all four together (:class:`OptimizedSystem`); ``system.draft`` is the draft with its kernels
+            (compiled when ``compile_draft``), which is also what drafts for ``kernels`` when speculative decoding is
+            measured against the target alone.
+    """
+
+    reference: Any
+    draft: Any | None
+    kernels: Any
+    embeddings: Any
+    system: OptimizedSystem
+    embeddings_report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> SystemConfig:
+        return self.system.config
+
+
+def build_variants(reference: Any, draft: Any | None, config: SystemConfig | None = None) -> Variants:
+    """Build each optimizer alone and the whole system on copies of ``reference`` (and ``draft``), once."""
+    config = config or SystemConfig()
+    compressor = EmbeddingCompressor(config.embeddings)
+    return Variants(
+        reference=reference,
+        draft=draft,
+        kernels=KernelOptimizer(config.kernels).apply_to_model(copy.deepcopy(reference)),
+        embeddings=compressor.apply_to_model(copy.deepcopy(reference)),
+        system=OptimizedSystem(reference, draft, config),
+        embeddings_report=compressor.compression_report(),
+    )
+
+
+@dataclass
 class Arm:
     name: str
     run: Callable[[], Any]
@@ -130,20 +174,27 @@ def compose(
     pairs: int = 6,
     max_time: float = 60.0,
     progress: Callable[[str], None] | None = None,
+    variants: Variants | None = None,
 ) -> dict[str, SpeedupMeasurement]:
     """Speedup of each optimizer alone and of all four together against HF ``generate`` on ``reference``.
 
     Every arm generates exactly ``new_tokens`` greedy tokens after each prompt (EOS held off), so all do the same work.
+    ``variants`` (from :func:`build_variants` on the same ``reference``, ``draft`` and ``config``) are measured as
+    they are; without them they are built here.
     """
     if not prompts:
         raise ConfigError("compose needs at least one prompt")
-    config = config or SystemConfig()
+    if variants is None:
+        variants = build_variants(reference, draft, config)
+    elif variants.reference is not reference or variants.draft is not draft:
+        raise ConfigError("compose: the variants were built from other models than the reference and draft given")
+    elif config is not None and config != variants.config:
+        raise ConfigError("compose: the variants were built with another SystemConfig than the one given")
+    config = variants.config
     baseline = _prompts_workload(lambda ids, n: generate_workload(reference, ids, n)(), prompts, new_tokens)
-    kernels_only = KernelOptimizer(config.kernels).apply_to_model(copy.deepcopy(reference))
-    compressed = EmbeddingCompressor(config.embeddings).apply_to_model(copy.deepcopy(reference))
+    kernels_only, compressed, system = variants.kernels, variants.embeddings, variants.system
     kv = KVCacheOptimizer(config.kv_cache)
     spec_plain = SpeculativeDecoder(reference, draft if draft is not None else NGramDrafter(), config.speculative)
-    system = OptimizedSystem(reference, draft, config)
 
     def hf_with_cache(ids: torch.Tensor, n: int) -> Any:
         cache = kv.make_cache(reference)
