@@ -1,12 +1,12 @@
 """Which kernel should a batch-1 decode use for each weight shape on this CPU? (KernelOptimizer groundwork.)
 
 One decoded token multiplies a [1, in] activation by every weight matrix once, so decode is a chain of GEMVs and
-their cost is bytes streamed / achieved bandwidth. For each shape of a 134M Llama (hidden 768, intermediate 2048,
-vocab 32000; qkv and gate/up fused), this times each candidate kernel against fp32 ``F.linear`` with the paired A/B
+their cost is bytes streamed / achieved bandwidth. For each shape of SmolLM2-135M (or of a 134M Llama with
+``--model 134m``), this times each candidate kernel against fp32 ``F.linear`` with the paired A/B
 sampler, and reports time per call, GB/s of weight bytes (scales included) and SQNR against fp32
 (``20 log10(|ref| / |ref - out|)``, torchao's accuracy measure).
 
-    python benchmarks/bench_gemv.py [--threads 1] [--pairs 12] [--out benchmarks/results/gemv.json]
+    python benchmarks/bench_gemv.py [--model smollm2|134m] [--threads 1] [--pairs 12] [--out ...gemv.json]
 """
 
 from __future__ import annotations
@@ -20,16 +20,26 @@ import torch
 import torch.nn.functional as F
 
 from ryzen_opt.bench import compare
+from ryzen_opt.kernels import fbgemm_reduce_range
 from ryzen_opt.reports import atomic_write_json, environment
 
-SHAPES = {  # (out, in)
-    "qkv 2304x768": (2304, 768),
-    "o_proj 768x768": (768, 768),
-    "gate_up 4096x768": (4096, 768),
-    "down 768x2048": (768, 2048),
-    "lm_head 32000x768": (32000, 768),
+SHAPES = {  # (out, in) per model; qkv and gate/up fused as the KernelOptimizer fuses them
+    "134m": {
+        "qkv 2304x768": (2304, 768),
+        "o_proj 768x768": (768, 768),
+        "gate_up 4096x768": (4096, 768),
+        "down 768x2048": (768, 2048),
+        "lm_head 32000x768": (32000, 768),
+    },
+    "smollm2": {  # SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536, vocab 49152
+        "qkv 960x576": (960, 576),
+        "o_proj 576x576": (576, 576),
+        "gate_up 3072x576": (3072, 576),
+        "down 576x1536": (576, 1536),
+        "lm_head 49152x576": (49152, 576),
+    },
 }
-GROUP = 64  # int4 group size along the input dimension
+GROUPS = (32, 64)  # int4 group sizes along the input dimension
 # Decode streams every weight from DRAM once per token (440 MB for a 134M model), but one small matrix timed in a
 # loop stays in cache and reads 3x faster than DRAM. Each timed call therefore walks over independent copies of the
 # matrix totalling at least this many fp32 bytes, so every GEMV streams from memory as it would in decode.
@@ -51,31 +61,39 @@ def candidates(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torc
     scale_bf16 = scale.bfloat16()
     qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
     packed_fbgemm = torch.ops.quantized.linear_prepack(qweight, None)
-    wg = w.view(n, k // GROUP, GROUP)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    s4 = ((hi - lo) / 15).clamp(min=1e-8)
-    q4 = torch.round((wg - lo) / s4).clamp(0, 15).to(torch.int32).view(n, k)
-    packed4 = torch._convert_weight_to_int4pack_for_cpu(q4, 1)
-    scales_zeros = torch.stack([s4.squeeze(-1).t(), (lo + 8 * s4).squeeze(-1).t()], dim=-1).bfloat16().contiguous()
+    int4 = {}
+    for group in GROUPS:
+        wg = w.view(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        s4 = ((hi - lo) / 15).clamp(min=1e-8)
+        q4 = torch.round((wg - lo) / s4).clamp(0, 15).to(torch.int32).view(n, k)
+        packed4 = torch._convert_weight_to_int4pack_for_cpu(q4, 1)
+        sz = torch.stack([s4.squeeze(-1).t(), (lo + 8 * s4).squeeze(-1).t()], dim=-1).bfloat16().contiguous()
+        int4[f"int4 _weight_int4pack_mm_for_cpu g{group} (bf16 act)"] = (
+            lambda x, p=packed4, g=group, sz=sz: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), p, g, sz),
+            n * k // 2 + sz.numel() * 2,
+        )
+    reduce_range = fbgemm_reduce_range()
     return {
         "fp32 F.linear": (lambda x: F.linear(x, w), n * k * 4),
         "fp32 x @ Wt": (lambda x: x @ wt, n * k * 4),
         "bf16 F.linear": (lambda x: F.linear(x.bfloat16(), w_bf16), n * k * 2),
-        "int8 fbgemm dynamic": (lambda x: torch.ops.quantized.linear_dynamic(x, packed_fbgemm), n * k + n * 4),
+        "int8 fbgemm dynamic": (
+            lambda x: torch.ops.quantized.linear_dynamic(x, packed_fbgemm, reduce_range),
+            n * k + n * 4,
+        ),
         "int8 _weight_int8pack_mm (bf16 act)": (
             lambda x: torch._weight_int8pack_mm(x.bfloat16(), w_int8, scale_bf16),
             n * k + n * 2,
         ),
-        "int4 _weight_int4pack_mm_for_cpu g64 (bf16 act)": (
-            lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed4, GROUP, scales_zeros),
-            n * k // 2 + scales_zeros.numel() * 2,
-        ),
+        **int4,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", choices=sorted(SHAPES), default="smollm2", help="whose decode shapes")
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--out", default="benchmarks/results/gemv.json")
     args = parser.parse_args()
@@ -83,7 +101,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"{'shape':<20} {'kernel':<48} {'us/call':>9} {'GB/s':>6} {'vs fp32 F.linear':>28} {'SQNR dB':>8}")
-    for shape_name, (n, k) in SHAPES.items():
+    for shape_name, (n, k) in SHAPES[args.model].items():
         copies = max(2, math.ceil(STREAM_BYTES / (n * k * 4)))
         weights = [torch.randn(n, k, generator=gen) * 0.02 for _ in range(copies)]
         x = torch.randn(1, k, generator=gen)
@@ -132,6 +150,7 @@ def main() -> None:
     result = {
         "benchmark": "decode GEMV candidates per shape",
         "threads": args.threads,
+        "model": args.model,
         "rows": rows,
         "environment": environment(),
     }

@@ -218,8 +218,12 @@ def load_gguf(
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer else None
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"transformers could not read the GGUF file {str(path)!r}: {exc}") from exc
+    # The tensors in memory are plain floats: the "quantization" transformers records is the file's, and with it
+    # save_pretrained refuses to write the model ("quantized with gguf and is not serializable").
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     model.eval().to(dev)
     logger.info("loaded %s (%s, %s) on %s", path, type(model).__name__, model.dtype, dev)
     return model, tok
