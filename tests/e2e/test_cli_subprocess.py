@@ -44,8 +44,8 @@ def test_unknown_command_is_usage_error() -> None:
 @pytest.mark.slow
 def test_run_writes_report_in_cwd(tmp_path: Path) -> None:
     (tmp_path / "tiny.toml").write_text(
-        'zoo_recipe = "tiny"\n[validation]\nmodels = ["zoo"]\nprompts = 1\npairs = 3\nnew_tokens = 16\n'
-        "accuracy_blocks = 8\ncontext_len = 256\n[testing]\nenabled = false\n"
+        'zoo_recipe = "tiny"\n[model]\ntarget = "zoo"\n[validation]\nmodels = ["zoo"]\nprompts = 1\npairs = 3\n'
+        "new_tokens = 16\naccuracy_blocks = 8\ncontext_len = 256\n[testing]\nenabled = false\n"
     )
     proc = _run("run", "tiny.toml", "--device", "cpu", cwd=tmp_path, RYZEN_OPT_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
@@ -53,6 +53,33 @@ def test_run_writes_report_in_cwd(tmp_path: Path) -> None:
     assert report["schema_version"]
     assert report["environment"]["versions"]["torch"]
     assert not list((tmp_path / "ryzen_results").glob(".*.tmp")), "a temp file was left behind"
+
+
+@pytest.mark.slow
+def test_run_outside_the_checkout_tests_the_validated_model_with_the_packaged_suite(tmp_path: Path) -> None:
+    """The default testing stage needs no test files in the current directory: it saves the model it validated and
+    runs the suite that ships in the package on it (the tiny zoo keeps this fast)."""
+    (tmp_path / "tiny.toml").write_text(
+        'zoo_recipe = "tiny"\n[model]\ntarget = "zoo"\n[validation]\nprompts = 1\npairs = 3\nnew_tokens = 16\n'
+        "accuracy_blocks = 8\ncontext_len = 256\n"
+    )
+    assert not (tmp_path / "tests").exists()
+    proc = _run("run", "tiny.toml", "--device", "cpu", cwd=tmp_path, RYZEN_OPT_CACHE=str(tmp_path / "cache"))
+    results = tmp_path / "ryzen_results"
+    report = json.loads((results / "phase2_final_report.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert {name: s["status"] for name, s in stages.items()} == dict.fromkeys(
+        ("setup", "training", "validation", "testing"), "DONE"
+    ), (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr
+    model_dir = results / "model"
+    assert stages["testing"]["data"]["suite"] == f"ryzen_opt.selftest on {model_dir}"
+    assert (model_dir / "config.json").is_file()
+    assert (model_dir / "ryzen_opt_system.json").is_file()
+    integration = json.loads((results / "integration_test_report.json").read_text())
+    assert integration["summary"]["failed"] == 0
+    assert integration["summary"]["passed"] >= 6
+    assert "selftest" in proc.stdout  # pytest's own output streams through
 
 
 @pytest.mark.slow
@@ -101,7 +128,7 @@ def test_ctrl_c_leaves_a_complete_report_and_no_temp_files(tmp_path: Path) -> No
     import signal
     import time
 
-    (tmp_path / "tiny.toml").write_text('zoo_recipe = "tiny"\n[testing]\nenabled = false\n')
+    (tmp_path / "tiny.toml").write_text('zoo_recipe = "tiny"\n[model]\ntarget = "zoo"\n[testing]\nenabled = false\n')
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RYZEN_OPT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         [*_cli(), "run", "tiny.toml", "--device", "cpu"],

@@ -55,8 +55,8 @@ def test_run_on_the_tiny_zoo_measures_every_stage(
     )
     cfg = tmp_path / "run.toml"
     cfg.write_text(
-        f'device = "cpu"\noutput_dir = "{tmp_path / "out"}"\nzoo_recipe = "tiny"\n'
-        f'[training]\ntext_files = ["{text}"]\nsteps = 3\nbatch_size = 2\nblock_size = 32\n'
+        f'device = "cpu"\noutput_dir = "{tmp_path / "out"}"\nzoo_recipe = "tiny"\n[model]\ntarget = "zoo"\n'
+        f'[training]\ntext_files = ["{text}"]\nsteps = 3\nbatch_size = 2\nblock_size = 32\nlr = 1e-3\n'
         '[validation]\nmodels = ["zoo"]\nprompts = 1\npairs = 3\nnew_tokens = 16\naccuracy_blocks = 8\n'
         f'context_len = 256\n[testing]\npaths = ["{suite}"]\npytest_args = ["-q", "-p", "no:cacheprovider"]\n'
     )
@@ -70,6 +70,8 @@ def test_run_on_the_tiny_zoo_measures_every_stage(
     assert training["statistics"]["total_batches"] == 3  # the fine-tune's own steps, measured now
     stage = {s["name"]: s for s in report["stages"]}
     assert stage["training"]["data"]["mode"] == "fine-tune"
+    held = stage["training"]["data"]
+    assert held["heldout_after"]["loss"] < held["heldout_before"]["loss"]
     integration = json.loads((out / "integration_test_report.json").read_text())
     assert integration["summary"]["passed"] == 1
     validation = json.loads((out / "validation_report.json").read_text())
@@ -90,6 +92,17 @@ def test_run_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "'device'" in err
     assert "allowed values" in err
+
+
+def test_run_with_a_target_that_does_not_exist_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[model]\ntarget = "{tmp_path / "my-model"}"\n')
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"[model] target = '{tmp_path / 'my-model'}'" in err
+    assert "does not exist" in err
+    assert "draft" not in err
+    assert not (tmp_path / "ryzen_results").exists()  # nothing ran
 
 
 def test_config_unknown_key_and_bad_toml(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""Fixtures of the packaged suite: the model under test, its optimizer configs, and held-out prose in its tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ryzen_opt.selftest import MODEL_ENV, SYSTEM_CONFIG_FILE
+
+# Held-out blocks for the accuracy checks: 4 x 256 tokens keep each forward over them to seconds on SmolLM2.
+PROSE_BLOCKS = 4
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """``$RYZEN_OPT_SELFTEST_MODEL``, else the reference model's directory (SmolLM2), else skip with the reason."""
+    value = os.environ.get(MODEL_ENV)
+    if value:
+        path = Path(value).expanduser()
+        if not (path / "config.json").is_file():
+            pytest.fail(f"${MODEL_ENV} = {value!r} is not a save_pretrained directory (no config.json there)")
+        return path
+    from ryzen_opt import zoo
+    from ryzen_opt.errors import ModelLoadError
+
+    try:
+        return zoo.smollm2_dir()
+    except ModelLoadError as exc:
+        pytest.skip(
+            f"no model to test: set ${MODEL_ENV} to a save_pretrained directory with its tokenizer (ryzen-opt run "
+            f"does), or install the reference model ({exc})"
+        )
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir: Path) -> tuple[Any, Any]:
+    from ryzen_opt.models import load_model
+
+    model, tokenizer = load_model(model_dir, device="cpu")
+    if tokenizer is None:
+        pytest.fail(f"{model_dir} has no tokenizer files: save the tokenizer beside the model")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def model(loaded: tuple[Any, Any]) -> Any:
+    return loaded[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(loaded: tuple[Any, Any]) -> Any:
+    return loaded[1]
+
+
+@pytest.fixture(scope="session")
+def system_config(model_dir: Path) -> Any:
+    """The optimizer configs the model was validated with (saved beside it by ``ryzen-opt run``), else the defaults."""
+    from ryzen_opt.pipeline import RunConfig
+    from ryzen_opt.system import SystemConfig
+
+    path = model_dir / SYSTEM_CONFIG_FILE
+    if not path.is_file():
+        return SystemConfig()
+    return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))).system
+
+
+def max_positions(model: Any) -> int:
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+
+@pytest.fixture(scope="session")
+def prose(model: Any, tokenizer: Any) -> torch.Tensor:
+    """``[4, T]`` blocks of held-out English prose (CPython's docs, the half no default was tuned on)."""
+    from ryzen_opt import zoo
+
+    return zoo.prose_blocks(tokenizer, "test", blocks=PROSE_BLOCKS, block_size=min(256, max_positions(model) // 2))
+
+
+class _MemoLogits(torch.nn.Module):
+    """The reference model with its logits computed once per input: several candidates are compared with it."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.memo: dict[tuple[tuple[int, ...], bytes], torch.Tensor] = {}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
+        if key not in self.memo:
+            self.memo[key] = self.model(input_ids=input_ids).logits
+        return self.memo[key]
+
+
+@pytest.fixture(scope="session")
+def reference(model: Any) -> _MemoLogits:
+    return _MemoLogits(model)
