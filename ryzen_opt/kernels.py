@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ryzen_opt import native
 from ryzen_opt.compat import cache_kwargs, pop_cache_kwarg
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.device import cpu_info
@@ -56,23 +57,26 @@ from ryzen_opt.quant import dequantize_int4, quantize_int4, quantize_int8
 logger = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("none", "bf16", "int8", "int4")
-INT8_KERNELS = ("auto", "fbgemm", "int8pack", "dequant")
+INT8_KERNELS = ("auto", "native", "fbgemm", "int8pack", "dequant")
 ATTENTION_MODES = ("sdpa", "eager", "keep")
 DECODE_MODES = ("static", "hf")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
-# Which int8 kernel "auto" picks, by device type, and why (one thread, Zen 4, weights streamed from DRAM;
-# reproduce with ``python benchmarks/bench_gemv.py --threads 1``):
-#   cpu:  fbgemm dynamic (activations quantized per tensor on the fly, VNNI int8 dot products) streams 20-32 GB/s
-#         of int8 weights: 4.4-6.6x fp32 F.linear on every decode shape of a 134M Llama, LM head included.
-#         _weight_int8pack_mm needs bf16 activations (2.9-3.9x) and with fp32 activations takes a 30x slower
-#         path; dequantize-then-F.linear reads the int8 weight *and* writes/reads an fp32 copy (slower than fp32).
+# Which int8 kernel "auto" picks, by device type, and why (accuracy on SmolLM2-135M, prose held out from tuning;
+# speed from ``python benchmarks/bench_gemv.py --model smollm2`` and ``bench_kernels.py``):
+#   cpu:  "native", ryzen_opt.native's weight-only GEMV: fp32 activations times int8 weights, fp32 scales, the exact
+#         dequantized product. fbgemm's dynamic kernel quantizes activations per tensor: real LLMs have outlier
+#         activation channels, and SmolLM2 lost 36% of its top-1 accuracy with it (7-bit activations on this AVX2
+#         CPU without VNNI; 16-18% with 8 bits on an AVX-512 VNNI one). ATen's weight-only _weight_int8pack_mm keeps
+#         accuracy (-0.3%) but takes bf16 activations and runs slowly without AVX-512 BF16. Where the native
+#         extension cannot be built (no compiler), "int8pack".
 #   cuda: gpt-fast's weight-only form, F.linear(x, w.to(x.dtype)) * scales, which inductor fuses into one
 #         kernel under compile=True; fbgemm is CPU-only.
-KERNEL_TABLE: dict[str, str] = {"cpu": "fbgemm", "cuda": "dequant", "mps": "int8pack"}
-# int4: ATen's CPU kernel takes bf16 activations; N must be a multiple of 16 and K of the group size, else the
-# layer stays int8 (logged). On CUDA the tinygemm kernel (_weight_int4pack_mm) when its probe matches the
-# dequantized reference, else dequantize on the fly.
+KERNEL_TABLE: dict[str, str] = {"cpu": "native", "cuda": "dequant", "mps": "int8pack"}
+# int4: on the CPU, ryzen_opt.native's fp32-activation kernel (K and the group a multiple of 32), else ATen's
+# _weight_int4pack_mm_for_cpu (bf16 activations; N a multiple of 16), else the layer stays int8 (logged). On CUDA
+# the tinygemm kernel (_weight_int4pack_mm) when its probe matches the dequantized reference, else dequantize on
+# the fly.
 _INT4_N_MULTIPLE = 16
 
 
@@ -88,9 +92,11 @@ class KernelConfig(ConfigMixin):
         weights: ``"none"`` keeps the model's dtype (fp32 stays fp32, stored transposed for a faster GEMV);
             ``"bf16"`` casts linears to bf16; ``"int8"`` per-output-channel symmetric int8; ``"int4"`` group-wise
             asymmetric int4 (``group_size`` along the input dimension).
-        int8_kernel: ``"auto"`` picks per device from :data:`KERNEL_TABLE`; or force ``"fbgemm"`` (CPU, dynamic
-            activation quantization), ``"int8pack"`` (weight-only, bf16 activations) or ``"dequant"``.
-        group_size: int4 group along the input dimension (32, 64, 128 or 256).
+        int8_kernel: ``"auto"`` picks per device from :data:`KERNEL_TABLE`; or force ``"native"`` (CPU, weight-only,
+            fp32 activations), ``"fbgemm"`` (CPU, dynamic per-tensor activation quantization: lossy on real LLMs),
+            ``"int8pack"`` (weight-only, bf16 activations) or ``"dequant"``.
+        group_size: int4 group along the input dimension (32, 64, 128 or 256). 32 by default: llama.cpp's Q4_0/Q4_1
+            block; 64 lost 9% of SmolLM2's top-1 accuracy (``benchmarks/bench_kernels.py --sections accuracy``).
         attention: ``"sdpa"`` (PyTorch's fused attention, ``is_causal`` where possible), ``"eager"`` or
             ``"keep"`` (leave the model's setting alone).
         decode: ``"static"``: ``generate`` runs the lean static-cache loop where it can; ``"hf"``: HF's own loop
@@ -107,7 +113,7 @@ class KernelConfig(ConfigMixin):
 
     weights: str = "none"
     int8_kernel: str = "auto"
-    group_size: int = 64
+    group_size: int = 32
     attention: str = "sdpa"
     decode: str = "static"
     compile: bool = False
@@ -245,6 +251,7 @@ class Int8Linear(_KernelLinear):
     - ``fbgemm``: fbgemm's dynamic int8 linear: activations are quantized per tensor at each call, the product
       runs in int8 with int32 accumulation. Fastest here; adds activation rounding (measured in the accuracy
       loss, not assumed away).
+    - ``native``: :mod:`ryzen_opt.native`'s weight-only kernel, fp32 activations (the default on CPU).
     - ``int8pack``: ATen's weight-only ``_weight_int8pack_mm`` with bf16 activations.
     - ``dequant``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``: correct everywhere, fast under compile.
     """
@@ -267,6 +274,9 @@ class Int8Linear(_KernelLinear):
             self.register_packed()
         elif kernel == "int8pack":
             self.register_buffer("scale_bf16", scale.to(device=weight.device, dtype=torch.bfloat16))
+        elif kernel == "native":
+            if weight.device.type != "cpu" or native.ops() is None:
+                raise ConfigError("int8 kernel 'native' needs the CPU and a built ryzen_opt.native (see the log)")
         elif kernel != "dequant":
             raise ConfigError(f"int8 kernel {kernel!r}: choose one of {INT8_KERNELS[1:]}")
 
@@ -292,7 +302,9 @@ class Int8Linear(_KernelLinear):
             else:
                 y = torch.ops.quantized.linear_dynamic(x2d.float(), self._packed, fbgemm_reduce_range())
             return y.to(x2d.dtype)
-        if self.kernel == "int8pack":
+        if self.kernel == "native":
+            y = native.ops().w8_linear(x2d.float(), self.qweight, self.scale).to(x2d.dtype)
+        elif self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(x2d.to(torch.bfloat16), self.qweight, self.scale_bf16).to(x2d.dtype)
         else:
             y = F.linear(x2d, self.qweight.to(x2d.dtype)) * self.scale.to(x2d.dtype)
@@ -302,7 +314,8 @@ class Int8Linear(_KernelLinear):
 class Int4Linear(_KernelLinear):
     """Group-wise asymmetric int4 weights (``w ≈ q * scale + min`` per group of ``group_size`` inputs).
 
-    CPU: ATen's ``_weight_int4pack_mm_for_cpu`` (bf16 activations; 5.7-6.3x fp32 F.linear per GEMV here).
+    CPU: :mod:`ryzen_opt.native`'s kernel (fp32 activations and scales: the exact dequantized product) when the
+    input width and the group are multiples of 32, else ATen's ``_weight_int4pack_mm_for_cpu`` (bf16 activations).
     CUDA: ATen's tinygemm ``_weight_int4pack_mm`` when a probe matches the dequantized reference, else
     dequantize on the fly. The packed layouts use ATen's convention ``w = (q - 8) * scale + zero``, so the zero
     handed to the kernel is ``min + 8 * scale``.
@@ -314,8 +327,12 @@ class Int4Linear(_KernelLinear):
         self.group_size = group_size
         device = weight.device
         q, scale, lo = quantize_int4(weight, group_size)
-        # Plain nibbles, two per byte, are what counts as storage (and what dequantized_weight reads).
-        self.register_buffer("qweight", (q[:, ::2] | (q[:, 1::2] << 4)).to(device))
+        self.native = device.type == "cpu" and self.in_features % 32 == 0 and group_size % 32 == 0
+        self.native = self.native and native.ops() is not None
+        # Nibbles, two per byte, are what counts as storage (and what dequantized_weight reads): in the native
+        # kernel's layout when it runs them, else plain pairs.
+        packed = native.pack_int4(q) if self.native else (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        self.register_buffer("qweight", packed.to(device))
         self.register_buffer("scale", scale.to(device))
         self.register_buffer("minimum", lo.to(device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -324,7 +341,9 @@ class Int4Linear(_KernelLinear):
         self.kernel = "dequant"
         self._packed: torch.Tensor | None = None
         self._sz: torch.Tensor | None = None
-        if device.type == "cpu":
+        if self.native:
+            self.kernel = "native-int4"
+        elif device.type == "cpu":
             self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self._sz = sz
             self.kernel = "int4pack-cpu"
@@ -350,11 +369,16 @@ class Int4Linear(_KernelLinear):
         return n + (self.bias.numel() * 4 if self.bias is not None else 0)
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
+        if self.native:
+            q = native.unpack_int4(self.qweight)
+        else:
+            q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
         return dequantize_int4(q, self.scale, self.minimum, self.group_size)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "int4pack-cpu":
+        if self.kernel == "native-int4":
+            y = native.ops().w4_linear(x2d.float(), self.qweight, self.scale, self.minimum, self.group_size)
+        elif self.kernel == "int4pack-cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), self._packed, self.group_size, self._sz)
         elif self.kernel == "tinygemm":
             y = torch._weight_int4pack_mm(x2d.to(torch.bfloat16), self._packed, self.group_size, self._sz)
@@ -524,7 +548,12 @@ class KernelOptimizer:
     def _int8_kernel(self, device: torch.device) -> str:
         kernel = self.config.int8_kernel
         if kernel == "auto":
-            return KERNEL_TABLE.get(device.type, "dequant")
+            kernel = KERNEL_TABLE.get(device.type, "dequant")
+            if kernel == "native" and native.ops() is None:
+                kernel = "int8pack"  # no compiler here: ATen's weight-only kernel (logged by native.ops)
+            return kernel
+        if kernel == "native" and device.type != "cpu":
+            raise ConfigError(f"KernelConfig.int8_kernel='native' is CPU-only; the model is on {device}")
         if kernel == "fbgemm" and device.type != "cpu":
             raise ConfigError(f"KernelConfig.int8_kernel='fbgemm' is CPU-only; the model is on {device}")
         return kernel
@@ -538,7 +567,8 @@ class KernelOptimizer:
         module: _KernelLinear
         if mode == "int4":
             n, k = weight.shape
-            if k % self.config.group_size or (weight.device.type == "cpu" and n % _INT4_N_MULTIPLE):
+            native_ok = weight.device.type == "cpu" and k % 32 == 0 and native.ops() is not None
+            if k % self.config.group_size or (weight.device.type == "cpu" and n % _INT4_N_MULTIPLE and not native_ok):
                 report.fallbacks.append(
                     f"{name}: int4 needs in % {self.config.group_size} == 0 and out % {_INT4_N_MULTIPLE} == 0 "
                     f"(shape {n}x{k}); stored as int8"

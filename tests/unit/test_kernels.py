@@ -3,8 +3,9 @@
 Tolerances and why:
 - fp32 with ``weights="none"``: the lean loop runs the same ops as HF on the same weights (transposed storage only
   changes the GEMM's summation order), so logits agree to 1e-5 and greedy tokens are identical.
-- quantized kernels are compared with their own dequantized weight: int8pack/int4 take bf16 activations (8-bit
-  mantissa: relative error ~2^-8 per product, ~1e-2 on a sum); fbgemm also rounds activations to 8 bits per tensor.
+- quantized kernels are compared with their own dequantized weight: the native kernels compute that product in fp32
+  (only the summation order differs: 1e-5); int8pack/ATen's int4 take bf16 activations (8-bit mantissa: relative
+  error ~2^-8 per product, ~1e-2 on a sum); fbgemm also rounds activations to 7-8 bits per tensor.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ryzen_opt import native
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.kernels import (
     DenseLinear,
@@ -163,27 +165,46 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("kernel", ["fbgemm", "int8pack", "dequant"])
-def test_int8_linear_matches_its_dequantized_weight(kernel):
+@pytest.mark.parametrize(
+    ("kernel", "tolerance"), [("native", 1e-5), ("fbgemm", 2e-2), ("int8pack", 2e-2), ("dequant", 1e-5)]
+)
+@pytest.mark.parametrize("rows", [1, 3, 20])  # the native kernel's GEMV path (<= 8 rows) and its GEMM path
+def test_int8_linear_matches_its_dequantized_weight(kernel, tolerance, rows):
     torch.manual_seed(0)
-    w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(2, 5, 64)
+    w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(rows, 5, 64)
     module = Int8Linear(w, b, kernel)
     want = F.linear(x, module.dequantized_weight(), b)
     got = module(x)
-    assert got.shape == (2, 5, 48)
+    assert got.shape == (rows, 5, 48)
     assert got.dtype == torch.float32
-    assert _rel_err(got, want) < 2e-2
+    assert _rel_err(got, want) < tolerance
     assert module.weight_bytes() == 48 * 64 + 48 * 4 + 48 * 4  # int8 weight, fp32 scales, fp32 bias
 
 
-def test_int4_linear_matches_its_dequantized_weight():
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_linear_matches_its_dequantized_weight(monkeypatch, use_native, group):
+    if not use_native:
+        monkeypatch.setattr(native, "ops", lambda: None)  # a machine without a compiler: ATen's kernel
     torch.manual_seed(0)
     w, x = torch.randn(32, 128), torch.randn(3, 128)
-    module = Int4Linear(w, None, 64)
-    assert module.kernel == "int4pack-cpu"
-    assert _rel_err(module(x), x @ module.dequantized_weight().t()) < 2e-2
-    # Two nibbles a byte, plus fp32 scale and minimum per group of 64.
-    assert module.weight_bytes() == 32 * 128 // 2 + 2 * 32 * 2 * 4
+    module = Int4Linear(w, None, group)
+    assert module.kernel == ("native-int4" if use_native else "int4pack-cpu")
+    tolerance = 1e-5 if use_native else 2e-2  # fp32 activations and scales vs bf16 ones
+    assert _rel_err(module(x), x @ module.dequantized_weight().t()) < tolerance
+    # Two nibbles a byte, plus fp32 scale and minimum per group.
+    assert module.weight_bytes() == 32 * 128 // 2 + 2 * 32 * (128 // group) * 4
+
+
+def test_native_int4_layout_round_trips_and_decoding_a_row_is_independent_of_the_batch():
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (8, 96))
+    assert torch.equal(native.unpack_int4(native.pack_int4(q)).long(), q)
+    module = Int4Linear(torch.randn(40, 96), None, 32)
+    x = torch.randn(6, 96)
+    alone = torch.cat([module(x[i : i + 1]) for i in range(6)])
+    # Up to SMALL_M rows, each row runs the same GEMV code: a token's logits do not depend on its batch.
+    assert torch.equal(module(x), alone)
 
 
 def test_dense_linear_is_f_linear():
@@ -218,7 +239,7 @@ def test_lean_loop_runs_the_same_modules_as_hf_forward(arch, weights):
         decoder = opt._ryzen_decoder
         decoder.allocate(64)
         torch.testing.assert_close(decoder.forward(ids, all_logits=True), opt(ids).logits, rtol=1e-5, atol=1e-5)
-    want = {"fbgemm"} if weights == "int8" else {"int4pack-cpu", "fbgemm"}  # int4 keeps an int8 LM head
+    want = {"native"} if weights == "int8" else {"native-int4", "native"}  # int4 keeps an int8 LM head
     assert set(kernel_report(opt).kernels) == want
 
 
@@ -341,7 +362,7 @@ def test_report_counts_bytes_and_keeps_the_lm_head_when_asked():
     r32, r8, rkeep = kernel_report(fp32), kernel_report(int8), kernel_report(keep_head)
     assert r32.bytes_per_token == r32.weight_bytes_before  # same bytes, only the layout changed
     assert 0.25 < r8.bytes_per_token / r32.bytes_per_token < 0.28  # 1 byte + per-row fp32 scales of 4 bytes
-    assert rkeep.kernels == {"fbgemm": 8, "dense-float32": 1}
+    assert rkeep.kernels == {"native": 8, "dense-float32": 1}
     assert rkeep.to_dict()["config"]["lm_head"] == "none"
     assert r8.attention == "sdpa"
     assert r8.decode.startswith("static")
@@ -355,7 +376,7 @@ def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_take():
     # in=64 is not a multiple of 128: every projection reading the 64-wide hidden state stays int8.
     assert report.fallbacks
     assert "stored as int8" in report.fallbacks[0]
-    assert "fbgemm" in report.kernels
+    assert "native" in report.kernels
 
 
 def test_gpt2_conv1d_is_converted():
