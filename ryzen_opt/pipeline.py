@@ -109,10 +109,11 @@ class TrainingSection(ConfigMixin):
     out, and their loss is measured before and after ``steps`` steps of ``batch_size`` blocks. The stage fails when
     the held-out loss did not go down.
 
-    Defaults: sized for SmolLM2 (135M, fp32 training: no fast bf16 on AVX2) on 2 cores, about 2 minutes in all: a
-    step of 2 x 256 tokens is a forward and backward over 512 tokens, an evaluation a forward over the 4 held-out
-    blocks. Measured on SmolLM2 and the built-in corpus: these defaults (6 steps, lr 1e-4) took the held-out loss from
-    2.492 to 2.353; 8 steps of 4 blocks at lr 5e-5, from 2.455 to 2.298 (on 16 held-out blocks).
+    Defaults: sized for SmolLM2 (135M, fp32 training: no fast bf16 on AVX2) to take about 2 minutes on 2 idle cores
+    (an estimate: six forward and backward passes over 512 tokens and two forwards over the 4 held-out blocks; on this
+    machine, with another benchmark sharing both cores, the stage took 350 s). Measured on SmolLM2 and the built-in
+    corpus: these defaults (6 steps, lr 1e-4) took the held-out loss from 2.492 to 2.353 (twice: 2.359 in the run); 8
+    steps of 4 blocks at lr 5e-5, from 2.455 to 2.298 (on 16 held-out blocks).
     """
 
     text_files: tuple[str, ...] = ()
@@ -136,10 +137,11 @@ class ValidationSection(ConfigMixin):
     random-weight 134M Llama, speed only; ``"zoo"`` is read as ``"target"``, its old name), how many prompts, tokens and
     A/B pairs, held-out blocks for accuracy, KV context length.
 
-    The defaults keep the validation of SmolLM2 within ~4 minutes on 2 cores: HF generate fp32 takes ~40-60 ms a token
-    there, and every one of the five arms of ``compose`` runs it (1 warm-up + ``pairs``) times, so 2 prompts x 32 tokens
-    x 5 pairs is ~2.5 minutes of the budget; a forward over 8 held-out blocks of 256 tokens takes ~10 s, and accuracy
-    runs six of them (the reference once, four candidates, the KV reference).
+    The defaults aim at the validation of SmolLM2 in about 4 minutes on 2 idle cores (an estimate, from the per-token
+    costs): HF generate fp32 takes ~40-60 ms a token there, and every one of the five arms of ``compose`` runs it
+    (1 warm-up + ``pairs``) times, so 2 prompts x 32 tokens x 5 pairs is ~2.5 minutes; accuracy runs six forwards over
+    the 8 held-out blocks of 256 tokens (the reference once, four candidates, the KV reference). On this machine, with
+    another benchmark sharing both cores, the stage took 16 minutes (the same HF generate took 3.9-15 s arm to arm).
     """
 
     models: tuple[str, ...] = ("target",)
