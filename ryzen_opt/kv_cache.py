@@ -593,3 +593,42 @@ def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     t, n = q.shape[2], k.shape[2]
     mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# ------------------------------------------------------------------------------------------ retrieval probe
+
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(
+    tokenizer: Any, filler: list[str], context_tokens: int, key: str, depth: float = 0.5
+) -> torch.Tensor:
+    """``[1, ~context_tokens]`` ids: ``filler`` prose with the sentence naming ``key`` planted at ``depth`` (0 = start,
+    1 = end), then the question. The needle-in-a-haystack test (Mohtashami & Jaggi 2023's pass key retrieval)."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    budget = context_tokens - len(tokenizer(needle + PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
+    ids: list[int] = []
+    for text in filler:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= budget:
+            break
+    if len(ids) < budget:
+        raise ConfigError(f"passkey_prompt: the filler holds {len(ids)} tokens, fewer than the {budget} needed")
+    ids = ids[:budget]
+    at = int(budget * depth)
+    needle_ids = tokenizer(needle, add_special_tokens=False)["input_ids"]
+    question_ids = tokenizer(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids[:at] + needle_ids + ids[at:] + question_ids])
+
+
+@torch.no_grad()
+def passkey_probe(model: Any, tokenizer: Any, prompt: torch.Tensor, key: str, make_cache: Any) -> dict[str, Any]:
+    """Greedy answer to a :func:`passkey_prompt` through the cache ``make_cache()`` builds: passed when the key is in
+    the first tokens generated."""
+    ids = prompt.to(next(model.parameters()).device)
+    new = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 2
+    out = model.generate(
+        ids, **cache_kwargs(make_cache()), max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None
+    )
+    answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return {"context_tokens": int(ids.shape[1]), "key": key, "answer": answer, "passed": key in answer}

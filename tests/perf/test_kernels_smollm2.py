@@ -1,0 +1,87 @@
+"""Perf gates of the KernelOptimizer on SmolLM2-135M-Instruct: decode speed at 2 threads, and accuracy with the
+default settings, for prefill (the whole sequence in one forward) and for token-by-token decode (one token per
+forward through a KV cache: the rows a decode step hands the kernels).
+
+Speed: paired, interleaved A/B samples of ``generate`` (a 32-token prose prompt, exactly 64 new tokens, batch 1)
+against HF ``generate`` on the untouched model (fp32, its default attention, dynamic cache); the seed's gate 3.0x.
+Accuracy: relative top-1 loss on 24 held-out prose blocks of 256 tokens; gate 1%. Numbers measured here are in the
+README; ``python benchmarks/bench_kernels.py --models smollm2`` reproduces them with more detail.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from pytest_ryzen import accuracy_loss, speedup
+from ryzen_opt.bench import generate_workload
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
+from ryzen_opt.kv_cache import CachedForward
+
+pytestmark = pytest.mark.perf
+
+PROMPT_TOKENS, NEW_TOKENS = 32, 64
+
+
+@speedup(3.0)
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_decode_beats_hf_generate_at_2_threads(ryzen, smollm2, prose, weights: str, record_property) -> None:
+    reference, _ = smollm2
+    optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
+    prompt = prose[:1, :PROMPT_TOKENS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = ryzen.compare(
+            generate_workload(reference, prompt, NEW_TOKENS),
+            generate_workload(optimized, prompt, NEW_TOKENS),
+            baseline_name=f"HF generate, {reference.config._attn_implementation} attention, dynamic cache, fp32 "
+            f"(SmolLM2-135M, {PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new tokens, batch 1, 2 threads)",
+            candidate_name=f"KernelOptimizer(weights={weights!r}), defaults",
+            optimizer="kernel_optimizer",
+            min_pairs=5,
+            max_pairs=12,
+            warmup=1,
+            max_time=150.0,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    report = kernel_report(optimized)
+    record_property("decode_ms_per_token", m.candidate_median_s / NEW_TOKENS * 1e3)
+    record_property("hf_ms_per_token", m.baseline_median_s / NEW_TOKENS * 1e3)
+    record_property("kernels", report.kernels)
+
+
+@accuracy_loss(0.01)
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_prefill_accuracy(ryzen, smollm2, prose, weights: str) -> None:
+    reference, _ = smollm2
+    optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
+    m = ryzen.record_accuracy(
+        reference,
+        optimized,
+        prose,
+        optimizer="kernel_optimizer",
+        reference_name="SmolLM2-135M fp32, one forward per block",
+        candidate_name=f"KernelOptimizer(weights={weights!r}), one forward per block",
+    )
+    assert m.tokens >= 6_000
+
+
+@accuracy_loss(0.01)
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_token_by_token_decode_accuracy(ryzen, smollm2, prose, weights: str) -> None:
+    reference, _ = smollm2
+    optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
+    blocks = prose[:8, :160]  # 8 rows a step: the kernels' decode (GEMV) path
+    ryzen.record_accuracy(
+        CachedForward(reference, lambda: DynamicCache(config=reference.config), chunk=1),
+        CachedForward(optimized, lambda: DynamicCache(config=optimized.config), chunk=1),
+        blocks,
+        optimizer="kernel_optimizer",
+        reference_name="SmolLM2-135M fp32, one token per forward",
+        candidate_name=f"KernelOptimizer(weights={weights!r}), one token per forward",
+    )
