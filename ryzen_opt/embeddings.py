@@ -17,8 +17,9 @@ Rules that hold for every method:
   that would grow the model before shrinking it.
 - **Every stored tensor counts** (scales, zeros, padding, factors); bytes of a tensor shared by two modules count once.
 - **No full-size rebuild on the hot path**: a lookup dequantizes only the rows asked for; the LM head runs a kernel on
-  the compressed storage (int8: ``_weight_int8pack_mm``, int4: ``_weight_int4pack_mm_for_cpu``, both with bf16
-  activations; low rank: two thin matmuls). ``dequantize()`` exists for measurement, never for ``forward``.
+  the compressed storage (int8: :mod:`ryzen_opt.native`'s fp32-activation kernel, or ``_weight_int8pack_mm`` where it
+  cannot be built; int4: ``_weight_int4pack_mm_for_cpu``, with bf16 activations; low rank: two thin matmuls).
+  ``dequantize()`` exists for measurement, never for ``forward``.
   On CUDA/ROCm the int8/int4 LM head dequantizes in the matmul (fused under ``torch.compile``).
 """
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ryzen_opt import native
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.quant import INT4_CPU_BLOCK_ROWS, gather_int4_cpu, pack_int4_cpu, quantize_int4, quantize_int8
@@ -131,6 +133,7 @@ class Int8Table(CompressedTable):
         q, scale = quantize_int8(weight)
         self.register_buffer("qweight", q.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device))
+        self.native = weight.device.type == "cpu" and native.ops() is not None
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (F.embedding(ids, self.qweight).to(dtype) * self.scale[ids, None].to(dtype)).to(dtype)
@@ -138,9 +141,13 @@ class Int8Table(CompressedTable):
     def matmul(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
-        if x.device.type == "cpu":
-            # Weight-only int8 GEMV on the stored rows; bf16 activations are what ATen's kernel takes (its fp32 path
-            # is ~30x slower, CPU_BASELINES.md).
+        if self.native:
+            # ryzen_opt.native's weight-only kernel: fp32 activations, the exact dequantized product, on the stored
+            # rows (the KernelOptimizer's int8 kernel, so a compressed head is as fast as its own).
+            y = torch.ops.ryzen_native.w8_linear(x.float(), self.qweight, self.scale)
+        elif x.device.type == "cpu":
+            # ATen's weight-only GEMV on the stored rows; bf16 activations are what it takes (its fp32 path is ~30x
+            # slower).
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale.to(torch.bfloat16))
         else:
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)

@@ -303,7 +303,8 @@ class Int8Linear(_KernelLinear):
                 y = torch.ops.quantized.linear_dynamic(x2d.float(), self._packed, fbgemm_reduce_range())
             return y.to(x2d.dtype)
         if self.kernel == "native":
-            y = native.ops().w8_linear(x2d.float(), self.qweight, self.scale).to(x2d.dtype)
+            # torch.ops directly (loaded when this module was built): no cached Python call for the compiler to trace.
+            y = torch.ops.ryzen_native.w8_linear(x2d.float(), self.qweight, self.scale).to(x2d.dtype)
         elif self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(x2d.to(torch.bfloat16), self.qweight, self.scale_bf16).to(x2d.dtype)
         else:
@@ -377,7 +378,7 @@ class Int4Linear(_KernelLinear):
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native-int4":
-            y = native.ops().w4_linear(x2d.float(), self.qweight, self.scale, self.minimum, self.group_size)
+            y = torch.ops.ryzen_native.w4_linear(x2d.float(), self.qweight, self.scale, self.minimum, self.group_size)
         elif self.kernel == "int4pack-cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), self._packed, self.group_size, self._sz)
         elif self.kernel == "tinygemm":

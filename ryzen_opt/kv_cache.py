@@ -597,16 +597,25 @@ def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 # ------------------------------------------------------------------------------------------ retrieval probe
 
-PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+PASSKEY_INSTRUCTION = "There is a pass key hidden in the following text. Find it and remember it.\n\n"
+PASSKEY_QUESTION = "\n\nWhat is the pass key?"
+PASSKEY_ANSWER = "The pass key is"
 
 
 def passkey_prompt(
-    tokenizer: Any, filler: list[str], context_tokens: int, key: str, depth: float = 0.5
+    tokenizer: Any, filler: list[str], context_tokens: int, key: str, depth: float = 0.9
 ) -> torch.Tensor:
-    """``[1, ~context_tokens]`` ids: ``filler`` prose with the sentence naming ``key`` planted at ``depth`` (0 = start,
-    1 = end), then the question. The needle-in-a-haystack test (Mohtashami & Jaggi 2023's pass key retrieval)."""
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    budget = context_tokens - len(tokenizer(needle + PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
+    """``[1, ~context_tokens]`` ids: ``filler`` prose with a sentence naming ``key`` planted at ``depth`` (0 = start,
+    1 = end), then the question (the pass key retrieval test of Mohtashami & Jaggi 2023). Through the tokenizer's chat
+    template when it has one (an instruct model answers a question asked as a user), ending with the answer's start.
+
+    Measured on SmolLM2-135M-Instruct with its full cache: it retrieves the key at 2k and 4k tokens with the needle at
+    depth 0.9, and not at 0.25 or 0.5 (2k): a probe of what the cache keeps has to sit where the full-precision model
+    passes, so 0.9 is the default.
+    """
+    needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+    overhead = len(tokenizer(PASSKEY_INSTRUCTION + needle + PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
+    budget = context_tokens - overhead - 16  # the chat template's own tokens and the answer's start
     ids: list[int] = []
     for text in filler:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -614,11 +623,17 @@ def passkey_prompt(
             break
     if len(ids) < budget:
         raise ConfigError(f"passkey_prompt: the filler holds {len(ids)} tokens, fewer than the {budget} needed")
-    ids = ids[:budget]
     at = int(budget * depth)
-    needle_ids = tokenizer(needle, add_special_tokens=False)["input_ids"]
-    question_ids = tokenizer(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]
-    return torch.tensor([ids[:at] + needle_ids + ids[at:] + question_ids])
+    text = tokenizer.decode(ids[:at]) + needle + tokenizer.decode(ids[at:budget])
+    question = PASSKEY_INSTRUCTION + text + PASSKEY_QUESTION
+    if getattr(tokenizer, "chat_template", None):
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        full = chat + PASSKEY_ANSWER
+    else:
+        full = question + "\n" + PASSKEY_ANSWER
+    return torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
 
 
 @torch.no_grad()

@@ -16,11 +16,11 @@ weights as int8 or packed nibbles (the bytes a decode step streams are the quant
   (in each run of 32 inputs, byte ``j`` holds input ``j`` in its low nibble and input ``j + 16`` in its high one, so
   both halves unpack to contiguous lanes), ``scale``/``minimum`` fp32 ``[N, K/group]``.
 
-Rows of ``x`` up to ``SMALL_M`` (decode, speculative verification) run the GEMV kernel, each row computed the same
-way whatever the others are (so a token's logits do not depend on the batch it is verified in). int8 prefills up to
-512 rows run tiles of 8 rows that convert each weight once for the tile (dequantizing the whole matrix to fp32 per
-call, as before, cost ~6 ms per 32-token prefill per layer); larger inputs, and int4 beyond ``SMALL_M``, dequantize
-once and call ATen's GEMM. Both are parallel over output rows with torch's own thread pool
+int8 inputs up to 512 rows (decode, speculative verification, prompts) run one kernel in tiles of 3 rows that convert
+each weight once per tile; every row is computed in the same order whatever the others are, so a token's logits do
+not depend on the batch it is verified in. (Dequantizing the whole matrix to fp32 per call cost ~6 ms per layer for a
+32-token prefill.) Longer int8 inputs, and int4 inputs over ``SMALL_M`` rows, dequantize once and call ATen's GEMM.
+Both are parallel over output rows with torch's own thread pool
 (``torch.set_num_threads`` holds). AVX2 + FMA intrinsics where the compiler targets them, plain loops elsewhere.
 
 The extension is built with ``torch.utils.cpp_extension`` (g++ and ninja) into torch's extension cache, named by a
@@ -69,27 +69,48 @@ static inline __m256 i8x8(const int8_t* p) {
 static inline __m256 u8x8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 #endif
 
-// y[m, n] = scale[n] * sum_k x[m, k] q[n, k]
+// y[m, n] = scale[n] * sum_k x[m, k] q[n, k], for a tile of R rows of x: each 8 int8 weights are converted once and
+// used by the R rows. Every row accumulates in the same order whatever R is (four accumulators over runs of 32, the
+// same horizontal sum), so a row's result does not depend on the rows computed with it.
+template <int R>
+static void w8_tile(const float* x, const int8_t* qr, int64_t k, float* out) {
+#ifdef RYZEN_AVX2
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    for (int j = 0; j < 4; ++j) {
+      const __m256 w = i8x8(qr + i + 8 * j);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * k + i + 8 * j), acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float a = hsum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
+    for (int64_t t = i; t < k; ++t) a += x[r * k + t] * static_cast<float>(qr[t]);
+    out[r] = a;
+  }
+#else
+  for (int r = 0; r < R; ++r) {
+    float a = 0.f;
+    for (int64_t t = 0; t < k; ++t) a += x[r * k + t] * static_cast<float>(qr[t]);
+    out[r] = a;
+  }
+#endif
+}
+
 static void w8_rows(const float* x, int64_t m, const int8_t* q, const float* scale, float* y, int64_t n_total,
                     int64_t k, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* qr = q + n * k;
-    for (int64_t r = 0; r < m; ++r) {
-      const float* xr = x + r * k;
-      float acc = 0.f;
-      int64_t i = 0;
-#ifdef RYZEN_AVX2
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      for (; i + 32 <= k; i += 32) {
-        a0 = _mm256_fmadd_ps(i8x8(qr + i), _mm256_loadu_ps(xr + i), a0);
-        a1 = _mm256_fmadd_ps(i8x8(qr + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
-        a2 = _mm256_fmadd_ps(i8x8(qr + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
-        a3 = _mm256_fmadd_ps(i8x8(qr + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
-      }
-      acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-      for (; i < k; ++i) acc += xr[i] * static_cast<float>(qr[i]);
-      y[r * n_total + n] = acc * scale[n];
+  float acc[3];
+  for (int64_t r0 = 0; r0 < m; r0 += 3) {
+    const int64_t rows = std::min<int64_t>(3, m - r0);
+    const float* xr = x + r0 * k;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* qr = q + n * k;
+      if (rows == 3) w8_tile<3>(xr, qr, k, acc);
+      else if (rows == 2) w8_tile<2>(xr, qr, k, acc);
+      else w8_tile<1>(xr, qr, k, acc);
+      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n_total + n] = acc[r] * scale[n];
     }
   }
 }
@@ -142,55 +163,6 @@ static void w4_rows(const float* x, const float* xsum, int64_t m, const uint8_t*
   }
 }
 
-// Prefill-sized inputs (kSmallM < M <= kTileM): tiles of 8 rows of x; each 8 int8 weights are converted once and
-// used by the tile's 8 rows (one accumulator each), instead of dequantizing the whole matrix to fp32 per call.
-template <int R>
-static void w8_tile(const float* x, const int8_t* qr, int64_t k, float* acc_out) {
-#ifdef RYZEN_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    __m256 w = i8x8(qr + i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * k + i), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    float a = hsum(acc[r]);
-    for (int64_t j = i; j < k; ++j) a += x[r * k + j] * static_cast<float>(qr[j]);
-    acc_out[r] = a;
-  }
-#else
-  for (int r = 0; r < R; ++r) {
-    float a = 0.f;
-    for (int64_t j = 0; j < k; ++j) a += x[r * k + j] * static_cast<float>(qr[j]);
-    acc_out[r] = a;
-  }
-#endif
-}
-
-static void w8_rows_tiled(const float* x, int64_t m, const int8_t* q, const float* scale, float* y, int64_t n_total,
-                          int64_t k, int64_t n0, int64_t n1) {
-  float acc[8];
-  for (int64_t r0 = 0; r0 < m; r0 += 8) {
-    const int64_t rows = std::min<int64_t>(8, m - r0);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* qr = q + n * k;
-      const float* xr = x + r0 * k;
-      switch (rows) {
-        case 8: w8_tile<8>(xr, qr, k, acc); break;
-        case 7: w8_tile<7>(xr, qr, k, acc); break;
-        case 6: w8_tile<6>(xr, qr, k, acc); break;
-        case 5: w8_tile<5>(xr, qr, k, acc); break;
-        case 4: w8_tile<4>(xr, qr, k, acc); break;
-        case 3: w8_tile<3>(xr, qr, k, acc); break;
-        case 2: w8_tile<2>(xr, qr, k, acc); break;
-        default: w8_tile<1>(xr, qr, k, acc); break;
-      }
-      for (int64_t r = 0; r < rows; ++r) y[(r0 + r) * n_total + n] = acc[r] * scale[n];
-    }
-  }
-}
-
 static int64_t grain(int64_t k) { return std::max<int64_t>(16, (1 << 16) / std::max<int64_t>(k, 1)); }
 
 torch::Tensor w8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
@@ -206,11 +178,9 @@ torch::Tensor w8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (m <= kSmallM) {
-    at::parallel_for(0, n, grain(k), [&](int64_t n0, int64_t n1) { w8_rows(xp, m, qp, sp, yp, n, k, n0, n1); });
-  } else {
-    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) { w8_rows_tiled(xp, m, qp, sp, yp, n, k, n0, n1); });
-  }
+  at::parallel_for(0, n, m <= kSmallM ? grain(k) : 16, [&](int64_t n0, int64_t n1) {
+    w8_rows(xp, m, qp, sp, yp, n, k, n0, n1);
+  });
   return y;
 }
 

@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 class SystemConfig:
     """The four optimizers' configs. Defaults: the measured best on this CPU that keeps accuracy within 1%."""
 
-    kernels: KernelConfig = field(default_factory=lambda: KernelConfig(weights="int4"))
+    # int8: on SmolLM2 both widths keep top-1 within 1% (int4 with groups of 32), and the int8 kernel streams ~4x more
+    # bytes per second than the int4 one on an AVX2 CPU (nibble unpacking is the bottleneck there), so int8 decodes
+    # faster (benchmarks/bench_kernels.py).
+    kernels: KernelConfig = field(default_factory=lambda: KernelConfig(weights="int8"))
     embeddings: CompressionConfig = field(default_factory=lambda: CompressionConfig(method="int8"))
     kv_cache: KVCacheConfig = field(default_factory=lambda: KVCacheConfig(bits=8))
     speculative: SpecConfig = field(default_factory=SpecConfig)

@@ -18,7 +18,7 @@ def test_tables_map_onto_the_optimizers_configs_with_the_systems_defaults():
     config = RunConfig.from_dict(
         {"kernels": {"group_size": 128}, "speculative": {"num_draft_tokens": 3}, "validation": {"models": ["zoo"]}}
     )
-    assert config.system.kernels.weights == "int4"  # SystemConfig's default, not KernelConfig's
+    assert config.system.kernels.weights == "int8"  # SystemConfig's default, not KernelConfig's ("none")
     assert config.system.kernels.group_size == 128
     assert config.system.speculative.num_draft_tokens == 3
     assert config.validation.models == ("target",)  # "zoo" is read as "target", its old name
