@@ -1,46 +1,46 @@
-"""Perf gates of the SpeculativeDecoder (issue 8): the zoo target with its early-exit draft, on held-out code prompts.
+"""Perf gates of the SpeculativeDecoder on SmolLM2-135M-Instruct with n-gram drafting (prompt lookup), on prompts
+that repeat their context: the model is asked to copy a held-out prose passage, as an edit or a quotation would.
 
-The target runs the same kernels in both arms (KernelOptimizer, int4 weights: weight-only, so a token's logits do not
-depend on the other tokens verified with it, and greedy output stays the target's token for token); the baseline is
-the target alone, the candidate speculative decoding with the early-exit draft (same kernels, its one-token step
-compiled). Measured here: acceptance 0.72, 1.31-1.38x with an eager draft, ~1.4-1.6x compiled. Gates: the seed's
-acceptance rate 0.60 and speculative speedup 1.2.
+Both arms run the same kernels (KernelOptimizer, SystemConfig's int8: its rows are computed the same way whatever the
+batch, so verification sees the logits decoding would); the baseline is the target alone. Lossless: greedy output
+equals the target's own, token for token. Acceptance and speed are recorded; the gates are the seed's acceptance
+rate 0.60 and speculative speedup 1.2. A trained draft model for SmolLM2 is a later issue.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 
 import pytest
 import torch
 
 from pytest_ryzen import acceptance_rate, speedup
-from ryzen_opt import zoo
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.speculative import SpecConfig, SpeculativeDecoder
+from ryzen_opt.kernels import KernelOptimizer
+from ryzen_opt.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder
+from ryzen_opt.system import SystemConfig
 
 pytestmark = pytest.mark.perf
 
-PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 8, 64, 64
+PROMPTS, PASSAGE_TOKENS, NEW_TOKENS = 3, 120, 64
 
 
 @pytest.fixture(scope="module")
-def setup(device: torch.device):
-    target, tokenizer = zoo.reference_model("target", device=device)
-    draft, _ = zoo.reference_model("draft", device=device)
-    config = KernelConfig(weights="int4")
-    target = KernelOptimizer(config).apply_to_model(target)
-    # The draft's one-token steps compiled (as OptimizedSystem does): ~half an eager step on a model this small.
-    draft = KernelOptimizer(dataclasses.replace(config, compile=True)).apply_to_model(draft)
-    blocks = zoo.heldout_blocks(tokenizer, blocks=PROMPTS).to(device)
-    prompts = [blocks[i : i + 1, :PROMPT_TOKENS] for i in range(PROMPTS)]
-    return target, draft, prompts
+def setup(smollm2, prose):
+    model, tokenizer = smollm2
+    target = KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
+    prompts = []
+    for i in range(PROMPTS):
+        passage = tokenizer.decode(prose[i, :PASSAGE_TOKENS])
+        chat = [{"role": "user", "content": f"Repeat the following text exactly, word for word:\n\n{passage}"}]
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(prose.device))
+    return target, prompts
 
 
 @acceptance_rate(0.60)
-def test_early_exit_draft_acceptance(ryzen, setup) -> None:
-    target, draft, prompts = setup
-    decoder = SpeculativeDecoder(target, draft, SpecConfig())
+def test_ngram_drafting_is_lossless_and_accepted_on_repeated_context(ryzen, setup) -> None:
+    target, prompts = setup
+    decoder = SpeculativeDecoder(target, NGramDrafter(), SpecConfig())
     stats = None
     for ids in prompts:
         out = decoder.generate(ids, NEW_TOKENS)
@@ -53,33 +53,31 @@ def test_early_exit_draft_acceptance(ryzen, setup) -> None:
         stats.proposed,
         optimizer="speculative_decoder",
         tokens_per_target_forward=stats.tokens_per_target_forward,
-        per_position_acceptance=stats.per_position_acceptance,
         near_ties=stats.near_ties,
     )
 
 
 @speedup(1.2)
-def test_speculative_beats_the_target_alone(ryzen, setup) -> None:
-    target, draft, prompts = setup
-    decoder = SpeculativeDecoder(target, draft, SpecConfig())
-    subset = prompts[:4]
+def test_ngram_drafting_beats_the_target_alone(ryzen, setup) -> None:
+    target, prompts = setup
+    decoder = SpeculativeDecoder(target, NGramDrafter(), SpecConfig())
 
     def alone() -> None:
-        for ids in subset:
+        for ids in prompts:
             target.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
     def speculative() -> None:
-        for ids in subset:
+        for ids in prompts:
             decoder.generate(ids, NEW_TOKENS)
 
     ryzen.compare(
         alone,
         speculative,
-        baseline_name="zoo target alone, KernelOptimizer int4 lean loop, greedy (4 prompts x 64 tokens)",
-        candidate_name="SpeculativeDecoder, early-exit draft, same kernels",
+        baseline_name=f"SmolLM2 alone, KernelOptimizer int8 lean loop, greedy ({PROMPTS} copy prompts x 64 tokens)",
+        candidate_name="SpeculativeDecoder, n-gram drafting, same kernels",
         optimizer="speculative_decoder",
-        min_pairs=6,
-        max_pairs=20,
+        min_pairs=5,
+        max_pairs=12,
         warmup=1,
-        max_time=60.0,
+        max_time=90.0,
     )
