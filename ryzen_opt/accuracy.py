@@ -462,3 +462,20 @@ def greedy_agreement(
         "near_tie_divergences": sum(p["diverged_at_near_tie"] for p in per_prompt),
         "per_prompt": per_prompt,
     }
+
+
+class MemoLogits(nn.Module):
+    """``model`` with its logits computed once per input: when several candidates are compared with one reference on
+    the same held-out blocks, the reference's forward runs once. Keeps every input's logits: mind the memory
+    (``[B, T, vocab]`` float32 per input)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.memo: dict[tuple[tuple[int, ...], bytes], torch.Tensor] = {}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
+        if key not in self.memo:
+            self.memo[key] = self.model(input_ids=input_ids).logits
+        return self.memo[key]

@@ -535,24 +535,11 @@ def _memo_logits(model: Any, blocks: Any) -> Any:
     """``model`` as a module whose logits for each input are computed once: the fp32 reference of the kernel, the
     embedding and the end-to-end accuracy comparisons is the same forward over the same blocks. Returns ``model``
     itself when the logits of ``blocks`` would not fit in ``_MEMO_BYTES``."""
-    import torch
+    from ryzen_opt.accuracy import MemoLogits
 
     if blocks.numel() * model.config.vocab_size * 4 > _MEMO_BYTES:
         return model
-
-    class MemoLogits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.memo: dict[tuple[tuple[int, ...], bytes], torch.Tensor] = {}
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
-            if key not in self.memo:
-                self.memo[key] = self.model(input_ids=input_ids).logits
-            return self.memo[key]
-
-    return MemoLogits()
+    return MemoLogits(model)
 
 
 def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[str, dict[str, Any]]:

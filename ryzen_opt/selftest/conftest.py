@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from ryzen_opt.accuracy import MemoLogits
 from ryzen_opt.selftest import MODEL_ENV, SYSTEM_CONFIG_FILE
 
 # Held-out blocks for the accuracy checks: 4 x 256 tokens keep each forward over them to seconds on SmolLM2.
@@ -82,21 +83,6 @@ def prose(model: Any, tokenizer: Any) -> torch.Tensor:
     return zoo.prose_blocks(tokenizer, "test", blocks=PROSE_BLOCKS, block_size=min(256, max_positions(model) // 2))
 
 
-class _MemoLogits(torch.nn.Module):
-    """The reference model with its logits computed once per input: several candidates are compared with it."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.memo: dict[tuple[tuple[int, ...], bytes], torch.Tensor] = {}
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
-        if key not in self.memo:
-            self.memo[key] = self.model(input_ids=input_ids).logits
-        return self.memo[key]
-
-
 @pytest.fixture(scope="session")
-def reference(model: Any) -> _MemoLogits:
-    return _MemoLogits(model)
+def reference(model: Any) -> MemoLogits:
+    return MemoLogits(model)

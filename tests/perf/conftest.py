@@ -6,6 +6,7 @@ Accuracy is judged on the "test" half of the held-out prose (``zoo.prose_blocks`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,3 +28,14 @@ def smollm2(device: torch.device) -> tuple[Any, Any]:
 def prose(smollm2: tuple[Any, Any], device: torch.device) -> torch.Tensor:
     """24 held-out blocks of 256 tokens (6,120 scored positions) of English prose, the "test" half."""
     return zoo.prose_blocks(smollm2[1], "test", blocks=24).to(device)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """Speed gates are claims at 2 threads (the machine CI runs on has 2 cores); the previous count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

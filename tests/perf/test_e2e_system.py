@@ -11,7 +11,6 @@ on 24 held-out prose blocks. Gates: the seed's 3.0x and 1%.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pytest_ryzen import accuracy_loss, speedup
 from ryzen_opt.bench import generate_workload
@@ -24,7 +23,7 @@ NEW_TOKENS = 64
 
 @speedup(3.0)
 @accuracy_loss(0.01)
-def test_all_four_on_smollm2(ryzen, smollm2, prose) -> None:
+def test_all_four_on_smollm2(ryzen, smollm2, prose, two_threads) -> None:
     target, _ = smollm2
     system = OptimizedSystem(target, None)
     prompts = [prose[i : i + 1, :32] for i in range(2)]
@@ -37,22 +36,17 @@ def test_all_four_on_smollm2(ryzen, smollm2, prose) -> None:
         for ids in prompts:
             system.generate(ids, NEW_TOKENS)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        ryzen.compare(
-            baseline,
-            optimized,
-            baseline_name="HF generate, fp32, default attention, dynamic cache (SmolLM2, 2 prompts x 64 tokens)",
-            candidate_name="all four optimizations (n-gram drafting)",
-            optimizer="e2e",
-            min_pairs=5,
-            max_pairs=12,
-            warmup=1,
-            max_time=150.0,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    ryzen.compare(
+        baseline,
+        optimized,
+        baseline_name="HF generate, fp32, default attention, dynamic cache (SmolLM2, 2 prompts x 64 tokens)",
+        candidate_name="all four optimizations (n-gram drafting)",
+        optimizer="e2e",
+        min_pairs=5,
+        max_pairs=12,
+        warmup=1,
+        max_time=150.0,
+    )
     ryzen.record_accuracy(
         target,
         system.accuracy_model(),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, speedup
@@ -29,7 +28,7 @@ PROMPT_TOKENS, NEW_TOKENS = 32, 64
 
 
 @speedup(3.0)
-def test_int8_decode_beats_hf_generate_at_2_threads(ryzen, smollm2, prose, record_property) -> None:
+def test_int8_decode_beats_hf_generate_at_2_threads(ryzen, smollm2, prose, two_threads, record_property) -> None:
     reference, _ = smollm2
     # The decode step compiled (~90 s of compile on 2 AVX2 cores): eager, the ~40 small ops per layer between the
     # matmuls cost as much as the weights' bytes on this CPU (2.57x eager, 4.74x compiled, measured here).
@@ -37,23 +36,18 @@ def test_int8_decode_beats_hf_generate_at_2_threads(ryzen, smollm2, prose, recor
     optimized = KernelOptimizer(config).apply_to_model(copy.deepcopy(reference))
     weights = config.weights
     prompt = prose[:1, :PROMPT_TOKENS]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        m = ryzen.compare(
-            generate_workload(reference, prompt, NEW_TOKENS),
-            generate_workload(optimized, prompt, NEW_TOKENS),
-            baseline_name=f"HF generate, {reference.config._attn_implementation} attention, dynamic cache, fp32 "
-            f"(SmolLM2-135M, {PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new tokens, batch 1, 2 threads)",
-            candidate_name=f"KernelOptimizer(weights={weights!r}, compile=True)",
-            optimizer="kernel_optimizer",
-            min_pairs=5,
-            max_pairs=12,
-            warmup=1,
-            max_time=150.0,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    m = ryzen.compare(
+        generate_workload(reference, prompt, NEW_TOKENS),
+        generate_workload(optimized, prompt, NEW_TOKENS),
+        baseline_name=f"HF generate, {reference.config._attn_implementation} attention, dynamic cache, fp32 "
+        f"(SmolLM2-135M, {PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new tokens, batch 1, 2 threads)",
+        candidate_name=f"KernelOptimizer(weights={weights!r}, compile=True)",
+        optimizer="kernel_optimizer",
+        min_pairs=5,
+        max_pairs=12,
+        warmup=1,
+        max_time=150.0,
+    )
     report = kernel_report(optimized)
     record_property("decode_ms_per_token", m.candidate_median_s / NEW_TOKENS * 1e3)
     record_property("hf_ms_per_token", m.baseline_median_s / NEW_TOKENS * 1e3)
