@@ -141,7 +141,12 @@ def test_ctrl_c_leaves_a_complete_report_and_no_temp_files(tmp_path: Path) -> No
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the run has started: its first line is printed before any stage
     assert line.startswith("ryzen-opt run"), line
-    time.sleep(1.0)  # inside setup: the tiny zoo trains for several seconds on a fresh cache
+    # Wait until setup is under way (imports done: on a fresh machine they alone take seconds), then interrupt while
+    # the tiny zoo trains for several seconds on a fresh cache.
+    while "loading" not in line:
+        line = proc.stdout.readline()
+        assert line, "the run ended before its setup said anything"
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, (out, err)
