@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-zoo test-unit test-latest test-oldest constraints lint bench bench-kernels bench-peers clean
+.PHONY: setup run test test-zoo test-signals test-unit test-latest test-oldest constraints lint bench bench-kernels bench-peers clean
 
 # The tested set of versions (see README, "Reproducible set-up"); `make setup CONSTRAINTS=` installs without it.
 CONSTRAINTS ?= constraints.txt
@@ -25,7 +25,10 @@ run: setup
 
 # The default zoo's own quality tests need it trained (10-30 min on 2 cores): `make test-zoo` runs them.
 test: setup
-	$(PYTHON) -m pytest tests -m "not default_zoo" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -m "not default_zoo and not signals" $(PYTEST_ARGS)
+
+test-signals: setup
+	$(PYTHON) -m pytest tests -m signals $(PYTEST_ARGS)
 
 test-zoo: setup
 	$(PYTHON) -m pytest tests -m default_zoo $(PYTEST_ARGS)
