@@ -76,7 +76,7 @@ bench-kernels: setup
 # llama.cpp's converter imports sentencepiece.
 bench-peers: setup
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q llama-cpp-python onnxruntime-genai onnx-ir sentencepiece
-	$(PYTHON) benchmarks/bench_peers.py --model 134m --threads 1 2
+	$(PYTHON) benchmarks/bench_peers.py --model smollm2 --threads 1 2
 
 clean:
 	rm -rf ryzen_results .pytest_cache .hypothesis build *.egg-info

@@ -1,14 +1,21 @@
 """KVCacheOptimizer, measured: stored bytes and decode peaks, accuracy, greedy agreement, a retrieval probe, speed.
 
-    python benchmarks/bench_kv_cache.py                      # all sections, ~5 min on 2 Zen 4 cores
-    python benchmarks/bench_kv_cache.py --sections memory
+    python benchmarks/bench_kv_cache.py                      # SmolLM2-135M-Instruct (the reference), all sections
+    python benchmarks/bench_kv_cache.py --sections memory    # stored and peak bytes at 2k and 8k tokens
+    python benchmarks/bench_kv_cache.py --model target       # the zoo target (fast, 6 layers)
+
+``--model smollm2`` (the default) measures the real model: memory at 2,048 and 8,192 tokens, accuracy over prose
+documents of 2,048 tokens fed 256 at a time (held-out CPython documentation, ``zoo.prose_blocks``' test split),
+greedy agreement on prose prompts, and a pass key planted at 90% depth of 2k and 4k tokens of prose
+(``kv_cache.passkey_prompt``: retrieved or not). ``--model target`` runs the zoo target as described below.
 
 Sections:
-- **memory**: at 1k and 4k context, the stored KV bytes of HF's ``DynamicCache`` (model dtype) and of each cache
+- **memory**: at each context (smollm2: 2k and 8k; target: 1k and 4k), the stored KV bytes of HF's
+  ``DynamicCache`` (model dtype) and of each cache
   (codes, scales, residual window counted), the reduction, and the measured peak of live tensor bytes during 16 decode
   steps (``kv_cache.PeakMemory``): through HF's attention (which dequantizes the whole cache every step) and through the
   lean loop's ``attend`` (chunks of ``attend_chunk`` tokens), against the lean loop's own static cache.
-- **accuracy**: DESIGN.md's accuracy loss of next-token prediction through each cache against the full cache, on the
+- **accuracy**: the accuracy loss of next-token prediction through each cache against the full cache, on the
   zoo target's held-out text in sequences of 512 tokens fed 32 at a time (``CachedForward``): with the default
   residual window of 128, three quarters of each sequence is read from quantized storage.
 - **greedy**: agreement of 64-token greedy continuations (prompts of 384 held-out tokens) with the full cache.
@@ -33,7 +40,15 @@ from ryzen_opt import zoo
 from ryzen_opt.bench import accuracy
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, PeakMemory, cache_bytes
+from ryzen_opt.kv_cache import (
+    CachedForward,
+    KVCacheConfig,
+    KVCacheOptimizer,
+    PeakMemory,
+    cache_bytes,
+    passkey_probe,
+    passkey_prompt,
+)
 from ryzen_opt.reports import run_sections
 
 CONFIGS = {
@@ -43,10 +58,17 @@ CONFIGS = {
 }
 
 
-def _target() -> tuple[Any, Any]:
-    model, tokenizer = zoo.reference_model("target")
+def _model(args: argparse.Namespace) -> tuple[Any, Any]:
+    model, tokenizer = zoo.reference_model(args.model)
     model.generation_config.eos_token_id = None
     return model, tokenizer
+
+
+def _heldout_tokens(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
+    """One long 1-D run of held-out tokens: CPython docs prose for SmolLM2, the zoo's held-out code for the target."""
+    if args.model == "smollm2":
+        return zoo.prose_blocks(tokenizer, "test", blocks=None, block_size=256).reshape(-1)
+    return zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
 
 
 @torch.no_grad()
@@ -67,9 +89,11 @@ def _lean_peak(optimized: Any, ids: torch.Tensor, cache: Any, steps: int) -> tup
 
 @torch.no_grad()
 def bench_memory(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    model, _ = _target()
+    model, _ = _model(args)
     optimized = KernelOptimizer(KernelConfig()).apply_to_model(copy.deepcopy(model))
-    print("\n== KV memory, zoo target (6 layers, 4 kv heads x 64)")
+    c = model.config
+    shape = f"{c.num_hidden_layers} layers, {c.num_key_value_heads} kv heads x {c.hidden_size // c.num_attention_heads}"
+    print(f"\n== KV memory, {args.model} ({shape})")
     for context in args.contexts:
         ids = torch.randint(1, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
         static_stored, static_peak = _lean_peak(optimized, ids, None, 16)
@@ -97,15 +121,16 @@ def bench_memory(args: argparse.Namespace, results: dict[str, Any]) -> None:
 @torch.no_grad()
 def bench_accuracy(args: argparse.Namespace, results: dict[str, Any]) -> None:
     torch.set_num_threads(max(args.threads))
-    model, tokenizer = _target()
-    heldout = zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
-    seqs = heldout[: (heldout.numel() // 512) * 512].reshape(-1, 512)[: args.sequences]
-    reference = CachedForward(model, DynamicCache, chunk=32)
-    print(f"\n== accuracy through the cache, zoo target, {seqs.shape[0]} x 512 tokens fed 32 at a time")
+    model, tokenizer = _model(args)
+    heldout = _heldout_tokens(args, tokenizer)
+    length, chunk = (2048, 256) if args.model == "smollm2" else (512, 32)
+    seqs = heldout[: (heldout.numel() // length) * length].reshape(-1, length)[: args.sequences]
+    reference = CachedForward(model, lambda: DynamicCache(config=model.config), chunk=chunk)
+    print(f"\n== accuracy through the cache, {args.model}, {seqs.shape[0]} x {length} tokens fed {chunk} at a time")
     for name, config in CONFIGS.items():
         optimizer = KVCacheOptimizer(config)
-        candidate = CachedForward(model, lambda optimizer=optimizer: optimizer.make_cache(model), chunk=32)
-        m = accuracy(reference, candidate, seqs, reference_name="DynamicCache", candidate_name=name)
+        candidate = CachedForward(model, lambda optimizer=optimizer: optimizer.make_cache(model), chunk=chunk)
+        m = accuracy(reference, candidate, seqs, batch_size=1, reference_name="DynamicCache", candidate_name=name)
         results.setdefault("accuracy", []).append(
             {"name": name, "config": config.to_dict(), "measurement": m.to_dict()}
         )
@@ -120,8 +145,8 @@ def _greedy(model: Any, ids: torch.Tensor, cache: Any, new: int) -> torch.Tensor
 
 @torch.no_grad()
 def bench_greedy(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    model, tokenizer = _target()
-    heldout = zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
+    model, tokenizer = _model(args)
+    heldout = _heldout_tokens(args, tokenizer)
     prompts = [heldout[i * 997 : i * 997 + 384][None] for i in range(args.prompts)]
     print(f"\n== greedy agreement over 64 tokens, {len(prompts)} prompts of 384 held-out tokens")
     for name, config in CONFIGS.items():
@@ -144,12 +169,42 @@ def _value_logprob(model: Any, make_cache: Any, ids: torch.Tensor, n_value: int)
 
 @torch.no_grad()
 def bench_probe(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    if args.model == "smollm2":
+        return bench_passkey(args, results)
+    return bench_logprob_probe(args, results)
+
+
+@torch.no_grad()
+def bench_passkey(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """SmolLM2 answers a question: a pass key planted at 90% depth of prose, asked for at the end, must come back in
+    its greedy answer through every cache the full cache retrieves it with."""
+    model, tokenizer = _model(args)
+    filler = zoo.prose_texts("test")
+    caches = [("full (DynamicCache)", lambda: DynamicCache(config=model.config))] + [
+        (n, lambda c=c: KVCacheOptimizer(c).make_cache(model)) for n, c in CONFIGS.items()
+    ]
+    print("\n== pass key retrieval: a key planted at 90% depth of prose, asked for at the end")
+    for length in args.probe_lengths or [2048, 4096]:
+        for key in ("48213", "7391"):
+            prompt = passkey_prompt(tokenizer, filler, length, key)
+            row: dict[str, Any] = {"context": length, "prompt_tokens": int(prompt.shape[1]), "key": key}
+            for name, make in caches:
+                row[name] = passkey_probe(model, tokenizer, prompt, key, make)
+            results.setdefault("probe", []).append(row)
+            summary = ", ".join(
+                f"{n} {'retrieved' if row[n]['passed'] else 'MISSED ' + repr(row[n]['answer'])}" for n, _ in caches
+            )
+            print(f"{row['prompt_tokens']:5d} tokens, key {key}: {summary}")
+
+
+@torch.no_grad()
+def bench_logprob_probe(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """The zoo target is a 6.8M code model: its greedy output does not copy a planted string back (measured: not at
     64 tokens, even with the full cache), so recall is measured as a log-probability gain instead. The prompt plants
     ``_SECRET_NAME = 'frobnicate_widget_cache'``, then held-out code, then ``_SECRET_NAME = 'frobnicate``; the score is
     how much more likely ``_widget_cache`` is than after a control prompt that planted another name. A cache that lost
     the plant shows the control's score (gain 0)."""
-    model, tokenizer = _target()
+    model, tokenizer = _model(args)
     filler = zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
     plant = tokenizer("_SECRET_NAME = 'frobnicate_widget_cache'\n", return_tensors="pt").input_ids
     control = tokenizer("_SECRET_NAME = 'configure_logging_handler'\n", return_tensors="pt").input_ids
@@ -159,7 +214,7 @@ def bench_probe(args: argparse.Namespace, results: dict[str, Any]) -> None:
         (n, lambda c=c: KVCacheOptimizer(c).make_cache(model)) for n, c in CONFIGS.items()
     ]
     print("\n== retrieval probe: log-probability gain of a planted name, asked for at the end of a long prompt")
-    for length in args.probe_lengths:
+    for length in args.probe_lengths or [64, 256, 1024, 2048]:
         middle = filler[: max(0, length - plant.shape[1] - tail.shape[1] - value.shape[1])][None]
         row: dict[str, Any] = {"prompt_tokens": plant.shape[1] + middle.shape[1] + tail.shape[1]}
         for name, make in caches:
@@ -174,7 +229,7 @@ def bench_probe(args: argparse.Namespace, results: dict[str, Any]) -> None:
 @torch.no_grad()
 def bench_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
     torch.set_num_threads(max(args.threads))
-    model, _ = _target()
+    model, _ = _model(args)
     optimized = KernelOptimizer(KernelConfig()).apply_to_model(copy.deepcopy(model))
     ids = torch.randint(1, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
     print(f"\n== decode at 1k context, 32 new tokens, {torch.get_num_threads()} thread(s), median of 3")
@@ -204,13 +259,17 @@ def bench_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["memory", "accuracy", "greedy", "probe", "speed"])
-    parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096])
+    parser.add_argument("--model", choices=["smollm2", "target"], default="smollm2")
+    parser.add_argument("--contexts", nargs="+", type=int, help="default: 2048 8192 (smollm2), 1024 4096 (target)")
     parser.add_argument("--threads", nargs="+", type=int, default=[2])
-    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--sequences", type=int, help="default: 4 of 2,048 tokens (smollm2), 32 of 512 (target)")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--probe-lengths", nargs="+", type=int, default=[64, 256, 1024, 2048])
+    parser.add_argument("--probe-lengths", nargs="+", type=int, help="default: 2048 4096 (smollm2), 64..2048 (target)")
     parser.add_argument("--out", default="benchmarks/results/kv_cache.json")
     args = parser.parse_args()
+    smollm2 = args.model == "smollm2"
+    args.contexts = args.contexts or ([2048, 8192] if smollm2 else [1024, 4096])
+    args.sequences = args.sequences or (4 if smollm2 else 32)
     torch.set_num_threads(max(args.threads))
     results: dict[str, Any] = {"benchmark": "KVCacheOptimizer", "args": vars(args)}
     sections = {

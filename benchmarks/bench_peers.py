@@ -23,6 +23,14 @@ round-robin (one run of each per round) so drift on a shared machine hits all al
 ms/token, measured in the same process at the same thread count. ``match_vs_hf`` = how many leading greedy tokens equal
 HF fp32's: a conversion sanity check (quantized formats may diverge legitimately, sooner on random weights).
 
+**Quality against speed** (``--quality-blocks``, on by default for a pretrained model): every engine scores the same
+held-out token blocks (CPython's documentation prose, the ``test`` split of ``zoo.prose_blocks``), each block in one
+prompt pass (llama.cpp with ``logits_all``, ORT GenAI's prompt-pass logits), and ``ryzen_opt.accuracy`` compares
+its logits with HF fp32's: top-1 agreement, KL(fp32 || engine), relative top-1 loss on the true next tokens with a
+paired-bootstrap interval, perplexity ratio. A table and a plot (KL against ms/token, ``<out>.png``) put them side
+by side. With ``--model smollm2`` llama.cpp also runs the wheel's own Q4_1 file (``q4_1-wheel``), the exact weights
+the fp32 reference was dequantized from; Q8_0 and Q4_K_M are quantized from that fp32.
+
 Conversions are cached under ``$RYZEN_OPT_CACHE/peers/artifacts/<hash of the HF dir>/`` and written atomically
 (temp path + rename). GGUF comes from llama.cpp's own ``convert_hf_to_gguf.py``, taken from the llama-cpp-python
 sdist of the installed version (fetched once with ``pip download`` unless ``$LLAMA_CPP_SRC`` names a llama.cpp
@@ -30,7 +38,7 @@ tree), then quantized with ``llama_cpp.llama_model_quantize``. A byte-level BPE 
 llama.cpp does not know is written as ``gpt-2``; prompts are token ids, so this cannot touch the timings. An engine
 that is not installed, or whose conversion fails, is reported SKIPPED with the reason and the install command.
 
-    python benchmarks/bench_peers.py [--model {134m,zoo,PATH}] [--threads 1 2] [--prompt-tokens 32]
+    python benchmarks/bench_peers.py [--model {134m,smollm2,zoo,PATH}] [--threads 1 2] [--prompt-tokens 32]
         [--new-tokens 64] [--runs 7] [--engines hf,ryzen,llamacpp,ortgenai] [--out benchmarks/results/peers.json]
 """
 
@@ -68,6 +76,9 @@ INSTALL = {
     "ortgenai": "pip install onnxruntime-genai onnx-ir",
 }
 LLAMA_PRECISIONS = ("f32", "bf16", "q8_0", "q4_k_m")
+# SmolLM2's own GGUF (Q4_1, blocks of 32): every other artifact is made from its fp32 dequantization, so this one
+# is the exact weights the fp32 reference came from.
+WHEEL_PRECISION = "q4_1-wheel"
 LLAMA_CONVERT_OUTTYPE = {"f32": "f32", "bf16": "bf16"}  # written by the converter; the rest quantized from f32
 LLAMA_QUANT_FTYPE = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 ORT_PRECISIONS = ("fp32", "int8", "int4")
@@ -181,6 +192,10 @@ def resolve_model(spec: str) -> tuple[str, Path]:
         from ryzen_opt import zoo
 
         return "zoo", zoo.build("default") / "target"
+    if spec == "smollm2":
+        from ryzen_opt import zoo
+
+        return "smollm2", zoo.smollm2_dir()
     path = Path(spec).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise SystemExit(f"{path} is not a HF model directory (no config.json)")
@@ -274,11 +289,16 @@ def gguf_tensor_types(path: Path) -> dict[str, int] | None:
 
 
 def prepare_gguf(model_dir: Path, art_dir: Path, precision: str, threads: int) -> Path:
-    """The cached GGUF for ``precision``, converting (f32, bf16) or quantizing from f32 (q8_0, q4_k_m) if needed."""
+    """The cached GGUF for ``precision``, converting (f32, bf16) or quantizing from f32 (q8_0, q4_k_m) if needed;
+    ``q4_1-wheel`` is the SmolLM2 wheel's own file, run as shipped."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError as exc:
         raise Skip(f"llama-cpp-python not importable: {exc}") from exc
+    if precision == WHEEL_PRECISION:
+        from ryzen_opt import zoo
+
+        return zoo.smollm2_gguf()[0]
     final = art_dir / f"model-{precision}.gguf"
     if final.is_file():
         return final
@@ -345,6 +365,10 @@ class Runner(Protocol):
 
     def generate(self, prompt: list[int], new_tokens: int) -> Run: ...
 
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """``[len(ids), vocab]`` float32 next-token logits of one sequence, every position (the quality table)."""
+        ...
+
 
 class HFRunner:
     engine = "hf"
@@ -387,6 +411,11 @@ class HFRunner:
         # The streamer's first put is the prompt; then one per generated token.
         return run_from_stamps(t0, streamer.stamps[1:], out[0, len(prompt) :].tolist())
 
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            return self.model(input_ids=torch.tensor([ids])).logits[0].float()
+
 
 class RyzenRunner:
     """ryzen-opt's KernelOptimizer: the lean static-cache loop, timed token by token like the others."""
@@ -424,11 +453,16 @@ class RyzenRunner:
                     logits = decoder.step(token)
         return run_from_stamps(t0, stamps, tokens)
 
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            return self.model(input_ids=torch.tensor([ids])).logits[0].float()
+
 
 class LlamaCppRunner:
     engine = "llamacpp"
 
-    def __init__(self, gguf: Path, precision: str, threads: int, n_ctx: int) -> None:
+    def __init__(self, gguf: Path, precision: str, threads: int, n_ctx: int, logits_all: bool = False) -> None:
         from llama_cpp import Llama
 
         self.precision = precision
@@ -439,8 +473,17 @@ class LlamaCppRunner:
             n_threads=threads,
             n_threads_batch=threads,
             seed=0,
+            logits_all=logits_all,  # keeps every position's logits (the quality table), not only the last
             verbose=False,
         )
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        llm = self.llm
+        if not llm.context_params.logits_all:
+            raise RuntimeError("this llama.cpp runner was built without logits_all")
+        llm.reset()
+        llm.eval(ids)  # one batched prompt pass, as llama.cpp runs a prompt
+        return torch.from_numpy(llm.scores[: len(ids)].copy()).float()
 
     def generate(self, prompt: list[int], new_tokens: int) -> Run:
         import llama_cpp
@@ -496,6 +539,30 @@ class OrtGenAIRunner:
         tokens = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
         return run_from_stamps(t0, stamps, tokens)
 
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Every position's logits. The builder's model returns the prompt pass's logits for all positions; should an
+        ORT GenAI version return only the last one, the sequence is fed one token at a time instead (same model,
+        same KV cache, slower)."""
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + 1)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        out = torch.from_numpy(generator.get_output("logits").copy()).float().reshape(-1, self._vocab(generator))
+        if out.shape[0] == len(ids):
+            return out
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids[:1])
+        rows = [torch.from_numpy(generator.get_output("logits").copy()).float().reshape(-1)]
+        for token in ids[1:]:
+            generator.append_tokens([token])
+            rows.append(torch.from_numpy(generator.get_output("logits").copy()).float().reshape(-1))
+        return torch.stack(rows)
+
+    @staticmethod
+    def _vocab(generator: Any) -> int:
+        return int(generator.get_output("logits").shape[-1])
+
 
 # ------------------------------------------------------------------------------------------------ driver
 
@@ -511,14 +578,16 @@ class Entry:
     tensor_types: dict[str, int] | None = None
     runs: dict[int, list[Run]] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    quality: dict[str, Any] | None = None
+    quality_error: str | None = None
 
 
-def prepare(engines: list[str], model_dir: Path, art_dir: Path, threads: int) -> list[Entry]:
+def prepare(engines: list[str], model_dir: Path, art_dir: Path, threads: int, model_name: str) -> list[Entry]:
     entries: list[Entry] = []
     wanted = {
         "hf": ["fp32"],
         "ryzen": ["fp32", "int8", "int4"],
-        "llamacpp": list(LLAMA_PRECISIONS),
+        "llamacpp": ([WHEEL_PRECISION] if model_name == "smollm2" else []) + list(LLAMA_PRECISIONS),
         "ortgenai": list(ORT_PRECISIONS),
     }
     for engine in engines:
@@ -542,14 +611,14 @@ def prepare(engines: list[str], model_dir: Path, art_dir: Path, threads: int) ->
     return entries
 
 
-def make_runner(entry: Entry, threads: int, n_ctx: int) -> Runner:
+def make_runner(entry: Entry, threads: int, n_ctx: int, logits_all: bool = False) -> Runner:
     assert entry.artifact is not None
     if entry.engine == "hf":
         return HFRunner(entry.artifact, threads)
     if entry.engine == "ryzen":
         return RyzenRunner(entry.artifact, entry.precision, threads)
     if entry.engine == "llamacpp":
-        return LlamaCppRunner(entry.artifact, entry.precision, threads, n_ctx)
+        return LlamaCppRunner(entry.artifact, entry.precision, threads, n_ctx, logits_all)
     return OrtGenAIRunner(entry.artifact, entry.precision, threads)
 
 
@@ -573,6 +642,52 @@ def measure(entries: list[Entry], threads: int, prompt: list[int], new_tokens: i
         for entry, runner in live:
             entry.runs[threads].append(runner.generate(prompt, new_tokens))
     del live
+
+
+class _Logits(torch.nn.Module):
+    """A runner as ``accuracy`` sees a model: ``forward(input_ids [B, T]) -> [B, T, vocab]``, one row at a time."""
+
+    def __init__(self, runner: Runner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.stack([self.runner.logits(row.tolist()) for row in input_ids]))
+
+
+def measure_quality(entries: list[Entry], threads: int, blocks: torch.Tensor) -> None:
+    """Each engine's next-token logits on the same held-out token blocks against HF fp32's, through the one
+    ``ryzen_opt.accuracy`` (top-1 loss with its paired-bootstrap interval, KL, top-1 agreement, perplexity ratio)."""
+    from ryzen_opt.accuracy import MemoLogits, accuracy
+
+    hf = next((e for e in entries if e.engine == "hf" and not e.skip), None)
+    if hf is None:
+        for entry in entries:
+            entry.quality_error = "needs the hf engine (the fp32 reference)"
+        return
+    n_ctx = blocks.shape[1] + 8
+    reference = MemoLogits(_Logits(make_runner(hf, threads, n_ctx)))  # its forward runs once per block
+    for entry in entries:
+        if entry.skip:
+            continue
+        logger.info("quality: %s %s on %d x %d held-out tokens", entry.engine, entry.precision, *blocks.shape)
+        try:
+            candidate = _Logits(make_runner(entry, threads, n_ctx, logits_all=True))
+            m = accuracy(
+                reference,
+                candidate,
+                blocks,
+                batch_size=1,
+                reference_name="hf fp32",
+                candidate_name=f"{entry.engine} {entry.precision}",
+            )
+            entry.quality = m.to_dict()
+            del candidate
+        except Exception as exc:
+            entry.quality_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("quality of %s %s failed: %s", entry.engine, entry.precision, exc)
 
 
 def _prefix_match(a: list[int], b: list[int]) -> int:
@@ -625,8 +740,94 @@ def rows_for(entries: list[Entry], thread_counts: list[int], new_tokens: int) ->
                 match_vs_hf=_prefix_match(tokens, hf_runs[-1].tokens) if hf_runs else None,
                 tokens=tokens,
             )
+            if threads == max(thread_counts):
+                row["quality"] = entry.quality
+                row["quality_error"] = entry.quality_error
             rows.append(row)
     return rows
+
+
+def heldout_blocks(model_name: str, model_dir: Path, blocks: int, block_size: int) -> torch.Tensor | str:
+    """The quality table's held-out text, or why there is none."""
+    if blocks <= 0:
+        return "not asked for (--quality-blocks 0)"
+    if model_name == "134m":
+        return "random weights: agreement with fp32 says nothing about a real model's quality (use --model smollm2)"
+    from transformers import AutoTokenizer
+
+    from ryzen_opt import zoo
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return zoo.prose_blocks(tokenizer, "test", blocks=blocks, block_size=block_size)
+
+
+def print_quality(rows: list[dict[str, Any]], threads: int, blocks: torch.Tensor | str) -> None:
+    if isinstance(blocks, str):
+        print(f"\nquality: SKIPPED: {blocks}")
+        return
+    n, t = blocks.shape
+    print(f"\nquality against speed, {threads} thread(s); quality on {n} x {t} held-out tokens against HF fp32")
+    print(
+        f"{'engine':<9} {'prec':<10} {'MB':>6} {'ms/tok':>7} {'vs HF':>6} {'top-1 agree':>11} {'KL':>8}"
+        f" {'top-1 loss [95% CI]':>24} {'ppl ratio':>9}"
+    )
+    for row in rows:
+        if row["threads"] != threads:
+            continue
+        size = f"{row['artifact_bytes'] / 1e6:6.0f}" if row.get("artifact_bytes") else f"{'':>6}"
+        speed = (
+            f"{row['decode_ms_per_token']:7.2f} {row['speedup_vs_hf']:5.2f}x"
+            if row["status"] == "ok" and row.get("speedup_vs_hf")
+            else f"{'':>7} {'':>6}"
+        )
+        q = row.get("quality")
+        if q is None:
+            tail = f"SKIPPED: {row.get('quality_error') or row.get('reason')}"
+        else:
+            loss = f"{q['accuracy_loss']:+.2%} [{q['ci_low']:+.2%}, {q['ci_high']:+.2%}]"
+            tail = f"{q['top1_agreement']:11.4f} {q['kl_divergence']:8.5f} {loss:>24} {q['perplexity_ratio']:9.4f}"
+        print(f"{row['engine']:<9} {row['precision']:<10} {size} {speed} {tail}")
+
+
+def plot_quality(rows: list[dict[str, Any]], threads: int, out: Path) -> Path | None:
+    """KL from fp32 against decode ms/token, one point per engine and precision: where each engine sits between
+    fast and faithful. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib not installed: no plot")
+        return None
+    points = [
+        r for r in rows if r["threads"] == threads and r["status"] == "ok" and r.get("quality") and r["engine"] != "hf"
+    ]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = {"ryzen": "tab:red", "llamacpp": "tab:blue", "ortgenai": "tab:green"}
+    for r in points:
+        kl = max(r["quality"]["kl_divergence"], 1e-6)
+        ax.scatter(r["decode_ms_per_token"], kl, color=colors.get(r["engine"], "gray"))
+        ax.annotate(
+            f"{r['engine']} {r['precision']}",
+            (r["decode_ms_per_token"], kl),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel(f"decode ms/token, batch 1, {threads} thread(s) (lower is faster)")
+    ax.set_ylabel("KL from HF fp32, nats/token (lower is more faithful)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def package_versions() -> dict[str, str | None]:
@@ -641,12 +842,23 @@ def package_versions() -> dict[str, str | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="134m", help="134m (random weights), zoo (the reference target) or a path")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (the real reference), 134m (random weights: speed only), zoo (the zoo target) or a HF dir",
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    parser.add_argument(
+        "--quality-blocks",
+        type=int,
+        default=8,
+        help="held-out blocks of CPython's docs prose for the quality table (0: speed only; random weights: none)",
+    )
+    parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results/peers.json")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     args = parser.parse_args()
@@ -668,9 +880,16 @@ def main() -> None:
     prompt = torch.randint(1, config["vocab_size"], (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     prompt_ids = prompt.tolist()
 
-    entries = prepare(engines, model_dir, art_dir, max(args.threads))
+    entries = prepare(engines, model_dir, art_dir, max(args.threads), model_name)
     for threads in args.threads:
         measure(entries, threads, prompt_ids, args.new_tokens, args.runs)
+    quality_threads = max(args.threads)
+    blocks = heldout_blocks(model_name, model_dir, args.quality_blocks, args.block_size)
+    if isinstance(blocks, str):
+        for entry in entries:
+            entry.quality_error = blocks
+    else:
+        measure_quality(entries, quality_threads, blocks)
     rows = rows_for(entries, args.threads, args.new_tokens)
 
     print(f"\nmodel {model_name} ({model_dir}), prompt {args.prompt_tokens}, new {args.new_tokens}, runs {args.runs}")
@@ -687,6 +906,7 @@ def main() -> None:
             f"{lead} {row['decode_ms_per_token']:13.3f} {row['tokens_per_s']:8.1f} {speedup:>10}"
             f" {row['prefill_ms']:10.2f} {match:>5}  ok"
         )
+    print_quality(rows, quality_threads, blocks)
     skipped_installs = sorted({row["install"] for row in rows if row["status"] != "ok"})
     for cmd in skipped_installs:
         print(f"to install a skipped engine: {cmd}")
@@ -706,10 +926,20 @@ def main() -> None:
         },
         "packages": package_versions(),
         "rows": rows,
+        "quality": {
+            "threads": quality_threads,
+            "heldout": blocks
+            if isinstance(blocks, str)
+            else f"{blocks.shape[0]} x {blocks.shape[1]} tokens of "
+            "CPython's documentation prose (zoo.prose_blocks, test split), each scored in one prompt pass",
+            "reference": "hf fp32",
+        },
         "environment": environment(),
     }
     out = atomic_write_json(args.out, result)
     print(f"wrote {out}")
+    if not isinstance(blocks, str) and (plot := plot_quality(rows, quality_threads, Path(args.out))):
+        print(f"wrote {plot}")
 
 
 if __name__ == "__main__":

@@ -52,11 +52,12 @@ from ryzen_opt.compat import cache_kwargs, pop_cache_kwarg
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.device import cpu_info
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.quant import dequantize_int4, quantize_int4, quantize_int8
+from ryzen_opt.quant import dequantize_int4, gptq_int4, quantize_int4, quantize_int8
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("none", "bf16", "int8", "int4")
+INT4_METHODS = ("rtn", "gptq")
 INT8_KERNELS = ("auto", "native", "fbgemm", "int8pack", "dequant")
 ATTENTION_MODES = ("sdpa", "eager", "keep")
 DECODE_MODES = ("static", "hf")
@@ -97,6 +98,10 @@ class KernelConfig(ConfigMixin):
             ``"int8pack"`` (weight-only, bf16 activations) or ``"dequant"``.
         group_size: int4 group along the input dimension (32, 64, 128 or 256). 32 by default: llama.cpp's Q4_0/Q4_1
             block; 64 lost 9% of SmolLM2's top-1 accuracy (``benchmarks/bench_kernels.py --sections accuracy``).
+        int4_method: ``"rtn"`` rounds each group to nearest; ``"gptq"`` quantizes column by column and compensates
+            each rounding error on the columns still to come, weighted by the layer's input statistics on
+            calibration text (``apply_to_model(model, calibration=ids)``). Same stored form and speed; see
+            ``docs/int4.md`` for what each costs on SmolLM2 and on weights that do not come from a 4-bit file.
         attention: ``"sdpa"`` (PyTorch's fused attention, ``is_causal`` where possible), ``"eager"`` or
             ``"keep"`` (leave the model's setting alone).
         decode: ``"static"``: ``generate`` runs the lean static-cache loop where it can; ``"hf"``: HF's own loop
@@ -114,6 +119,7 @@ class KernelConfig(ConfigMixin):
     weights: str = "none"
     int8_kernel: str = "auto"
     group_size: int = 32
+    int4_method: str = "rtn"
     attention: str = "sdpa"
     decode: str = "static"
     compile: bool = False
@@ -129,6 +135,7 @@ class KernelConfig(ConfigMixin):
             ("attention", ATTENTION_MODES),
             ("decode", DECODE_MODES),
             ("lm_head", ("auto", *WEIGHT_MODES)),
+            ("int4_method", INT4_METHODS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -322,12 +329,23 @@ class Int4Linear(_KernelLinear):
     handed to the kernel is ``min + 8 * scale``.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+        hessian: torch.Tensor | None = None,
+    ) -> None:
+        """``hessian`` (``X^T X`` of this layer's inputs on calibration text) quantizes with GPTQ; without it,
+        round-to-nearest. Both give the same stored form."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
         device = weight.device
-        q, scale, lo = quantize_int4(weight, group_size)
+        if hessian is None:
+            q, scale, lo = quantize_int4(weight, group_size)
+        else:
+            q, scale, lo = (t.to(device) for t in gptq_int4(weight.cpu(), hessian.cpu(), group_size))
         self.native = device.type == "cpu" and self.in_features % 32 == 0 and group_size % 32 == 0
         self.native = self.native and native.ops() is not None
         # Nibbles, two per byte, are what counts as storage (and what dequantized_weight reads): in the native
@@ -503,6 +521,57 @@ def _sliding_window(config: Any) -> int | None:
     return int(window) if window and uses else None
 
 
+def _input_hessians(model: nn.Module, calibration: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``X^T X`` of every ``nn.Linear``'s inputs over ``calibration`` (keyed by ``id(module)``), from one pass of the
+    unmodified model: GPTQ's statistics."""
+    if (
+        not isinstance(calibration, torch.Tensor)
+        or calibration.ndim != 2
+        or calibration.dtype
+        not in (
+            torch.int32,
+            torch.int64,
+        )
+    ):
+        raise ConfigError(
+            f"calibration must be an [N, T] LongTensor of token ids, got "
+            f"{type(calibration).__name__}{tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else ''}"
+        )
+    sums: dict[int, torch.Tensor] = {}
+    hooks = []
+    last: dict[str, Any] = {"x": None, "h": None}
+
+    def collect(module: nn.Module, args: tuple[Any, ...]) -> None:
+        # q/k/v (and gate/up) receive the very same tensor: its X^T X is computed once. Each block's product in
+        # float32 (the matmul is the cost), accumulated across blocks in float64.
+        if args[0] is not last["x"]:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            last["x"], last["h"] = args[0], (x.t() @ x).to(torch.float64)
+        key = id(module)
+        sums[key] = sums[key] + last["h"] if key in sums else last["h"].clone()
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_pre_hook(collect))
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for row in calibration.long():
+                model(input_ids=row[None].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        last.clear()
+    logger.info(
+        "GPTQ calibration: %d x %d tokens through %d linears in %.1f s",
+        *calibration.shape,
+        len(sums),
+        time.perf_counter() - started,
+    )
+    return {key: h.cpu() for key, h in sums.items()}
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -543,6 +612,7 @@ class KernelOptimizer:
         if not isinstance(self.config, KernelConfig):
             raise ConfigError(f"KernelOptimizer takes a KernelConfig, got {type(self.config).__name__}")
         self.report: KernelReport | None = None
+        self._hessians: dict[int, torch.Tensor] = {}
 
     # -- module construction
 
@@ -560,7 +630,12 @@ class KernelOptimizer:
         return kernel
 
     def _make_linear(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, name: str, report: KernelReport
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        name: str,
+        report: KernelReport,
+        hessian: torch.Tensor | None = None,
     ) -> _KernelLinear:
         mode = self.config.weights
         if name == "lm_head":
@@ -576,7 +651,7 @@ class KernelOptimizer:
                 )
                 mode = "int8"
             else:
-                module = Int4Linear(weight, bias, self.config.group_size)
+                module = Int4Linear(weight, bias, self.config.group_size, hessian)
         if mode == "int8":
             kernel = self._int8_kernel(weight.device)
             if kernel == "fbgemm" and not hasattr(torch.ops.quantized, "linear_dynamic"):
@@ -598,13 +673,15 @@ class KernelOptimizer:
             report.fallbacks.append(f"lm_head: kept as {type(originals[0]).__name__} (compressed before)")
             return originals[0]
         params = [_linear_params(m) for m in originals]
+        # Fused projections read the same input: one Hessian serves them all.
+        hessian = self._hessians.get(id(originals[0]))
         if fuse and len(names) > 1:
             weight = torch.cat([w for w, _ in params], dim=0)
             if any(b is not None for _, b in params):
                 bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in params], dim=0)
             else:
                 bias = None
-            shared = _SharedFused(self._make_linear(weight, bias, label, report))
+            shared = _SharedFused(self._make_linear(weight, bias, label, report, hessian))
             start = 0
             for n, (w, _) in zip(names, params, strict=True):
                 setattr(parent, n, FusedSlice(shared, start, start + w.shape[0]))
@@ -613,8 +690,9 @@ class KernelOptimizer:
             setattr(parent, "_ryzen_fused_" + "_".join(names), shared)
             return shared.linear
         modules = []
-        for n, (w, b) in zip(names, params, strict=True):
-            module = self._make_linear(w, b, label if len(names) == 1 else f"{label}.{n}", report)
+        for n, orig, (w, b) in zip(names, originals, params, strict=True):
+            h = self._hessians.get(id(orig))
+            module = self._make_linear(w, b, label if len(names) == 1 else f"{label}.{n}", report, h)
             setattr(parent, n, module)
             modules.append(module)
         if len(modules) == 1:
@@ -700,16 +778,28 @@ class KernelOptimizer:
     # -- the verb
 
     @torch.no_grad()
-    def apply_to_model(self, model: Any) -> Any:
+    def apply_to_model(self, model: Any, *, calibration: torch.Tensor | None = None) -> Any:
         """Optimize ``model`` in place and return it. See the module docstring for what changes.
+
+        Args:
+            calibration: ``[N, T]`` token ids of text like what the model will see, for ``int4_method="gptq"``
+                (e.g. ``zoo.prose_blocks(tokenizer, "tune", blocks=32)``); ignored otherwise.
 
         Raises:
             UnsupportedModelError: not a Llama/Mistral/Qwen2/GPT-2 causal LM.
-            ConfigError: the config asks for something this device cannot do.
+            ConfigError: the config asks for something this device cannot do, or GPTQ without calibration.
         """
         if getattr(model, "_ryzen_kernels", None) is not None:
             raise ConfigError("this model was already optimized by a KernelOptimizer; apply to a fresh copy")
         model_type = _model_type(model)
+        gptq = self.config.weights == "int4" and self.config.int4_method == "gptq"
+        if gptq and calibration is None:
+            raise ConfigError(
+                "KernelConfig.int4_method='gptq' needs calibration text: apply_to_model(model, calibration=ids) with "
+                "ids an [N, T] LongTensor of token ids (e.g. 32 blocks of 256 tokens of text like your prompts), "
+                "or int4_method='rtn'"
+            )
+        self._hessians = _input_hessians(model, calibration) if gptq else {}
         if model.training:
             logger.info(
                 "KernelOptimizer: switching %s to eval mode (inference-only optimization)", type(model).__name__
@@ -732,11 +822,15 @@ class KernelOptimizer:
         model._ryzen_kernels = report
         model._ryzen_decoder = decoder
         report.apply_seconds = time.perf_counter() - started
+        self._hessians = {}
         if self.config.compile:
             report.compile_seconds = decoder.compile()
         if report.fallbacks:
             expected = all("compressed before" in f for f in report.fallbacks)
-            (logger.info if expected else logger.warning)("KernelOptimizer fallbacks: %s", "; ".join(report.fallbacks))
+            shown = "; ".join(report.fallbacks[:3])
+            if len(report.fallbacks) > 3:
+                shown += f"; and {len(report.fallbacks) - 3} more (KernelReport.fallbacks lists them all)"
+            (logger.info if expected else logger.warning)("KernelOptimizer fallbacks: %s", shown)
         logger.info(
             "KernelOptimizer: %s, kernels %s, %.1f MB/token -> %.1f MB/token, attention %s, decode %s",
             model_type,

@@ -5,6 +5,10 @@ int8/int4 matrices; DESIGN.md keeps optimizers from importing each other, so wha
 
 - int8, per row (output channel) symmetric: ``w ≈ q * scale``, ``|error| <= scale / 2``.
 - int4, per group of ``group_size`` along a row, asymmetric: ``w ≈ q * scale + minimum``, ``|error| <= scale / 2``.
+- GPTQ int4 (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+  Transformers"): the same group-wise format, but columns are quantized one at a time and each one's rounding error
+  is pushed onto the columns not yet quantized, weighted by the inverse Hessian ``H = X^T X`` of the layer's inputs on
+  calibration text, so that the layer's *outputs* move least. Needs calibration; round-to-nearest does not.
 - ATen's CPU int4 kernel layout (``_convert_weight_to_int4pack_for_cpu``), decoded here so that rows can be gathered
   straight from it: an embedding lookup and the LM head's matmul then read one stored copy.
 """
@@ -48,6 +52,80 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
     q = torch.clamp(torch.round((g - lo[..., None]) / scale[..., None]), 0, 15).to(torch.uint8)
     return q.reshape(n, k), scale, lo
+
+
+def gptq_int4(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ into :func:`quantize_int4`'s format: ``(q uint8 [N, K], scale [N, K/g], minimum [N, K/g])``.
+
+    ``hessian`` is ``X^T X`` (``[K, K]``, any positive scale) of the layer's inputs ``X`` on calibration text. Follows
+    the reference implementation (IST-DASLab/gptq, ``gptq.py``): lazy batched updates over blocks of ``block``
+    columns, the Cholesky factor of the inverse Hessian, ``damp`` times its mean diagonal added for stability.
+    ``act_order`` quantizes the columns with the largest input energy first (while the most columns are left to
+    absorb their error) with *static groups*: each group's min/max is fixed from the original weights beforehand,
+    so groups stay contiguous in the stored form. Without it, columns go in natural order and each group's min/max
+    is taken from the weights as updated when its first column is reached.
+
+    An input channel that never fired (zero diagonal) gets weight 0, as in the reference. When the weights already
+    sit on a 4-bit grid of these groups, every rounding error is zero and the result equals round-to-nearest.
+    """
+    w = weight.detach().float().clone()
+    n, k = w.shape
+    if k % group_size:
+        raise ConfigError(f"int4: input dimension {k} is not a multiple of group_size {group_size}")
+    if hessian.shape != (k, k):
+        raise ConfigError(f"GPTQ: Hessian of shape {tuple(hessian.shape)} for a weight with {k} inputs")
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    groups = k // group_size
+    scales = torch.empty(n, groups)
+    mins = torch.empty(n, groups)
+    static = act_order
+    if static:
+        g = w.reshape(n, groups, group_size)
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scales, mins = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi)), lo
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += torch.eye(k, dtype=h.dtype) * (damp * torch.diag(h).mean())
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    except RuntimeError as exc:  # not positive definite even damped: the calibration is degenerate
+        raise ConfigError(f"GPTQ: the calibration Hessian is not positive definite ({exc}); give more text") from exc
+    block = max(block, group_size)
+    q = torch.zeros(n, k, dtype=torch.uint8)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            grp = col // group_size
+            if not static and col % group_size == 0:
+                part = w1[:, i : i + group_size]
+                lo, hi = part.amin(dim=1), part.amax(dim=1)
+                scales[:, grp] = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+                mins[:, grp] = lo
+            scale, lo = scales[:, grp], mins[:, grp]
+            codes = torch.clamp(torch.round((w1[:, i] - lo) / scale), 0, 15)
+            q[:, col] = codes.to(torch.uint8)
+            err = (w1[:, i] - (codes * scale + lo)) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q, scales, mins
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Perf gates of the KVCacheOptimizer (int8 KIVI cache) on SmolLM2-135M-Instruct (30 layers, 3 KV heads of 64).
 
-Memory: stored KV bytes at 2k tokens against HF's DynamicCache in fp32, every stored tensor counted (codes, scales,
-zeros, the 128-token full-precision window); the seed's gate 30%. The decode peak is recorded beside it.
+Memory: stored KV bytes at 2k and 8k tokens (SmolLM2's whole context) against HF's DynamicCache in fp32, every stored
+tensor counted (codes, scales, zeros, the 128-token full-precision window); the seed's gate 30%. The peak of live
+tensor bytes over the decode steps that follow is recorded beside it, for HF's attention path, which dequantizes the
+whole cache at every step; the lean loop's chunked attention is measured in the benchmark.
 Accuracy: relative top-1 loss of next-token prediction read through the cache against the full cache, on held-out
 prose documents of 2,048 tokens fed 256 tokens at a time; gate 1%. Retrieval: a pass key planted in 2k and 4k tokens
 of prose, which the full cache retrieves, must be retrieved through the quantized cache too.
-``python benchmarks/bench_kv_cache.py --model smollm2`` adds 8k tokens and the int4 cache.
+``python benchmarks/bench_kv_cache.py`` adds the int4 and sink caches and the lean loop's peaks.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ CONFIG = KVCacheConfig(bits=8)
 
 
 @memory_reduction(0.30)
-def test_int8_cache_stores_less_at_2k_tokens(ryzen, smollm2) -> None:
+@pytest.mark.parametrize("context", [2048, 8192])
+def test_int8_cache_stores_less(ryzen, smollm2, context: int) -> None:
     model, _ = smollm2
-    report = KVCacheOptimizer(CONFIG).memory_report(model, context_len=2048, decode_steps=4)
+    report = KVCacheOptimizer(CONFIG).memory_report(model, context_len=context, decode_steps=4)
     ryzen.record_memory(
         report["baseline"]["stored_bytes"],
         report["optimized"]["stored_bytes"],
         optimizer="kv_cache_optimizer",
-        context_len=2048,
+        context_len=context,
         baseline_cache="DynamicCache, fp32",
         decode_peak_bytes_baseline=report["baseline"]["decode_peak_bytes"],
         decode_peak_bytes_optimized=report["optimized"]["decode_peak_bytes"],

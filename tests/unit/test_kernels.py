@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
     GPT2Config,
@@ -46,6 +46,7 @@ from ryzen_opt.kernels import (
     quantize_int4,
     quantize_int8,
 )
+from ryzen_opt.quant import gptq_int4
 
 VOCAB = 512
 
@@ -156,6 +157,62 @@ def test_zero_rows_stay_exactly_zero():
 def test_int4_rejects_a_width_the_group_does_not_divide():
     with pytest.raises(ConfigError, match="not a multiple of group_size 64"):
         quantize_int4(torch.randn(16, 96), 64)
+
+
+def _correlated_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:
+    """Activations like a transformer's: correlated channels and one outlier channel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g) @ (0.3 * torch.randn(k, k, generator=g) + torch.eye(k))
+    x[:, 3] *= 10
+    return x
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(8, 48), groups=st.integers(1, 3), group_size=st.sampled_from([32, 64]), seed=st.integers(0, 999))
+def test_gptq_moves_the_layer_output_less_than_round_to_nearest(n, groups, group_size, seed):
+    # GPTQ minimizes ||X (W - Wq)^T||^2 column by column: on the calibration inputs themselves, its output error is
+    # below round-to-nearest's (the optimal-brain-surgeon update can only lower the quadratic it is derived from;
+    # allow 1% for the groups' min/max being taken after earlier updates).
+    k = groups * group_size
+    x = _correlated_inputs(512, k, seed)
+    w = 0.05 * torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
+    rtn = dequantize_int4(*quantize_int4(w, group_size), group_size)
+    q, scale, lo = gptq_int4(w, x.t() @ x, group_size)
+    assert int(q.max()) <= 15
+    assert scale.shape == lo.shape == (n, groups)
+    gptq = dequantize_int4(q, scale, lo, group_size)
+    assert ((x @ (w - gptq).t()) ** 2).sum() <= 1.01 * ((x @ (w - rtn).t()) ** 2).sum()
+
+
+def test_gptq_keeps_weights_that_already_sit_on_the_grid():
+    # SmolLM2's weights come from Q4_1 blocks of 32: every rounding error is zero, so GPTQ must change nothing.
+    w = dequantize_int4(*quantize_int4(torch.randn(16, 64), 32), 32)
+    x = _correlated_inputs(256, 64, 0)
+    got = dequantize_int4(*gptq_int4(w, x.t() @ x, 32), 32)
+    torch.testing.assert_close(got, w, rtol=0, atol=1e-6)
+
+
+def test_gptq_rejects_a_hessian_of_the_wrong_shape():
+    with pytest.raises(ConfigError, match="Hessian of shape"):
+        gptq_int4(torch.randn(4, 64), torch.eye(32), 32)
+
+
+def test_gptq_needs_calibration_and_uses_it():
+    model = _llama()
+    config = KernelConfig(weights="int4", int4_method="gptq", decode="hf")
+    with pytest.raises(ConfigError, match="needs calibration text"):
+        KernelOptimizer(config).apply_to_model(copy.deepcopy(model))
+    with pytest.raises(ConfigError, match=r"\[N, T\] LongTensor"):
+        KernelOptimizer(config).apply_to_model(copy.deepcopy(model), calibration=torch.randn(2, 8))
+    calibration = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        rtn = KernelOptimizer(KernelConfig(weights="int4", decode="hf")).apply_to_model(copy.deepcopy(model))(ids)
+        gptq = KernelOptimizer(config).apply_to_model(copy.deepcopy(model), calibration=calibration)(ids)
+    # Random weights are off the grid: the calibrated method must differ from RTN (it ran) and stay close to fp32.
+    assert not torch.equal(gptq.logits, rtn.logits)
+    assert _rel_err(gptq.logits, want) < 0.1
 
 
 # ---------------------------------------------------------------------------------------- kernel linears
