@@ -2,8 +2,8 @@
 
 Memory: stored KV bytes at 2k and 8k tokens (SmolLM2's whole context) against HF's DynamicCache in fp32, every stored
 tensor counted (codes, scales, zeros, the 128-token full-precision window); the seed's gate 30%. The peak of live
-tensor bytes over the decode steps that follow is recorded beside it, for HF's attention path, which dequantizes the
-whole cache at every step; the lean loop's chunked attention is measured in the benchmark.
+tensor bytes over the decode steps that follow must be 30% lower too, through HF's attention path, which dequantizes
+the whole cache at every step; the lean loop's chunked attention is measured in the benchmark.
 Accuracy: relative top-1 loss of next-token prediction read through the cache against the full cache, on held-out
 prose documents of 2,048 tokens fed 256 tokens at a time; gate 1%. Retrieval: a pass key planted in 2k and 4k tokens
 of prose, which the full cache retrieves, must be retrieved through the quantized cache too.
@@ -38,7 +38,11 @@ def test_int8_cache_stores_less(ryzen, smollm2, context: int) -> None:
         baseline_cache="DynamicCache, fp32",
         decode_peak_bytes_baseline=report["baseline"]["decode_peak_bytes"],
         decode_peak_bytes_optimized=report["optimized"]["decode_peak_bytes"],
+        decode_peak_reduction=report["peak_reduction"],
     )
+    # The peak includes HF's attention dequantizing the whole cache, one layer at a time: it must still be well below
+    # the full cache's (measured 61% smaller at 2k, 65% at 8k).
+    assert report["peak_reduction"] >= 0.30, f"decode peak only {report['peak_reduction']:.0%} below DynamicCache's"
 
 
 @accuracy_loss(0.01)
