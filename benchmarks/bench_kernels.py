@@ -12,12 +12,13 @@ Sections:
   measured in the same run (a sum over 512 MiB).
 - **prefill**: the attention path at 512 and 2048 tokens: HF forward (last-token logits, as ``generate`` asks)
   with eager and with default attention against the optimized prefill.
-- **accuracy**: DESIGN.md's accuracy loss on SmolLM2's held-out prose ("test" half; `--accuracy-model zoo` for the zoo
-  target), each default beside the alternatives it was chosen over, plus greedy agreement over 64 tokens.
+- **accuracy**: the accuracy loss (docs/definitions.md) on SmolLM2's held-out prose ("test" half;
+  `--accuracy-model zoo` for the zoo target), each default beside the alternatives it was chosen over, plus greedy
+  agreement over 64 tokens.
 - **compile**: the compiled decode step: compile seconds and its speed against the eager lean loop.
-- **int4**: round-to-nearest against GPTQ at groups of 32, 64 and 128, on SmolLM2 (calibrated on the "tune" half of
+- **int4**: round-to-nearest against GPTQ at groups of 32 and 64, on SmolLM2 (calibrated on the "tune" half of
   the prose, judged on the "test" half; LM head int8 as by default). SmolLM2's weights come from Q4_1 blocks of 32,
-  so at group 32 they already sit on a 4-bit grid and both methods reproduce them; groups of 64 and 128 span blocks
+  so at group 32 they already sit on a 4-bit grid and both methods reproduce them; groups of 64 span two blocks
   with different scales and are off the grid, like the weights of a model that never went through a 4-bit file:
   that is where a method's worth shows. Not in the default sections (about 5 minutes).
 
@@ -282,7 +283,7 @@ def main() -> None:
     parser.add_argument("--prefill-pairs", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=24)
     parser.add_argument("--max-time", type=float, default=300.0)
-    parser.add_argument("--groups", nargs="+", type=int, default=[32, 64], help="int4 section (SmolLM2: 576 % 128 != 0)")
+    parser.add_argument("--groups", nargs="+", type=int, default=[32, 64], help="int4 section (576 % 128 != 0)")
     parser.add_argument("--calibration-blocks", type=int, default=32, help="int4 section: GPTQ's, from the tune half")
     parser.add_argument("--out", default="benchmarks/results/kernels.json")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Accuracy measures: how much an optimized model's predictions moved away from the reference's.
 
-Accuracy loss (DESIGN.md, "Definitions") is the relative loss of next-token top-1 accuracy on held-out text,
+Accuracy loss (docs/definitions.md) is the relative loss of next-token top-1 accuracy on held-out text,
 ``(acc_ref - acc_cand) / acc_ref``, reported beside the perplexity ratio, the mean KL divergence from the
 reference's distribution, top-1 agreement and, for generation, how far greedy output agrees. Why each piece:
 
@@ -38,7 +38,7 @@ from ryzen_opt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# A top-2 logit gap below this is a near-tie (DESIGN.md, "lossless"): the argmax there is decided by rounding.
+# A top-2 logit gap below this is a near-tie (docs/definitions.md, "lossless"): the argmax there is decided by rounding.
 NEAR_TIE_GAP = 1e-5
 # Cap on elements of one bootstrap block (n_boot x n indices), as in the A/B sampler.
 _BOOT_BLOCK_ELEMENTS = 2_000_000
@@ -272,7 +272,7 @@ def accuracy(
     reference_name: str = "reference",
     candidate_name: str = "candidate",
 ) -> AccuracyMeasurement:
-    """Measure ``candidate`` against ``reference`` on held-out token sequences (DESIGN.md, "accuracy loss").
+    """Measure ``candidate`` against ``reference`` on held-out token sequences (docs/definitions.md, "accuracy loss").
 
     Both are causal LMs called as ``model(input_ids=ids)`` returning ``.logits`` of shape ``[B, T, V]`` (a
     plain tensor or tuple works too). Position ``t``'s logits predict token ``t + 1``. They run in eval mode
@@ -408,7 +408,7 @@ def greedy_agreement(
     Each prompt (a 1-D LongTensor) is continued greedily by both models for exactly ``max_new_tokens``
     tokens (end-of-text suppressed until then, for both). Per prompt: the length of the identical prefix of
     new tokens, and whether the reference's top-2 score gap at the first divergence was a near-tie (< 1e-5),
-    where a flip is rounding, not error (DESIGN.md, "lossless").
+    where a flip is rounding, not error (docs/definitions.md, "lossless").
 
     Returns:
         A JSON-safe dict: ``max_new_tokens``, ``prompts`` (count), ``prefix_lengths`` (list of int),

@@ -1,6 +1,6 @@
 """The paired A/B sampler: how ryzen-opt measures a speedup, and how sure it is.
 
-A speedup (DESIGN.md, "Definitions") is the baseline's time over the candidate's, measured on paired,
+A speedup (docs/definitions.md) is the baseline's time over the candidate's, measured on paired,
 interleaved samples in one process, after warm-up, with the same thread count for both arms. Why each piece:
 
 - **Pairs, not two separate runs.** Machine state drifts (thermal throttling, turbo budgets, a neighbour
@@ -68,7 +68,7 @@ class Verdict(str, Enum):
 
 
 def verdict_for(ci_low: float, ci_high: float, threshold: float) -> Verdict:
-    """Three-state verdict of DESIGN.md: PASS when ``ci_low >= threshold``, FAIL when ``ci_high < threshold``.
+    """Three-state verdict (docs/definitions.md): PASS when ``ci_low >= threshold``, FAIL when ``ci_high < threshold``.
 
     Anything else (the interval straddles the threshold) is INCONCLUSIVE: the data cannot tell, and saying
     PASS or FAIL would be reporting noise.

@@ -563,9 +563,9 @@ class CachedForward(torch.nn.Module):
     """``model`` read through a cache: ``forward(input_ids)`` feeds the sequence ``chunk`` tokens at a time, each chunk
     attending to what the cache stored of the previous ones, and returns every position's logits.
 
-    This is how accuracy with a KV cache is measured (DESIGN.md's accuracy loss, reference = the same procedure with
-    HF's full-precision ``DynamicCache``): the logits are the ones a decode would see, quantization error included,
-    while the scoring stays teacher-forced over held-out text.
+    This is how accuracy with a KV cache is measured (docs/definitions.md, "accuracy loss"; reference = the same
+    procedure with HF's full-precision ``DynamicCache``): the logits are the ones a decode would see, quantization
+    error included, while the scoring stays teacher-forced over held-out text.
     """
 
     def __init__(self, model: Any, make_cache: Any, chunk: int = 32) -> None:

@@ -1,7 +1,8 @@
 """Quantizers shared by the optimizers: the arithmetic only, no modules and no policy.
 
 ``kernels`` (weights of the decoder's linears) and ``embeddings`` (the token embedding and LM head) both store
-int8/int4 matrices; DESIGN.md keeps optimizers from importing each other, so what they share lives here.
+int8/int4 matrices; optimizers never import each other (docs/definitions.md, "Structure"), so what they share lives
+here.
 
 - int8, per row (output channel) symmetric: ``w ≈ q * scale``, ``|error| <= scale / 2``.
 - int4, per group of ``group_size`` along a row, asymmetric: ``w ≈ q * scale + minimum``, ``|error| <= scale / 2``.

@@ -1,6 +1,6 @@
 """Thresholds -> results -> validation report: where a real measurement becomes PASS, FAIL or something between.
 
-:func:`check` is the one place the three-state rule of DESIGN.md ("Definitions") lives. With a confidence
+:func:`check` is the one place the three-state rule (docs/definitions.md, "verdict") lives. With a confidence
 interval, PASS needs the whole interval on the right side of the threshold and FAIL the whole interval on the
 wrong side; anything else is INCONCLUSIVE, so that noise is never reported as a regression or a win ("max" gates,
 like accuracy loss, are the mirror image). Exact measures (byte counts) are PASS or FAIL. A would-be PASS on noisy
@@ -332,7 +332,7 @@ def _validate_threshold(key: str, value: Any) -> float:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The gate values (the seed's defaults; DESIGN.md, "Default thresholds"). Speedups and ratios are "x"."""
+    """The gate values (the seed's defaults; docs/definitions.md). Speedups and ratios are "x"."""
 
     kernel_speedup: float = 3.0
     compression_ratio: float = 2.0

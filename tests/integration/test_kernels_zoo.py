@@ -1,7 +1,7 @@
 """KernelOptimizer on SmolLM2-135M (and the compiled step on the tiny zoo, whose compile takes seconds): the fp32 mode
 reproduces the reference's tokens, compiled or not; quantized greedy output stays close.
 
-Exact token equality is the contract in fp32 (DESIGN.md, "Correct before fast"): the lean loop runs the same
+Exact token equality is the contract in fp32 (docs/definitions.md, "correct before fast"): the lean loop runs the same
 operations on the same weights, in another memory layout. A divergence is accepted only at a near-tie (a top-2
 logit gap under 1e-5), and is then reported by ``greedy_agreement``, not hidden.
 """
