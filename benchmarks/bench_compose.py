@@ -1,6 +1,9 @@
 """How the four optimizations compose: each alone and all four together, against HF ``generate`` fp32.
 
-    python benchmarks/bench_compose.py [--models zoo 134m] [--prompts 4] [--pairs 6]
+    python benchmarks/bench_compose.py [--models smollm2 zoo 134m] [--prompts 4] [--pairs 6]
+
+SmolLM2 (the default) is drafted by n-gram lookup on copy prompts (``zoo.copy_prompts``: held-out prose to repeat);
+the zoo target by its early-exit draft on held-out code; the random-weight 134M Llama has no draft.
 
 The same measurement as ``ryzen-opt run``'s validation stage (``ryzen_opt.system.compose``): 32-token prompts,
 exactly 64 new tokens, batch 1, paired ABBA samples with a 95% CI. Results go to ``benchmarks/results/compose.json``.
@@ -21,14 +24,20 @@ from ryzen_opt.system import compose
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["zoo", "134m"], choices=["zoo", "134m"])
+    parser.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", "zoo", "134m"])
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--out", default="benchmarks/results/compose.json")
     args = parser.parse_args()
     results: dict[str, Any] = {"benchmark": "compose: each optimizer alone and all four vs HF generate"}
     for name in args.models:
-        if name == "zoo":
+        if name == "smollm2":
+            target, tokenizer = zoo.reference_model("smollm2")
+            target.generation_config.eos_token_id = None
+            draft = None
+            passages = zoo.prose_blocks(tokenizer, "test", blocks=args.prompts)[:, :120]
+            prompts = zoo.copy_prompts(tokenizer, passages)
+        elif name == "zoo":
             target, tokenizer = zoo.reference_model("target")
             draft, _ = zoo.reference_model("draft")
             for model in (target, draft):

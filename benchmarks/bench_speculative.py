@@ -1,8 +1,16 @@
-"""SpeculativeDecoder, measured on the zoo target and its early-exit draft with held-out code prompts.
+"""SpeculativeDecoder, measured: n-gram drafting on SmolLM2 with repeated-context prompts, or the zoo's draft model.
 
-    python benchmarks/bench_speculative.py              # ~4 min on 2 Zen 4 cores
-    python benchmarks/bench_speculative.py --threads 1
+    python benchmarks/bench_speculative.py                  # SmolLM2-135M-Instruct, n-gram drafting
+    python benchmarks/bench_speculative.py --model zoo      # the zoo target and its early-exit draft
 
+``--model smollm2`` (the default): prompts ask the model to repeat a held-out prose passage word for word
+(``zoo.copy_prompts``: an edit or a quotation, where the context repeats); for each kernel setting (``none`` and
+``int8``, SystemConfig's), n-gram drafting's acceptance, tokens per target forward, greedy equality with the target's
+own ``generate``, and speedup against the target alone with the same kernels; then HF's own prompt lookup
+(``prompt_lookup_num_tokens=10``) on the plain fp32 model against HF ``generate``, next to ours. A trained draft for
+SmolLM2 does not exist yet.
+
+``--model zoo``:
 For each kernel setting (the KernelOptimizer's ``weights``: none, int8, int4) and each drafter (the draft model,
 n-gram prompt lookup):
 - acceptance rate, tokens per target forward, per-position acceptance, near-ties, and whether greedy output equals
@@ -35,15 +43,79 @@ def _greedy(model: Any, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
+def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
+    target, tokenizer = zoo.reference_model("smollm2")
+    target.generation_config.eos_token_id = None
+    passages = zoo.prose_blocks(tokenizer, "test", blocks=args.prompts)[:, :120]
+    prompts = zoo.copy_prompts(tokenizer, passages)
+    timed = prompts[:4]
+    results: dict[str, Any] = {"benchmark": "SpeculativeDecoder, SmolLM2, n-gram", "args": vars(args), "rows": []}
+    print(f"== SmolLM2-135M, n-gram drafting, {len(prompts)} copy prompts, {NEW} tokens, {args.threads} thread(s)")
+    for weights in args.weights or ["none", "int8"]:
+        t = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(target))
+        decoder = SpeculativeDecoder(t, NGramDrafter(), SpecConfig())
+        stats, equal = None, 0
+        for ids in prompts:
+            out = decoder.generate(ids, NEW)
+            equal += int(torch.equal(out.sequences, _greedy(t, ids)))
+            stats = out.stats if stats is None else stats.merge(out.stats)
+        assert stats is not None
+        m = compare(
+            lambda t=t: [_greedy(t, ids) for ids in timed],
+            lambda decoder=decoder: [decoder.generate(ids, NEW) for ids in timed],
+            min_pairs=args.pairs,
+            max_pairs=args.pairs,
+            warmup=1,
+            baseline_name=f"target alone, {weights}",
+            candidate_name=f"speculative (n-gram), {weights}",
+        )
+        results["rows"].append(
+            {
+                "weights": weights,
+                "drafter": "n-gram",
+                "stats": stats.to_dict(),
+                "greedy_equal": equal,
+                "speedup": m.to_dict(),
+            }
+        )
+        print(
+            f"weights={weights:5s} acceptance {stats.acceptance_rate:.3f}, {stats.tokens_per_target_forward:.2f} "
+            f"tokens/forward, greedy equal {equal}/{len(prompts)}, near-ties {stats.near_ties}; vs target alone "
+            f"{m.describe()} ({m.baseline_median_s / (len(timed) * NEW) * 1e3:.2f} -> "
+            f"{m.candidate_median_s / (len(timed) * NEW) * 1e3:.2f} ms/token)"
+        )
+    m = compare(
+        lambda: [_greedy(target, ids) for ids in timed],
+        lambda: [_greedy(target, ids, prompt_lookup_num_tokens=10) for ids in timed],
+        min_pairs=4,
+        max_pairs=4,
+        warmup=1,
+        baseline_name="HF generate fp32",
+        candidate_name="HF prompt lookup (10 tokens), fp32",
+    )
+    results["hf_prompt_lookup"] = m.to_dict()
+    print(f"HF prompt lookup (fp32) vs HF generate: {m.describe()}")
+    return results
+
+
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "zoo"], default="smollm2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--weights", nargs="+", default=["none", "int8", "int4"])
+    parser.add_argument("--weights", nargs="+", help="default: none int8 (smollm2), none int8 int4 (zoo)")
     parser.add_argument("--out", default="benchmarks/results/speculative.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model == "smollm2":
+        results = bench_smollm2(args)
+        results["environment"] = environment()
+        atomic_write_json(Path(args.out), results)
+        print(f"\nwritten {args.out}")
+        return
+    args.weights = args.weights or ["none", "int8", "int4"]
     target, tokenizer = zoo.reference_model("target")
     draft, _ = zoo.reference_model("draft")
     for model in (target, draft):

@@ -668,3 +668,20 @@ def prose_blocks(
     if blocks is not None and blocks > len(data):
         raise ConfigError(f"prose split {split!r} holds {len(data)} blocks of {block_size} tokens, not {blocks}")
     return data if blocks is None else data[:blocks]
+
+
+COPY_INSTRUCTION = "Repeat the following text exactly, word for word:\n\n"
+
+
+def copy_prompts(tokenizer: Any, passages: torch.Tensor) -> list[torch.Tensor]:
+    """``[1, T]`` chat prompts asking an instruct model to repeat each row of ``passages`` (token ids) word for word:
+    the repeated-context workload (an edit, a quotation) where n-gram drafting has something to look up. Through the
+    tokenizer's chat template, ending where the assistant's answer starts."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("copy_prompts needs a tokenizer with a chat template (an instruct model's)")
+    prompts = []
+    for row in passages:
+        chat = [{"role": "user", "content": COPY_INSTRUCTION + tokenizer.decode(row)}]
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids)
+    return prompts

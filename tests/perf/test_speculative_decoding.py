@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pytest_ryzen import speedup
+from ryzen_opt import zoo
 from ryzen_opt.kernels import KernelOptimizer
 from ryzen_opt.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder
 from ryzen_opt.system import SystemConfig
@@ -30,12 +31,7 @@ PROMPTS, PASSAGE_TOKENS, NEW_TOKENS = 3, 120, 64
 def setup(smollm2, prose):
     model, tokenizer = smollm2
     target = KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
-    prompts = []
-    for i in range(PROMPTS):
-        passage = tokenizer.decode(prose[i, :PASSAGE_TOKENS])
-        chat = [{"role": "user", "content": f"Repeat the following text exactly, word for word:\n\n{passage}"}]
-        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        prompts.append(tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(prose.device))
+    prompts = [ids.to(prose.device) for ids in zoo.copy_prompts(tokenizer, prose[:PROMPTS, :PASSAGE_TOKENS].cpu())]
     return target, prompts
 
 

@@ -257,7 +257,7 @@ def test_validation_builds_each_optimized_variant_once(tmp_path: Path, monkeypat
         tmp_path,
         model=pipeline.ModelSection(target="zoo", draft="zoo" if with_draft else "ngram"),
         validation=pipeline.ValidationSection(prompts=1, new_tokens=8, pairs=3, accuracy_blocks=2, context_len=64),
-        system=dataclasses.replace(RunConfig().system, compile_draft=False),
+        system=dataclasses.replace(RunConfig().system, compile_draft=False, compile_kernels=False),
     )
     ctx.target, ctx.draft = target, draft
     kernel_calls = _count_calls(monkeypatch, KernelOptimizer, "apply_to_model")
