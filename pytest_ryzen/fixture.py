@@ -64,7 +64,13 @@ class RyzenRecorder:
             baseline=baseline_name,
             optimizer=optimizer,
             unit="x",
-            details={"candidate": candidate_name, "lock_wait_s": measurement.lock_wait_s},
+            details={
+                "candidate": candidate_name,
+                "lock_wait_s": measurement.lock_wait_s,
+                "threads": measurement.threads,
+                "calls_per_sample": measurement.calls_per_sample,
+                "oversubscribed": measurement.oversubscribed,
+            },
         )
         return measurement
 

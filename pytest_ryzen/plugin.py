@@ -1,6 +1,7 @@
 """The pytest plugin, registered as the ``ryzen`` pytest11 entry point.
 
-- Options: ``--device`` (``--ryzen-device``), ``--ryzen-report-dir``, ``--ryzen-gate``, ``--ryzen-thresholds``.
+- Options: ``--device`` (``--ryzen-device``; only ``--ryzen-device`` where another plugin owns ``--device``),
+  ``--ryzen-report-dir``, ``--ryzen-gate``, ``--ryzen-thresholds``, ``--ryzen-threads``.
 - Markers: the threshold gates ``speedup``, ``accuracy_loss``, ``compression_ratio``, ``memory_reduction``,
   ``acceptance_rate``, plus ``perf``, ``gpu`` and ``slow``. Arguments are checked at collection.
 - Fixtures: ``device``, ``ryzen`` (measure and record), ``training_metrics``, ``ryzen_thresholds``.
@@ -13,6 +14,7 @@ machine without ROCm stops with one clear message instead of fifty skips. Import
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ from pytest_ryzen import hookspec
 from pytest_ryzen.session import (
     GATE_MODES,
     GATES_PROPERTY,
+    MARKER_METRICS,
     RECORDS_PROPERTY,
     REPORT_NAMES,
     RyzenSession,
@@ -62,15 +65,20 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspec)
 
 
+_DEVICE_HELP = "device for the ryzen fixtures (default: the ryzen_device ini value, else auto: a GPU if present)"
+_DEVICE_OWNER_KEY = pytest.StashKey[str]()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ryzen", "ryzen-opt performance gates")
+    # --device itself is added once the initial conftests are loaded, and only if nobody else owns it
+    # (pytest_load_initial_conftests below): a project's own --device must not crash pytest at start-up.
     group.addoption(
-        "--device",
         "--ryzen-device",
         dest="ryzen_device",
         default=None,
         metavar="{auto,cpu,cuda,rocm,mps}",
-        help="device for the ryzen fixtures (default: the ryzen_device ini value, else auto: a GPU if present)",
+        help=_DEVICE_HELP,
     )
     group.addoption(
         "--ryzen-report-dir",
@@ -96,9 +104,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="thresholds profile with [default] and per-device [cpu]/[cuda]/[rocm]/[mps] sections; markers may "
         "name its keys, e.g. @speedup('kernel_speedup')",
     )
+    group.addoption(
+        "--ryzen-threads",
+        dest="ryzen_threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch.set_num_threads(N) for the whole session (recorded with every speedup); default: torch's own",
+    )
     parser.addini("ryzen_device", "default device for the ryzen fixtures when --device is not given", default="auto")
     parser.addini("ryzen_gate", "default --ryzen-gate mode", default="strict")
     parser.addini("ryzen_thresholds", "default thresholds profile (TOML path)", default="")
+
+
+def _option_names(parser: pytest.Parser) -> set[str]:
+    """Every option string registered so far, by any plugin or conftest (pytest keeps them per group)."""
+    groups = [*getattr(parser, "_groups", []), getattr(parser, "_anonymous", None)]
+    return {name for group in groups if group is not None for opt in group.options for name in opt.names()}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> Any:
+    """Claim ``--device`` as an alias of ``--ryzen-device`` unless a plugin or conftest already did: then ryzen
+    steps back to ``--ryzen-device`` and says so in the header (pytest-playwright, for one, has its own
+    ``--device``). Runs after the initial conftests added their options, before the command line is parsed."""
+    result = yield
+    if "--device" in _option_names(parser):
+        early_config.stash[_DEVICE_OWNER_KEY] = "another plugin or conftest"
+    else:
+        parser.getgroup("ryzen").addoption("--device", dest="ryzen_device", default=None, help=_DEVICE_HELP)
+    return result
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if config.stash.get(_DEVICE_OWNER_KEY, None):
+        return ["ryzen: --device belongs to another plugin or conftest here; choose ryzen's device with --ryzen-device"]
+    return []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -118,6 +159,33 @@ def pytest_configure(config: pytest.Config) -> None:
     profile = config.getoption("ryzen_thresholds") or str(config.getini("ryzen_thresholds"))
     if profile:
         config.stash[_THRESHOLDS_KEY] = _load_thresholds(config, profile)
+    if not hasattr(config, "workerinput"):
+        _check_report_dir(report_dir(config))
+    threads = config.getoption("ryzen_threads")
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"ryzen: --ryzen-threads={threads}: at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _check_report_dir(out: Path) -> None:
+    """A report directory that cannot be written is a usage error now, not a traceback after the whole run."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe == out and not out.is_dir():
+        raise pytest.UsageError(f"ryzen: the report directory {out} is a file; choose another with --ryzen-report-dir")
+    if not probe.is_dir():
+        raise pytest.UsageError(
+            f"ryzen: cannot create the report directory {out}: {probe} is not a directory; "
+            "choose another with --ryzen-report-dir"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise pytest.UsageError(
+            f"ryzen: cannot write reports into {out} ({probe} is not writable); choose another with --ryzen-report-dir"
+        )
 
 
 def _resolve(spec: str) -> torch.device:
@@ -157,14 +225,31 @@ def _thresholds(config: pytest.Config) -> Any:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Check every threshold marker's arguments now: a wrong one is a usage error, not a failure at the end."""
+    """Check every threshold marker's arguments now: a wrong one is a usage error, not a failure at the end. Two
+    gates of one kind on one test (on the function and its class or module, or stacked) are a usage error too:
+    only one would be enforced, and silently picking one hides the other."""
     for item in items:
+        kinds = [m.name for m in item.iter_markers() if m.name in MARKER_METRICS]
+        for kind in sorted({k for k in kinds if kinds.count(k) > 1}):
+            raise pytest.UsageError(
+                f"{item.nodeid}: {kinds.count(kind)} @{kind} gates apply to this test (stacked, or on its class or "
+                f"module too); keep one"
+            )
         for marker in threshold_markers(item):
             needs_profile = any(isinstance(a, str) for a in (*marker.args, *marker.kwargs.values()))
             try:
                 marker_threshold(marker, _thresholds(config) if needs_profile else None)
             except pytest.UsageError as exc:
                 raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.gpu`` tests skip unless the session's device is a GPU (CUDA, or ROCm, which torch calls
+    ``cuda`` too)."""
+    if item.get_closest_marker("gpu") is not None:
+        device = _session_device(item.config)
+        if device.type != "cuda":
+            pytest.skip(f"needs a GPU (--device=cuda or --device=rocm); the session's device is {device}")
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------------

@@ -19,6 +19,13 @@ interleaved samples in one process, after warm-up, with the same thread count fo
   interval PASS about 16% of runs, not 2.5%). So an early stop needs the verdict to hold at a Bonferroni-
   corrected confidence ``1 - (1 - confidence) / looks``; the reported interval stays at ``confidence``.
 
+- **Calibrated calls per sample** (the idea of ``timeit.autorange``): a call of ~100 ns timed alone measures the
+  timer as much as the call. After warm-up, the number of calls per sample grows (1, 2, 5, 10, 20, ...) until one
+  sample of the *faster* arm takes at least ``MIN_SAMPLE_S`` (1 ms: two timer reads of ~50 ns are then 0.01% of it);
+  both arms use that number, and it is recorded (``calls_per_sample``). Times are reported per call.
+- **Oversubscription is flagged**, not hidden: more torch threads than the cores this process may run on, or a
+  coefficient of variation above 0.5 in either arm, marks the measurement ``oversubscribed`` with the reason.
+
 The clock is injectable (``timer``) so that the statistics are tested with fake clocks, never real timings.
 """
 
@@ -168,6 +175,8 @@ class SpeedupMeasurement:
     lock_wait_s: float = 0.0
     baseline_name: str = "baseline"
     candidate_name: str = "candidate"
+    calls_per_sample: int = 1  # calls of each arm timed together as one sample (calibrated; times are per call)
+    oversubscribed: str | None = None  # why the machine was too busy to trust this, or None
 
     def __post_init__(self) -> None:
         # Validate here so that to_dict() is JSON-safe by construction: a NaN never reaches a report.
@@ -189,6 +198,8 @@ class SpeedupMeasurement:
         text = f"{self.ratio:.2f}x ({self.confidence * 100:g}% CI {self.ci_low:.2f}-{self.ci_high:.2f}, {self.n} pairs)"
         if self.verdict is not None:
             text += f" vs {self.threshold:g}x: {self.verdict.value}"
+        if self.oversubscribed:
+            text += f" [oversubscribed: {self.oversubscribed}]"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,6 +327,7 @@ def compare(
     seed: int = 0,
     lock: bool | str | os.PathLike[str] | None = None,
     target_precision: float = 0.02,
+    calibrate: bool | None = None,
 ) -> SpeedupMeasurement:
     """Measure the speedup of ``candidate`` over ``baseline`` on paired, interleaved (ABBA) samples.
 
@@ -342,6 +354,9 @@ def compare(
         lock: truthy to time under :func:`serial_lock` (``True``: default path; else that path), so that two
             processes (pytest-xdist workers) never time at once.
         target_precision: relative CI half-width that ends a run without a threshold.
+        calibrate: time as many calls per sample as make the faster arm's sample last ``MIN_SAMPLE_S`` (module
+            docstring); ``None`` calibrates with the real clock and not with an injected ``timer`` (whose fake
+            durations are the test's own), ``False`` times one call per sample.
 
     Example:
         >>> compare(eager_step, compiled_step, threshold=1.5).describe()  # doctest: +SKIP
@@ -355,12 +370,24 @@ def compare(
     looks = 1 + math.ceil((max_pairs - min_pairs) / check_every)
     decision_confidence = 1.0 - (1.0 - confidence) / looks
 
-    for _ in range(warmup):  # untimed, interleaved like the sampling so both arms reach the same warm state
-        baseline()
-        candidate()
+    if calibrate is None:
+        calibrate = timer is time.perf_counter_ns
+    warm: tuple[float, float] | None = None
+    for i in range(warmup):  # interleaved like the sampling so both arms reach the same warm state
+        if calibrate and i == warmup - 1:  # the last round is timed: calibration starts from it
+            warm = (
+                _timed_call(baseline, timer, sync_fn, f"{baseline_name} (warm-up)")[0],
+                _timed_call(candidate, timer, sync_fn, f"{candidate_name} (warm-up)")[0],
+            )
+        else:
+            baseline()
+            candidate()
 
     lock_cm = serial_lock(None if lock is True else lock) if lock else contextlib.nullcontext(0.0)
     with lock_cm as lock_wait_s:
+        number = _calibrate(baseline, candidate, timer, sync_fn, warm) if calibrate else 1
+        if number > 1:
+            baseline, candidate = _repeated(baseline, number), _repeated(candidate, number)
         threads = torch.get_num_threads()
         a_times: list[float] = []
         b_times: list[float] = []
@@ -388,7 +415,7 @@ def compare(
         if threads != torch.get_num_threads():
             logger.warning("torch thread count changed while sampling (%d -> %d)", threads, torch.get_num_threads())
 
-    a, b = np.asarray(a_times), np.asarray(b_times)
+    a, b = np.asarray(a_times) / number, np.asarray(b_times) / number
     ratios = a / b
     ci_low, ci_high = _percentile_interval(_bootstrap_distribution(ratios, _N_BOOT, seed), confidence)
     result = SpeedupMeasurement(
@@ -411,9 +438,154 @@ def compare(
         lock_wait_s=float(lock_wait_s),
         baseline_name=baseline_name,
         candidate_name=candidate_name,
+        calls_per_sample=number,
+        oversubscribed=_oversubscribed(threads, _cv(a), _cv(b)),
     )
     logger.info("%s over %s: %s (%s)", candidate_name, baseline_name, result.describe(), stopped_because)
     return result
+
+
+def compare_arms(
+    baseline: Callable[[], Any],
+    arms: dict[str, Callable[[], Any]],
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    confidence: float = 0.95,
+    timer: Callable[[], int] = time.perf_counter_ns,
+    sync: Callable[[], None] | None = None,
+    device: Any = None,
+    baseline_name: str = "baseline",
+    seed: int = 0,
+) -> dict[str, SpeedupMeasurement]:
+    """The speedup of each of several ``arms`` over one ``baseline``, sharing the baseline's samples.
+
+    :func:`compare` times the baseline once per pair; with five arms against a slow baseline (HF ``generate`` fp32)
+    that is five times the baseline's cost. Here each round runs the baseline once and every arm once, in the order
+    B, A1 ... Ak on even rounds and Ak ... A1, B on odd ones (the ABBA counterbalance, extended), and each arm's
+    ratio for the round is the baseline's time in that round over the arm's. Ratios stay paired within a round, so
+    drift slower than a round cancels as in :func:`compare`; the interval and the median are computed the same
+    way. ``rounds`` is fixed (no adaptive stopping): these are reports, not gates decided on the fly. Arms are timed
+    one call per sample (they are whole workloads, far above the timer's cost).
+    """
+    if rounds < _MIN_PAIRS_FLOOR:
+        raise ConfigError(f"rounds must be >= {_MIN_PAIRS_FLOOR}, got {rounds!r}")
+    if not arms:
+        raise ConfigError("compare_arms needs at least one arm")
+    _check_confidence(confidence)
+    sync_fn = _resolve_sync(sync, device)
+    order = [("__baseline__", baseline), *arms.items()]
+    for _ in range(warmup):
+        for _, fn in order:
+            fn()
+    threads = torch.get_num_threads()
+    times: dict[str, list[float]] = {name: [] for name, _ in order}
+    t_start = last = timer()
+    for r in range(rounds):
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            t, last = _timed_call(fn, timer, sync_fn, f"{name} (round {r})")
+            times[name].append(t)
+    elapsed = (last - t_start) / _NS_PER_S
+    base = np.asarray(times["__baseline__"])
+    results: dict[str, SpeedupMeasurement] = {}
+    for name in arms:
+        arm = np.asarray(times[name])
+        ratios = base / arm
+        ci_low, ci_high = _percentile_interval(_bootstrap_distribution(ratios, _N_BOOT, seed), confidence)
+        results[name] = SpeedupMeasurement(
+            ratios=tuple(ratios.tolist()),
+            ratio=float(np.median(ratios)),
+            ci_low=ci_low,
+            ci_high=ci_high,
+            n=len(ratios),
+            confidence=confidence,
+            baseline_median_s=float(np.median(base)) / _NS_PER_S,
+            candidate_median_s=float(np.median(arm)) / _NS_PER_S,
+            cv_baseline=_cv(base),
+            cv_candidate=_cv(arm),
+            threshold=None,
+            verdict=None,
+            warmup=warmup,
+            threads=threads,
+            elapsed_s=elapsed,
+            stopped_because="max_pairs",
+            baseline_name=baseline_name,
+            candidate_name=name,
+            oversubscribed=_oversubscribed(threads, _cv(base), _cv(arm)),
+        )
+        logger.info("%s over %s: %s (shared baseline)", name, baseline_name, results[name].describe())
+    return results
+
+
+# A sample lasts at least this long after calibration: two timer reads (~50 ns each) are then 0.01% of it.
+MIN_SAMPLE_S = 1e-3
+_CALIBRATION_STEPS = (1, 2, 5)
+# A coefficient of variation above this in either arm means the machine was busy (measured here: an idle core
+# gives 0.01-0.10 on decode steps; two torch processes sharing 2 cores gave 0.6-3).
+_CV_BUSY = 0.5
+
+
+def _calibrate(
+    baseline: Callable[[], Any],
+    candidate: Callable[[], Any],
+    timer: Callable[[], int],
+    sync: Callable[[], None] | None,
+    warm: tuple[float, float] | None,
+) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... calls per sample for which one sample of each arm lasts at least
+    ``MIN_SAMPLE_S`` (``timeit.autorange``'s rule), capped at 10**6. Arms already that slow in their timed warm-up
+    cost no extra call."""
+    number = 1
+    times = warm
+    while number < 10**6:
+        if times is None:
+            timed = [_timed_call(_repeated(fn, number), timer, sync, "calibration")[0] for fn in (baseline, candidate)]
+            times = (timed[0], timed[1])
+        if min(times) >= MIN_SAMPLE_S * _NS_PER_S:
+            return number
+        # Jump to the step the faster arm's time says is enough, then check it once more.
+        wanted = number * MIN_SAMPLE_S * _NS_PER_S / min(times)
+        while number < wanted and number < 10**6:
+            number = _next_value(number)
+        times = None
+    return number
+
+
+def _next_value(number: int) -> int:
+    """The value after ``number`` in 1, 2, 5, 10, 20, 50, ..."""
+    decade = len(str(number)) - 1
+    step = _CALIBRATION_STEPS.index(number // 10**decade) + 1
+    if step == len(_CALIBRATION_STEPS):
+        return 10 ** (decade + 1)
+    return _CALIBRATION_STEPS[step] * 10**decade
+
+
+def _repeated(fn: Callable[[], Any], number: int) -> Callable[[], Any]:
+    if number == 1:
+        return fn
+
+    def run() -> None:
+        for _ in range(number):
+            fn()
+
+    return run
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _oversubscribed(threads: int, cv_a: float, cv_b: float) -> str | None:
+    cores = _available_cores()
+    reasons = []
+    if threads > cores:
+        reasons.append(f"{threads} torch threads on {cores} core(s)")
+    if max(cv_a, cv_b) > _CV_BUSY:
+        reasons.append(f"timing CV {max(cv_a, cv_b):.2f} > {_CV_BUSY} (another process competing?)")
+    return "; ".join(reasons) or None
 
 
 def _decided(

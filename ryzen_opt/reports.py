@@ -16,12 +16,15 @@ SCHEMA_VERSION = "1.0"
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same directory and an ``os.replace``.
 
-    A reader (or a Ctrl-C) never sees a half-written file: either the old content or the new.
+    A reader (or a Ctrl-C) never sees a half-written file: either the old content or the new. The file gets the
+    permissions a plain ``open`` would give it (0666 less the umask: 0644 usually), not ``mkstemp``'s private 0600:
+    reports are meant to be read by CI artifact uploaders and teammates.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -31,6 +34,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: POSIX has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:

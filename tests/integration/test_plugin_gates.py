@@ -7,6 +7,7 @@ tests are fast; what is under test is the plugin's plumbing, not this machine's 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -197,13 +198,63 @@ def test_nan(ryzen):
         ("accuracy_loss(5)", "at most 1"),
         ("speedup(minimum=2)", "unknown argument"),
         ("acceptance_rate(float('nan'))", "positive finite"),
+        ("speedup('accuracy_loss')", "is a accuracy_loss threshold, not a speedup one"),
+        ("memory_reduction('kv_memory_reduction')", None),
     ],
 )
-def test_bad_marker_arguments_are_usage_errors(pytester: pytest.Pytester, marker: str, message: str) -> None:
+def test_bad_marker_arguments_are_usage_errors(pytester: pytest.Pytester, marker: str, message: str | None) -> None:
     pytester.makepyfile(f"import pytest\n\n@pytest.mark.{marker}\ndef test_x(ryzen):\n    pass\n")
     result = pytester.runpytest("--device=cpu")
+    if message is None:  # a key of the marker's own kind is accepted (and fails here: nothing was recorded)
+        result.assert_outcomes(failed=1)
+        return
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*test_x*{message}*"])
+
+
+def test_two_gates_of_one_kind_are_a_usage_error(pytester: pytest.Pytester) -> None:
+    # The outer @compression_ratio(100) used to be ignored silently in favour of the inner (2).
+    pytester.makepyfile(
+        """
+import pytest
+from pytest_ryzen import compression_ratio
+
+@compression_ratio(100)
+@compression_ratio(2)
+def test_stacked(ryzen):
+    ryzen.record_compression(300, 100)
+
+pytestmark = pytest.mark.speedup(2.0)
+
+@pytest.mark.speedup(3.0)
+def test_module_and_function(ryzen):
+    pass
+"""
+    )
+    result = pytester.runpytest("--device=cpu")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*test_stacked: 2 @compression_ratio gates apply to this test*keep one*"])
+
+
+def test_report_dir_problems_are_usage_errors_at_start(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(ryzen):\n    pass\n")
+    (pytester.path / "taken").write_text("a file, not a directory")
+    result = pytester.runpytest("--device=cpu", "--ryzen-report-dir=taken")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ryzen: the report directory*taken is a file*--ryzen-report-dir*"])
+    result = pytester.runpytest("--device=cpu", "--ryzen-report-dir=taken/sub")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*cannot create the report directory*is not a directory*"])
+
+
+def test_reports_are_readable_by_others(gated: pytest.Pytester) -> None:
+    old = os.umask(0o022)
+    try:
+        gated.runpytest("--device=cpu", "--ryzen-report-dir=out", "-p", "no:randomly")
+    finally:
+        os.umask(old)
+    for path in (gated.path / "out").glob("*.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 def test_thresholds_profile_keys_and_device_sections(pytester: pytest.Pytester) -> None:

@@ -489,3 +489,93 @@ def test_serial_lock_is_reentrant_in_a_thread_and_excludes_other_threads(tmp_pat
     other.join(timeout=10)
     assert waits
     assert waits[0] > 0.1
+
+
+class CostlyTimer(FakeClock):
+    """A fake clock whose every read costs ``read_ns`` of fake time, as a real timer's call does."""
+
+    def __init__(self, read_ns: int) -> None:
+        super().__init__()
+        self.read_ns = read_ns
+
+    def now(self) -> int:
+        self.ns += self.read_ns
+        return super().now()
+
+
+def test_calibration_keeps_the_timer_out_of_a_micro_speedup() -> None:
+    # A call of 100 ns against one of 2,200 ns (22x), with 500 ns per timer read: one call per sample would
+    # measure (2200 + 500) / (100 + 500) = 4.5x. Calibrated, each sample lasts >= 1 ms and the timer vanishes.
+    clock = CostlyTimer(read_ns=500)
+    slow = clock.fixed("slow", lambda k: 2200e-9)
+    fast = clock.fixed("fast", lambda k: 100e-9)
+    raw = compare(slow, fast, min_pairs=5, max_pairs=5, warmup=1, timer=clock.now)
+    assert raw.calls_per_sample == 1
+    assert raw.ratio == pytest.approx(4.5, rel=0.01)
+    m = compare(slow, fast, min_pairs=5, max_pairs=5, warmup=1, timer=clock.now, calibrate=True)
+    assert m.calls_per_sample == 10_000  # the first of 1, 2, 5, 10, ... giving the 100 ns arm >= 1 ms a sample
+    assert m.ratio == pytest.approx(22.0, rel=0.01)
+    assert m.candidate_median_s == pytest.approx(100e-9, rel=0.02)  # reported per call
+
+
+def test_slow_arms_cost_no_extra_call_to_calibrate() -> None:
+    clock = FakeClock()
+    calls = {"a": 0, "b": 0}
+
+    def arm(name: str) -> Callable[[], None]:
+        def run() -> None:
+            calls[name] += 1
+            clock.ns += 5_000_000  # 5 ms: already above the 1 ms floor
+
+        return run
+
+    m = compare(arm("a"), arm("b"), min_pairs=3, max_pairs=3, warmup=1, timer=clock.now, calibrate=True)
+    assert m.calls_per_sample == 1
+    assert calls == {"a": 4, "b": 4}  # 1 timed warm-up + 3 pairs each
+
+
+def test_oversubscription_is_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ryzen_opt import bench
+
+    monkeypatch.setattr(bench, "_available_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    clock = FakeClock()
+    m = compare(clock.workload("a", MS), clock.workload("b", MS), min_pairs=5, max_pairs=5, timer=clock.now)
+    assert m.oversubscribed is not None
+    assert "8 torch threads on 2 core(s)" in m.oversubscribed
+    assert "oversubscribed" in m.describe()
+    noisy = FakeClock()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    m = compare(
+        noisy.workload("a", MS, sigma=1.5),
+        noisy.workload("b", MS, sigma=1.5),
+        min_pairs=9,
+        max_pairs=9,
+        timer=noisy.now,
+    )
+    assert m.oversubscribed is not None
+    assert "CV" in m.oversubscribed
+
+
+def test_compare_arms_shares_one_baseline_run_per_round() -> None:
+    from ryzen_opt.bench import compare_arms
+
+    clock = FakeClock()
+    base = clock.fixed("base", lambda k: 6 * MS)
+    arms = {"two": clock.fixed("two", lambda k: 3 * MS), "three": clock.fixed("three", lambda k: 2 * MS)}
+    results = compare_arms(base, arms, rounds=4, warmup=1, timer=clock.now)
+    assert results["two"].ratio == pytest.approx(2.0)
+    assert results["three"].ratio == pytest.approx(3.0)
+    assert results["two"].n == 4
+    runs = [e for e in clock.log if e in ("base", "two", "three")]
+    assert runs.count("base") == 5  # 1 warm-up + 4 rounds, not once per arm per pair
+    timed = runs[3:]
+    assert timed[:3] == ["base", "two", "three"]
+    assert timed[3:6] == ["three", "two", "base"]  # odd rounds run in reverse: the ABBA counterbalance
+
+
+def test_compare_arms_rejects_too_few_rounds() -> None:
+    from ryzen_opt.bench import compare_arms
+
+    with pytest.raises(ConfigError, match="rounds must be >= 3"):
+        compare_arms(lambda: None, {"a": lambda: None}, rounds=2)

@@ -26,7 +26,34 @@ def test_markers_listed(pytester: pytest.Pytester) -> None:
 
 def test_help_shows_device_options(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
-    result.stdout.fnmatch_lines(["*--device*--ryzen-device*", "*ryzen*"])
+    result.stdout.fnmatch_lines(["*ryzen*", "*--ryzen-device*", "*--device*"])
+
+
+def test_a_project_that_owns_device_keeps_it(pytester: pytest.Pytester) -> None:
+    # pytest-playwright (for one) registers --device: ryzen must step back to --ryzen-device, not crash pytest.
+    pytester.makeconftest(
+        """
+def pytest_addoption(parser):
+    parser.addoption("--device", default="desktop", help="the project's own device (a browser profile)")
+"""
+    )
+    pytester.makepyfile(
+        """
+def test_both(request, device):
+    assert request.config.getoption("device") == "iPhone 15"
+    assert device.type == "cpu"
+"""
+    )
+    result = pytester.runpytest("--device=iPhone 15", "--ryzen-device=cpu", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*ryzen: --device belongs to another plugin or conftest here*--ryzen-device*"])
+
+
+def test_gpu_marker_skips_without_a_gpu(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("import pytest\n\n@pytest.mark.gpu\ndef test_on_gpu():\n    raise AssertionError\n")
+    result = pytester.runpytest("--device=cpu", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs a GPU (--device=cuda or --device=rocm)*cpu*"])
 
 
 def test_strict_markers_accept_ryzen_markers_and_device_fixture(pytester: pytest.Pytester) -> None:
@@ -41,7 +68,6 @@ def test_strict_markers_accept_ryzen_markers_and_device_fixture(pytester: pytest
         @pytest.mark.compression_ratio(2.0)
         @pytest.mark.memory_reduction(0.3)
         @pytest.mark.acceptance_rate(0.6)
-        @pytest.mark.gpu
         @pytest.mark.slow
         def test_marked(device):
             assert device.type == "cpu"
