@@ -42,6 +42,36 @@ def _greedy(model: Any, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     return model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **kwargs)
 
 
+def _measure(
+    target: Any,
+    decoder: SpeculativeDecoder,
+    prompts: list[torch.Tensor],
+    timed: list[torch.Tensor],
+    *,
+    pairs: int,
+    drafter: str,
+    weights: str,
+) -> tuple[Any, int, Any]:
+    """Acceptance over ``prompts``, how many equal the target's own greedy output, and the speedup over the target
+    alone (with the same kernels) on ``timed``."""
+    stats, equal = None, 0
+    for ids in prompts:
+        out = decoder.generate(ids, NEW)
+        equal += int(torch.equal(out.sequences, _greedy(target, ids)))
+        stats = out.stats if stats is None else stats.merge(out.stats)
+    assert stats is not None
+    m = compare(
+        lambda: [_greedy(target, ids) for ids in timed],
+        lambda: [decoder.generate(ids, NEW) for ids in timed],
+        min_pairs=pairs,
+        max_pairs=pairs,
+        warmup=1,
+        baseline_name=f"target alone, {weights}",
+        candidate_name=f"speculative ({drafter}), {weights}",
+    )
+    return stats, equal, m
+
+
 @torch.no_grad()
 def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     target, tokenizer = zoo.reference_model("smollm2")
@@ -54,21 +84,7 @@ def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     for weights in args.weights or ["none", "int8"]:
         t = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(target))
         decoder = SpeculativeDecoder(t, NGramDrafter(), SpecConfig())
-        stats, equal = None, 0
-        for ids in prompts:
-            out = decoder.generate(ids, NEW)
-            equal += int(torch.equal(out.sequences, _greedy(t, ids)))
-            stats = out.stats if stats is None else stats.merge(out.stats)
-        assert stats is not None
-        m = compare(
-            lambda t=t: [_greedy(t, ids) for ids in timed],
-            lambda decoder=decoder: [decoder.generate(ids, NEW) for ids in timed],
-            min_pairs=args.pairs,
-            max_pairs=args.pairs,
-            warmup=1,
-            baseline_name=f"target alone, {weights}",
-            candidate_name=f"speculative (n-gram), {weights}",
-        )
+        stats, equal, m = _measure(t, decoder, prompts, timed, pairs=args.pairs, drafter="n-gram", weights=weights)
         results["rows"].append(
             {
                 "weights": weights,
@@ -130,21 +146,7 @@ def main() -> None:
         d = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(draft))
         for name, drafter in (("draft model", ModelDrafter(d)), ("n-gram", NGramDrafter())):
             decoder = SpeculativeDecoder(t, drafter, SpecConfig())
-            stats, equal = None, 0
-            for ids in prompts:
-                out = decoder.generate(ids, NEW)
-                equal += int(torch.equal(out.sequences, _greedy(t, ids)))
-                stats = out.stats if stats is None else stats.merge(out.stats)
-            assert stats is not None
-            m = compare(
-                lambda t=t: [_greedy(t, ids) for ids in timed],
-                lambda decoder=decoder: [decoder.generate(ids, NEW) for ids in timed],
-                min_pairs=args.pairs,
-                max_pairs=args.pairs,
-                warmup=1,
-                baseline_name=f"target alone, {weights}",
-                candidate_name=f"speculative ({name}), {weights}",
-            )
+            stats, equal, m = _measure(t, decoder, prompts, timed, pairs=args.pairs, drafter=name, weights=weights)
             row = {
                 "weights": weights,
                 "drafter": name,

@@ -415,22 +415,12 @@ def compare(
         if threads != torch.get_num_threads():
             logger.warning("torch thread count changed while sampling (%d -> %d)", threads, torch.get_num_threads())
 
-    a, b = np.asarray(a_times) / number, np.asarray(b_times) / number
-    ratios = a / b
-    ci_low, ci_high = _percentile_interval(_bootstrap_distribution(ratios, _N_BOOT, seed), confidence)
-    result = SpeedupMeasurement(
-        ratios=tuple(ratios.tolist()),
-        ratio=float(np.median(ratios)),
-        ci_low=ci_low,
-        ci_high=ci_high,
-        n=len(ratios),
+    result = _measurement(
+        np.asarray(a_times) / number,
+        np.asarray(b_times) / number,
         confidence=confidence,
-        baseline_median_s=float(np.median(a)) / _NS_PER_S,
-        candidate_median_s=float(np.median(b)) / _NS_PER_S,
-        cv_baseline=_cv(a),
-        cv_candidate=_cv(b),
-        threshold=None if threshold is None else float(threshold),
-        verdict=None if threshold is None else verdict_for(ci_low, ci_high, threshold),
+        seed=seed,
+        threshold=threshold,
         warmup=warmup,
         threads=threads,
         elapsed_s=(last_stop - t_start) / _NS_PER_S,
@@ -439,7 +429,6 @@ def compare(
         baseline_name=baseline_name,
         candidate_name=candidate_name,
         calls_per_sample=number,
-        oversubscribed=_oversubscribed(threads, _cv(a), _cv(b)),
     )
     logger.info("%s over %s: %s (%s)", candidate_name, baseline_name, result.describe(), stopped_because)
     return result
@@ -489,29 +478,18 @@ def compare_arms(
     base = np.asarray(times["__baseline__"])
     results: dict[str, SpeedupMeasurement] = {}
     for name in arms:
-        arm = np.asarray(times[name])
-        ratios = base / arm
-        ci_low, ci_high = _percentile_interval(_bootstrap_distribution(ratios, _N_BOOT, seed), confidence)
-        results[name] = SpeedupMeasurement(
-            ratios=tuple(ratios.tolist()),
-            ratio=float(np.median(ratios)),
-            ci_low=ci_low,
-            ci_high=ci_high,
-            n=len(ratios),
+        results[name] = _measurement(
+            base,
+            np.asarray(times[name]),
             confidence=confidence,
-            baseline_median_s=float(np.median(base)) / _NS_PER_S,
-            candidate_median_s=float(np.median(arm)) / _NS_PER_S,
-            cv_baseline=_cv(base),
-            cv_candidate=_cv(arm),
+            seed=seed,
             threshold=None,
-            verdict=None,
             warmup=warmup,
             threads=threads,
             elapsed_s=elapsed,
             stopped_because="max_pairs",
             baseline_name=baseline_name,
             candidate_name=name,
-            oversubscribed=_oversubscribed(threads, _cv(base), _cv(arm)),
         )
         logger.info("%s over %s: %s (shared baseline)", name, baseline_name, results[name].describe())
     return results
@@ -586,6 +564,31 @@ def _oversubscribed(threads: int, cv_a: float, cv_b: float) -> str | None:
     if max(cv_a, cv_b) > _CV_BUSY:
         reasons.append(f"timing CV {max(cv_a, cv_b):.2f} > {_CV_BUSY} (another process competing?)")
     return "; ".join(reasons) or None
+
+
+def _measurement(
+    a: np.ndarray, b: np.ndarray, *, confidence: float, seed: int, threshold: float | None, **fields_: Any
+) -> SpeedupMeasurement:
+    """A :class:`SpeedupMeasurement` from paired per-call times ``a`` (baseline) and ``b`` (candidate), in ns: the
+    median per-pair ratio, its percentile-bootstrap interval, the verdict against ``threshold`` and the noise flags."""
+    ratios = a / b
+    ci_low, ci_high = _percentile_interval(_bootstrap_distribution(ratios, _N_BOOT, seed), confidence)
+    return SpeedupMeasurement(
+        ratios=tuple(ratios.tolist()),
+        ratio=float(np.median(ratios)),
+        ci_low=ci_low,
+        ci_high=ci_high,
+        n=len(ratios),
+        confidence=confidence,
+        baseline_median_s=float(np.median(a)) / _NS_PER_S,
+        candidate_median_s=float(np.median(b)) / _NS_PER_S,
+        cv_baseline=_cv(a),
+        cv_candidate=_cv(b),
+        threshold=None if threshold is None else float(threshold),
+        verdict=None if threshold is None else verdict_for(ci_low, ci_high, threshold),
+        oversubscribed=_oversubscribed(fields_["threads"], _cv(a), _cv(b)),
+        **fields_,
+    )
 
 
 def _decided(
