@@ -139,8 +139,9 @@ class ValidationSection(ConfigMixin):
     A/B pairs, held-out blocks for accuracy, KV context length.
 
     The defaults are the perf gates' 64 new tokens on one prompt with 4 rounds, and 48 held-out blocks of 256
-    tokens (the stage took 9-10 minutes on 2 idle AVX2 cores, the compile included): HF generate fp32 takes ~75 ms a token there and
-    runs once per round, shared by the five arms (``bench.compare_arms``); accuracy runs six forwards over the
+    tokens (the stage took 9-10 minutes on 2 idle AVX2 cores, the compile included): HF generate fp32 takes ~75 ms
+    a token there and runs once per round, shared by the five arms (``bench.compare_arms``); accuracy runs six
+    forwards over the
     held-out blocks (the reference once, four candidates, the KV reference). Measured on the fine-tuned SmolLM2:
     with 8 or 24 blocks the int8 kernels' interval was too wide to decide a 1% gate (24: 0.46%, CI -0.35% to 1.23%,
     INCONCLUSIVE); with 48, 0.11% (-0.30% to 0.54%). With 32 new tokens the prompt pass weighed enough to keep all
