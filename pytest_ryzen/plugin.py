@@ -159,7 +159,8 @@ def pytest_configure(config: pytest.Config) -> None:
     profile = config.getoption("ryzen_thresholds") or str(config.getini("ryzen_thresholds"))
     if profile:
         config.stash[_THRESHOLDS_KEY] = _load_thresholds(config, profile)
-    if not hasattr(config, "workerinput"):
+    if not hasattr(config, "workerinput") and config.getoption("ryzen_report_dir"):
+        # Only a directory asked for: a project that never uses ryzen must not fail on a read-only rootdir.
         _check_report_dir(report_dir(config))
     threads = config.getoption("ryzen_threads")
     if threads is not None:
