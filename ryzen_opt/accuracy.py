@@ -200,26 +200,49 @@ def _logits(model: nn.Module, ids: torch.Tensor, name: str) -> torch.Tensor:
     return logits
 
 
-def _score_batch(ref_logits: torch.Tensor, cand_logits: torch.Tensor, ids: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-row sums of every statistic over the scored positions ``[:, :-1]`` of one batch."""
-    lr = ref_logits[:, :-1].float()
-    lc = cand_logits[:, :-1].to(lr.device).float()
-    target = ids[:, 1:].to(lr.device)
-    logp_r = F.log_softmax(lr, dim=-1)
-    logp_c = F.log_softmax(lc, dim=-1)
-    pred_r, pred_c = lr.argmax(-1), lc.argmax(-1)
-    top2 = lr.topk(2, dim=-1).values
-    per_row = {
-        "tokens": torch.full((target.shape[0],), target.shape[1], dtype=torch.int64),
-        "correct_ref": (pred_r == target).sum(1),
-        "correct_cand": (pred_c == target).sum(1),
-        "agree": (pred_r == pred_c).sum(1),
-        "near_ties": (top2[..., 0] - top2[..., 1] < NEAR_TIE_GAP).sum(1),
-        "nll_ref": -logp_r.gather(-1, target[..., None]).squeeze(-1).sum(1, dtype=torch.float64),
-        "nll_cand": -logp_c.gather(-1, target[..., None]).squeeze(-1).sum(1, dtype=torch.float64),
-        "kl": (logp_r.exp() * (logp_r - logp_c)).sum(-1).sum(1, dtype=torch.float64),
+# Positions scored at a time: a [16, vocab] slice of both logits (SmolLM2: 3 MB each) stays in cache through the
+# softmaxes, arg-maxes and sums, where whole [8, 255, vocab] batches (400 MB each) streamed through memory once per
+# statistic: measured on SmolLM2-sized logits, 0.56 s a batch against 1.9 s, plus 1 s of separate finiteness checks.
+_SCORE_ROWS = 16
+
+
+def _score_batch(
+    ref_logits: torch.Tensor, cand_logits: torch.Tensor, ids: torch.Tensor, names: tuple[str, str], index: int
+) -> dict[str, np.ndarray]:
+    """Per-row sums of every statistic over the scored positions ``[:, :-1]`` of one batch.
+
+    Raises:
+        MeasurementError: a model's logits are not finite (``names`` says whose, ``index`` which batch).
+    """
+    target = ids[:, 1:].to(ref_logits.device)
+    rows, positions = target.shape
+    sums = {
+        key: torch.zeros(rows, dtype=torch.float64 if key in ("nll_ref", "nll_cand", "kl") else torch.int64)
+        for key in ("correct_ref", "correct_cand", "agree", "near_ties", "nll_ref", "nll_cand", "kl")
     }
-    return {key: value.cpu().numpy() for key, value in per_row.items()}
+    for b in range(rows):
+        for s in range(0, positions, _SCORE_ROWS):
+            e = min(positions, s + _SCORE_ROWS)
+            lr = ref_logits[b, s:e].float()
+            lc = cand_logits[b, s:e].to(lr.device).float()
+            for name, logits in zip(names, (lr, lc), strict=True):
+                if not bool(torch.isfinite(logits).all()):
+                    raise _measurement_error(f"{name} produced non-finite logits in held-out batch {index}")
+            t = target[b, s:e, None]
+            logp_r = F.log_softmax(lr, dim=-1)
+            logp_c = F.log_softmax(lc, dim=-1)
+            pred_r, pred_c = lr.argmax(-1), lc.argmax(-1)
+            top2 = lr.topk(2, dim=-1).values
+            sums["correct_ref"][b] += int((pred_r == t[:, 0]).sum())
+            sums["correct_cand"][b] += int((pred_c == t[:, 0]).sum())
+            sums["agree"][b] += int((pred_r == pred_c).sum())
+            sums["near_ties"][b] += int((top2[:, 0] - top2[:, 1] < NEAR_TIE_GAP).sum())
+            sums["nll_ref"][b] += float(-logp_r.gather(-1, t).sum(dtype=torch.float64))
+            sums["nll_cand"][b] += float(-logp_c.gather(-1, t).sum(dtype=torch.float64))
+            sums["kl"][b] += float((logp_r.exp() * (logp_r - logp_c)).sum(-1).sum(dtype=torch.float64))
+    per_row = {key: value.numpy() for key, value in sums.items()}
+    per_row["tokens"] = np.full(rows, positions, dtype=np.int64)
+    return per_row
 
 
 def _paired_bootstrap_loss(
@@ -323,10 +346,7 @@ def accuracy(
                     )
                 if ref_logits.shape[-1] < 2:
                     raise ConfigError(f"a vocabulary of {ref_logits.shape[-1]} token(s) has no top-1 to measure")
-                for name, logits in ((reference_name, ref_logits), (candidate_name, cand_logits)):
-                    if not bool(torch.isfinite(logits).all()):
-                        raise _measurement_error(f"{name} produced non-finite logits in held-out batch {i}")
-                parts.append(_score_batch(ref_logits, cand_logits, batch))
+                parts.append(_score_batch(ref_logits, cand_logits, batch, (reference_name, candidate_name), i))
     finally:
         for model, was_training in modes:
             model.train(was_training)

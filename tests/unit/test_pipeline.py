@@ -273,6 +273,10 @@ def test_validation_builds_each_optimized_variant_once(tmp_path: Path, monkeypat
     assert set(data["speedups_vs_hf"]) == {"kernels", "embeddings", "kv_cache", "speculative", "all four"}
     assert set(data["accuracy"]) == {"kernel_optimizer", "embedding_compressor", "kv_cache_optimizer", "e2e"}
     assert data["speculative"]["drafter"] == ("draft model" if with_draft else "n-gram prompt lookup")
+    # Where the stage's time went: every phase, in order, none negative.
+    assert list(data["seconds"])[0] == "build"
+    assert list(data["seconds"])[-1] == "accuracy"
+    assert all(s >= 0 for s in data["seconds"].values())
     # What setup built is reused when training left the target as it was: validation builds nothing more.
     kernel_calls.clear()
     pipeline._validate_model(ctx, validator, "target")
