@@ -101,6 +101,16 @@ class RyzenRecorder:
             baseline=measurement.reference_name,
             optimizer=optimizer,
             unit="fraction",
+            # What explains the loss goes with the gate into ryzen's own reports (not only pytest-json-report's).
+            details={
+                "candidate": measurement.candidate_name,
+                "reference_accuracy": measurement.reference_accuracy,
+                "candidate_accuracy": measurement.candidate_accuracy,
+                "perplexity_ratio": measurement.perplexity_ratio,
+                "kl_divergence": measurement.kl_divergence,
+                "top1_agreement": measurement.top1_agreement,
+                "tokens": measurement.tokens,
+            },
         )
         return measurement
 

@@ -19,3 +19,10 @@ def pytest_ryzen_generate_report(config: pytest.Config, name: str, data: dict[st
 @pytest.hookspec
 def pytest_ryzen_modify_report(config: pytest.Config, name: str, report: dict[str, Any]) -> None:
     """Change a built report in place before it is written (add fields, redact paths, ...)."""
+
+
+@pytest.hookspec
+def pytest_ryzen_report_parts(config: pytest.Config) -> list[str] | None:
+    """The parts (the ``optimizer=`` groups of recorded measurements) the final report needs measured, every gate
+    passing, before it says COMPLETE. Every implementation's list counts, with the ``ryzen_parts`` ini lines. Without
+    any, the final report covers the groups its gates named."""

@@ -6,7 +6,10 @@
   ``acceptance_rate``, plus ``perf``, ``gpu`` and ``slow``. Arguments are checked at collection.
 - Fixtures: ``device``, ``ryzen`` (measure and record), ``training_metrics``, ``ryzen_thresholds``.
 - After each test's call, every threshold marker is checked against what the test recorded; a failing gate fails
-  the test. At session end the controller writes the four JSON reports.
+  the test. At session end the controller writes the JSON reports: ``validation_report``,
+  ``integration_test_report``, ``training_metrics_report`` (only when training metrics were recorded) and the final
+  report (``final_report``, or the ini ``ryzen_final_report`` name), whose parts are the project's: the ``ryzen_parts``
+  ini lines and the ``pytest_ryzen_report_parts`` hook, else the groups (``optimizer=``) its gates named.
 
 The device is resolved once at start-up when ``--device`` is given, so ``pytest -m perf --device=rocm`` on a
 machine without ROCm stops with one clear message instead of fifty skips. Importing the plugin never touches CUDA.
@@ -23,15 +26,16 @@ import pytest
 
 from pytest_ryzen import hookspec
 from pytest_ryzen.session import (
+    FINAL_REPORT,
     GATE_MODES,
     GATES_PROPERTY,
     MARKER_METRICS,
     RECORDS_PROPERTY,
-    REPORT_NAMES,
     RyzenSession,
     evaluate_gates,
     iter_gate_failures,
     marker_threshold,
+    profile_key,
     threshold_markers,
 )
 
@@ -58,6 +62,7 @@ _DEVICE_KEY = pytest.StashKey["torch.device | None"]()
 _SESSION_KEY = pytest.StashKey[RyzenSession]()
 _THRESHOLDS_KEY = pytest.StashKey[Any]()
 _RECORDER_KEY = pytest.StashKey["RyzenRecorder"]()
+_GATES_KEY = pytest.StashKey[list[dict[str, Any]]]()
 _WORKEROUTPUT_TRAINING = "ryzen_training_metrics"
 
 
@@ -115,6 +120,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("ryzen_device", "default device for the ryzen fixtures when --device is not given", default="auto")
     parser.addini("ryzen_gate", "default --ryzen-gate mode", default="strict")
     parser.addini("ryzen_thresholds", "default thresholds profile (TOML path)", default="")
+    parser.addini(
+        "ryzen_parts",
+        "groups (the optimizer= of the gates' records) the final report needs measured before it says COMPLETE",
+        type="linelist",
+        default=[],
+    )
+    parser.addini("ryzen_final_report", "file name (without .json) of the final report", default=FINAL_REPORT)
 
 
 def _option_names(parser: pytest.Parser) -> set[str]:
@@ -159,6 +171,7 @@ def pytest_configure(config: pytest.Config) -> None:
     profile = config.getoption("ryzen_thresholds") or str(config.getini("ryzen_thresholds"))
     if profile:
         config.stash[_THRESHOLDS_KEY] = _load_thresholds(config, profile)
+    final_report_name(config)  # a bad ini value is a usage error now, not at the end
     if not hasattr(config, "workerinput") and config.getoption("ryzen_report_dir"):
         # Only a directory asked for: a project that never uses ryzen must not fail on a read-only rootdir.
         _check_report_dir(report_dir(config))
@@ -237,9 +250,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 f"module too); keep one"
             )
         for marker in threshold_markers(item):
-            needs_profile = any(isinstance(a, str) for a in (*marker.args, *marker.kwargs.values()))
             try:
-                marker_threshold(marker, _thresholds(config) if needs_profile else None)
+                marker_threshold(marker, _thresholds(config) if profile_key(marker) is not None else None)
             except pytest.UsageError as exc:
                 raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
 
@@ -273,17 +285,13 @@ def ryzen(request: pytest.FixtureRequest, device: torch.device) -> RyzenRecorder
     from pytest_ryzen.fixture import RyzenRecorder
 
     thresholds = {
-        m.name: marker_threshold(m, _thresholds(request.config) if _has_str_arg(m) else None)
+        m.name: marker_threshold(m, _thresholds(request.config) if profile_key(m) is not None else None)
         for m in threshold_markers(request.node)
     }
     under_xdist = hasattr(request.config, "workerinput")
     recorder = RyzenRecorder(device, thresholds, lock=under_xdist, nodeid=request.node.nodeid)
     request.node.stash[_RECORDER_KEY] = recorder
     return recorder
-
-
-def _has_str_arg(marker: pytest.Mark) -> bool:
-    return any(isinstance(a, str) for a in (*marker.args, *marker.kwargs.values()))
 
 
 @pytest.fixture
@@ -313,9 +321,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report.user_properties.append((RECORDS_PROPERTY, records))
     if not markers or report.skipped:
         return report
-    device = str(recorder.device) if recorder is not None else None
-    thresholds = _thresholds(item.config) if any(_has_str_arg(m) for m in markers) else None
-    gates = evaluate_gates(item, records, thresholds, device)
+    gates = _item_gates(item)
     report.user_properties.append((GATES_PROPERTY, gates))
     mode = item.config.stash[_SESSION_KEY].gate_mode
     failing = iter_gate_failures(gates, mode)
@@ -323,6 +329,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = "\n".join(f"ryzen gate failed: {g['message']}" for g in failing)
     return report
+
+
+def _item_gates(item: pytest.Item) -> list[dict[str, Any]]:
+    """The verdicts of ``item``'s threshold markers on what it recorded, evaluated once (the gate hook and
+    pytest-json-report's metadata hook both ask)."""
+    gates = item.stash.get(_GATES_KEY, None)
+    if gates is None:
+        markers = threshold_markers(item)
+        recorder = item.stash.get(_RECORDER_KEY, None)
+        records = recorder.records if recorder is not None else []
+        device = str(recorder.device) if recorder is not None else None
+        thresholds = _thresholds(item.config) if any(profile_key(m) is not None for m in markers) else None
+        gates = item.stash[_GATES_KEY] = evaluate_gates(item, records, thresholds, device)
+    return gates
 
 
 class _ReportListener:
@@ -338,11 +358,18 @@ class _ReportListener:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_json_runtest_metadata(item: pytest.Item, call: pytest.CallInfo[None]) -> dict[str, Any]:
-    """pytest-json-report: put this test's gate records into its ``metadata``."""
+    """pytest-json-report: this test's records and its gates' verdicts (status, measured value, threshold, CI,
+    message) go into its ``metadata["ryzen"]``."""
     if call.when != "call":
         return {}
     recorder = item.stash.get(_RECORDER_KEY, None)
-    return {"ryzen": recorder.records} if recorder is not None and recorder.records else {}
+    records = recorder.records if recorder is not None else []
+    gates = _item_gates(item) if threshold_markers(item) and call.excinfo is None else []
+    if not records and not gates:
+        return {}
+    keep = ("metric", "status", "actual", "expected", "comparison", "ci_low", "ci_high", "n", "message")
+    verdicts = [{k: g.get(k) for k in (*keep, "optimizer", "threshold_key") if k in g} for g in gates]
+    return {"ryzen": {"records": records, "gates": verdicts}}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -381,12 +408,38 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     env = environment(_session_device(config))
     out = report_dir(config)
-    built = ryzen.build_reports(env, _thresholds(config))
-    for name in REPORT_NAMES:
-        report = config.hook.pytest_ryzen_generate_report(config=config, name=name, data=built[name])
+    built = ryzen.build_reports(env, _used_thresholds(config, ryzen), report_parts(config), final_report_name(config))
+    for name, data in built.items():
+        report = config.hook.pytest_ryzen_generate_report(config=config, name=name, data=data)
         config.hook.pytest_ryzen_modify_report(config=config, name=name, report=report)
         atomic_write_json(out / f"{name}.json", report)
     ryzen.written = out
+
+
+def report_parts(config: pytest.Config) -> list[str]:
+    """The parts the final report needs: the ``ryzen_parts`` ini lines, then every ``pytest_ryzen_report_parts``
+    hook's, in order, once each."""
+    parts = [str(p) for p in config.getini("ryzen_parts")]
+    for declared in config.hook.pytest_ryzen_report_parts(config=config):
+        parts.extend(declared or [])
+    return list(dict.fromkeys(parts))
+
+
+def final_report_name(config: pytest.Config) -> str:
+    name = str(config.getini("ryzen_final_report")).strip()
+    if not name or "/" in name or "\\" in name or name.endswith(".json"):
+        raise pytest.UsageError(
+            f"ryzen: ryzen_final_report = {name!r}: a file name without directory or .json, e.g. final_report"
+        )
+    return name
+
+
+def _used_thresholds(config: pytest.Config, ryzen: RyzenSession) -> Any | None:
+    """The thresholds profile when the session used one: given (``--ryzen-thresholds``, ini) or named by a gate."""
+    given = config.getoption("ryzen_thresholds") or str(config.getini("ryzen_thresholds"))
+    if given or any(g.get("threshold_key") for g in ryzen.gates()):
+        return _thresholds(config)
+    return None
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -398,5 +451,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.section("ryzen gates")
         for gate in gates:
             terminalreporter.write_line(f"{gate['status']:<12} {gate['name']}: {gate['message']}")
+        # What a gentler mode let pass is said, not hidden: each gate strict would have failed.
+        let_through = iter_gate_failures(gates, "strict") if ryzen.gate_mode != "strict" else []
+        if let_through:
+            terminalreporter.write_line(
+                f"ryzen: --ryzen-gate={ryzen.gate_mode} let {len(let_through)} gate(s) through that strict fails:",
+                yellow=True,
+            )
+            for gate in let_through:
+                nothing = " (the test recorded nothing)" if gate.get("actual") is None else ""
+                terminalreporter.write_line(f"  {gate['status']} {gate['name']}: {gate['metric']}{nothing}")
     if ryzen.written is not None:
         terminalreporter.write_line(f"ryzen reports written to {ryzen.written}/")

@@ -19,7 +19,9 @@ import pytest
 GATES_PROPERTY = "ryzen_gates"
 RECORDS_PROPERTY = "ryzen_records"
 GATE_MODES = ("strict", "lenient", "report")
-REPORT_NAMES = ("validation_report", "integration_test_report", "training_metrics_report", "phase2_final_report")
+# The final report's file name is the project's (ini ``ryzen_final_report``); these are the other three.
+REPORT_NAMES = ("validation_report", "integration_test_report", "training_metrics_report")
+FINAL_REPORT = "final_report"
 
 # metric -> (comparison, unit, how the marker reads)
 MARKER_METRICS: dict[str, tuple[str, str]] = {
@@ -29,18 +31,10 @@ MARKER_METRICS: dict[str, tuple[str, str]] = {
     "memory_reduction": ("min", "fraction"),
     "acceptance_rate": ("min", "fraction"),
 }
-# What phase2_final_report.json needs measured (and passing) before it says COMPLETE.
-PHASE2_PARTS = ("kernel_optimizer", "embedding_compressor", "kv_cache_optimizer", "speculative_decoder", "e2e")
-# The optimizer a gate reports under in phase2_final_report.json, when the record does not name one.
-_MODULE_OPTIMIZER = {
-    "kernel": "kernel_optimizer",
-    "embedding": "embedding_compressor",
-    "kv": "kv_cache_optimizer",
-    "speculative": "speculative_decoder",
-    "e2e": "e2e",
-    "end_to_end": "e2e",
-    "pipeline": "e2e",
-}
+# The group of a gate recorded without ``optimizer=``.
+UNGROUPED = "ungrouped"
+# Keys a gate dict carries beyond its ValidationResult.
+_GATE_ONLY = ("metric", "optimizer", "threshold_key", "baseline_compare")
 
 
 def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
@@ -130,7 +124,7 @@ def evaluate_gates(
                 reason="no measurement recorded",
                 details={"metric": marker.name},
             )
-            results.append(result.to_dict() | {"metric": marker.name})
+            results.append(result.to_dict() | {"metric": marker.name, "optimizer": UNGROUPED})
             continue
         for record in matching:
             if record.get("finite") is False:
@@ -148,7 +142,10 @@ def evaluate_gates(
             if isinstance(measurement, SpeedupMeasurement) and measurement.oversubscribed:
                 data["message"] = f"{data['message']} [oversubscribed: {measurement.oversubscribed}]"
             data["metric"] = marker.name
-            data["optimizer"] = record.get("optimizer") or _optimizer_for(item)
+            data["optimizer"] = record.get("optimizer") or UNGROUPED
+            key = profile_key(marker)
+            if key is not None:
+                data["threshold_key"] = key
             if record.get("details"):
                 data["details"] = {**(data.get("details") or {}), **record["details"]}
             results.append(data)
@@ -165,12 +162,9 @@ def _how_to_record(metric: str) -> str:
     }[metric]
 
 
-def _optimizer_for(item: pytest.Item) -> str:
-    stem = Path(str(getattr(item, "path", item.nodeid.split("::")[0]))).stem.removeprefix("test_")
-    for prefix, optimizer in _MODULE_OPTIMIZER.items():
-        if stem.startswith(prefix):
-            return optimizer
-    return stem
+def profile_key(marker: pytest.Mark) -> str | None:
+    """The thresholds-profile key a marker names (``@speedup("kernel_speedup")``), or ``None`` for a number."""
+    return next((a for a in (*marker.args, *marker.kwargs.values()) if isinstance(a, str)), None)
 
 
 @dataclass
@@ -236,24 +230,32 @@ class RyzenSession:
         return [g for case in self.cases.values() for g in case.gates]
 
     # -- reports -----------------------------------------------------------------------------------------------
-    def build_reports(self, environment: dict[str, Any], thresholds: Any) -> dict[str, dict[str, Any]]:
-        return {
+    def build_reports(
+        self, environment: dict[str, Any], thresholds: Any | None, parts: list[str], final_name: str = FINAL_REPORT
+    ) -> dict[str, dict[str, Any]]:
+        """Every report this session has content for, by name: no training report unless a test recorded training
+        metrics. ``thresholds`` is the profile when one was given or named by a gate, else ``None`` (and the reports
+        carry none); ``parts`` are the groups the final report needs measured (the ``ryzen_parts`` ini value and
+        every ``pytest_ryzen_report_parts`` hook); ``final_name`` is its file name (ini ``ryzen_final_report``)."""
+        built = {
             "validation_report": self._validation_report(environment, thresholds),
             "integration_test_report": self._integration_report(environment),
-            "training_metrics_report": self._training_report(environment),
-            "phase2_final_report": self._final_report(environment, thresholds),
         }
+        if self.training:
+            built["training_metrics_report"] = self._training_report(environment)
+        built[final_name] = self._final_report(environment, thresholds, parts)
+        return built
 
-    def _validation_report(self, environment: dict[str, Any], thresholds: Any) -> dict[str, Any]:
+    def _validation_report(self, environment: dict[str, Any], thresholds: Any | None) -> dict[str, Any]:
         from ryzen_opt.validation import OptimizationValidator, ValidationResult
 
         validator = OptimizationValidator(thresholds)
         for gate in self.gates():
-            validator.add(
-                ValidationResult.from_dict({k: v for k, v in gate.items() if k not in ("metric", "optimizer")})
-            )
+            validator.add(ValidationResult.from_dict({k: v for k, v in gate.items() if k not in _GATE_ONLY}))
         report = validator.report_dict(environment=environment)
         report["gate_mode"] = self.gate_mode
+        if thresholds is None:  # no profile in play: the gates' own numbers are the thresholds
+            report["thresholds"] = None
         return report
 
     def _integration_report(self, environment: dict[str, Any]) -> dict[str, Any]:
@@ -287,10 +289,15 @@ class RyzenSession:
         report["environment"] = environment
         return report
 
-    def _final_report(self, environment: dict[str, Any], thresholds: Any) -> dict[str, Any]:
-        optimization: dict[str, dict[str, Any]] = {}
-        e2e: dict[str, Any] = {}
-        for gate in self.gates():
+    def _final_report(self, environment: dict[str, Any], thresholds: Any | None, parts: list[str]) -> dict[str, Any]:
+        """COMPLETE when at least one gate was measured, every declared part has a gate, and no gate or test failed.
+
+        ``results`` groups the gates by the ``optimizer=`` their measurement was recorded with (``"ungrouped"``
+        without one), then by metric. Gates that recorded nothing (a FAIL, or a SKIPPED verdict under
+        ``--ryzen-gate=report``) are listed in ``unmeasured``."""
+        gates = self.gates()
+        results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for gate in gates:
             entry = {
                 "value": gate.get("actual"),
                 "target": gate.get("expected"),
@@ -302,32 +309,36 @@ class RyzenSession:
                 "baseline": gate.get("baseline"),
                 "test": gate.get("name"),
             }
-            optimizer = gate.get("optimizer") or "unattributed"
-            if optimizer == "e2e":
-                e2e.setdefault(gate["metric"], []).append(entry)
-            else:
-                optimization.setdefault(optimizer, {}).setdefault(gate["metric"], []).append(entry)
+            group = gate.get("optimizer") or UNGROUPED
+            results.setdefault(group, {}).setdefault(gate["metric"], []).append(entry)
         reasons = [
             f"{g.get('name')}: {g.get('metric')} {g.get('status')}: {g.get('message')}"
-            for g in self.gates()
+            for g in gates
             if g.get("status") not in ("PASS", "WARNING")
         ]
         reasons += [f"{c.name}: {c.status}" for c in self.cases.values() if c.status in ("FAILED", "ERROR")]
-        measured = {g.get("optimizer") for g in self.gates()}
-        # Phase 2 is complete only when every optimizer and the combined system were measured, and all passed.
-        reasons += [f"no {name} gate was measured in this session" for name in PHASE2_PARTS if name not in measured]
-        return {
+        measured = {g.get("optimizer") for g in gates if g.get("actual") is not None}
+        reasons += [f"no {part} gate was measured in this session" for part in parts if part not in measured]
+        if not gates:
+            reasons.append("no gate was measured in this session (mark a test with a threshold marker)")
+        report: dict[str, Any] = {
             "schema_version": _schema_version(),
-            "phase": "Phase 2: Core Optimizations",
             "status": "INCOMPLETE" if reasons else "COMPLETE",
             "incomplete_reasons": reasons,
             "completion_timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "optimization_results": optimization,
-            "e2e_results": e2e,
-            "thresholds": thresholds.to_dict() if thresholds is not None else None,
+            "parts": list(parts) or sorted(results),
+            "results": results,
+            "unmeasured": [
+                {"test": g.get("name"), "metric": g.get("metric"), "status": g.get("status")}
+                for g in gates
+                if g.get("actual") is None
+            ],
             "gate_mode": self.gate_mode,
             "environment": environment,
         }
+        if thresholds is not None:
+            report["thresholds"] = thresholds.to_dict()
+        return report
 
 
 def _short(report: pytest.TestReport) -> str:
@@ -348,7 +359,5 @@ def iter_gate_failures(gates: Iterable[dict[str, Any]], mode: str) -> list[dict[
     return [
         g
         for g in gates
-        if is_failing(
-            ValidationResult.from_dict({k: v for k, v in g.items() if k not in ("metric", "optimizer")}), mode
-        )
+        if is_failing(ValidationResult.from_dict({k: v for k, v in g.items() if k not in _GATE_ONLY}), mode)
     ]

@@ -81,7 +81,13 @@ def environment(device: Any = None) -> dict[str, Any]:
     return env
 
 
-REPORT_SCHEMAS = ("validation_report", "integration_test_report", "training_metrics_report", "phase2_final_report")
+REPORT_SCHEMAS = (
+    "validation_report",
+    "integration_test_report",
+    "training_metrics_report",
+    "phase2_final_report",
+    "final_report",
+)
 
 
 def load_schema(name: str) -> dict[str, Any]:

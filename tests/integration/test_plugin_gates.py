@@ -67,7 +67,10 @@ def test_plain():
 
 
 def _reports(directory: Path) -> dict[str, dict]:
-    return {name: json.loads((directory / f"{name}.json").read_text()) for name in REPORT_SCHEMAS}
+    """Every report the session wrote, by name (each has a schema of its own)."""
+    found = {path.stem: json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))}
+    assert set(found) <= set(REPORT_SCHEMAS), sorted(found)
+    return found
 
 
 def _statuses(report: dict) -> dict[str, str]:
@@ -92,9 +95,11 @@ def test_gates_pass_fail_and_explain(gated: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*ryzen gates*", "PASS*test_kernel_fast*", "*ryzen reports written to*out/"])
 
 
-def test_four_reports_match_their_schemas(gated: pytest.Pytester) -> None:
+def test_reports_match_their_schemas(gated: pytest.Pytester) -> None:
     gated.runpytest("--device=cpu", "--ryzen-report-dir=out")
     reports = _reports(gated.path / "out")
+    # No training fixture was used: no training report. No profile was named: no thresholds block.
+    assert set(reports) == {"validation_report", "integration_test_report", "final_report"}
     for name, report in reports.items():
         validate_report(name, report)
         assert report["schema_version"]
@@ -112,20 +117,74 @@ def test_four_reports_match_their_schemas(gated: pytest.Pytester) -> None:
     assert validation["summary"]["total_checks"] == 4
     assert validation["summary"]["passed"] == 2
     assert validation["summary"]["failed"] == 2
-    final = reports["phase2_final_report"]
+    assert validation["thresholds"] is None
+    final = reports["final_report"]
     assert final["status"] == "INCOMPLETE"
+    assert "thresholds" not in final
     reasons = "\n".join(final["incomplete_reasons"])
     assert "test_kernel_slow: speedup FAIL" in reasons
-    assert "no kv_cache_optimizer gate was measured" in reasons  # unmeasured parts keep phase 2 INCOMPLETE
-    assert "no kernel_optimizer gate" not in reasons
-    fast = final["optimization_results"]["kernel_optimizer"]["speedup"]
+    assert "gate was measured" not in reasons  # no parts declared: ryzen-opt's own parts are not this project's
+    # Grouped by the optimizer= the measurements were recorded with, never guessed from file names.
+    assert final["parts"] == ["embedding_compressor", "kernel_optimizer", "ungrouped"]
+    fast = final["results"]["kernel_optimizer"]["speedup"]
     assert {e["status"] for e in fast} == {"PASS", "FAIL"}
     passed = next(e for e in fast if e["status"] == "PASS")
     assert passed["ci_low"] >= 2.0
     assert passed["ci_low"] <= passed["value"] <= passed["ci_high"]
     assert passed["baseline"] == "HF generate fp32"
-    assert final["optimization_results"]["embedding_compressor"]["compression_ratio"][0]["value"] == 4.0
+    assert final["results"]["embedding_compressor"]["compression_ratio"][0]["value"] == 4.0
+    assert final["unmeasured"] == [
+        {"test": "test_gates.py::test_missing_measurement", "metric": "accuracy_loss", "status": "FAIL"}
+    ]
     assert final["environment"]["versions"]["torch"]
+
+
+THIRD_PARTY = """
+import pytest
+from pytest_ryzen import compression_ratio, memory_reduction
+
+@compression_ratio(2.0)
+def test_weights_pack(ryzen):
+    ryzen.record_compression(4000, 1000, optimizer="packing")
+
+@memory_reduction(0.25)
+def test_cache_is_smaller(ryzen):
+    ryzen.record_memory(1000, 500)
+"""
+
+
+def test_a_third_party_project_that_passes_is_complete(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_theirs=THIRD_PARTY)
+    pytester.runpytest("--device=cpu").assert_outcomes(passed=2)
+    reports = _reports(pytester.path / "ryzen_results")
+    final = reports["final_report"]
+    validate_report("final_report", final)
+    assert final["status"] == "COMPLETE", final["incomplete_reasons"]
+    assert final["parts"] == ["packing", "ungrouped"]
+    assert "training_metrics_report" not in reports
+
+
+def test_declared_parts_keep_the_final_report_incomplete_until_measured(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_theirs=THIRD_PARTY)
+    pytester.makeini("[pytest]\nryzen_parts =\n    packing\n    attention\nryzen_final_report = release_report\n")
+    pytester.makeconftest("def pytest_ryzen_report_parts(config):\n    return ['decoding', 'packing']\n")
+    pytester.runpytest("--device=cpu").assert_outcomes(passed=2)
+    final = json.loads((pytester.path / "ryzen_results" / "release_report.json").read_text())
+    assert not (pytester.path / "ryzen_results" / "final_report.json").exists()
+    assert final["parts"] == ["packing", "attention", "decoding"]
+    assert final["status"] == "INCOMPLETE"
+    assert final["incomplete_reasons"] == [
+        "no attention gate was measured in this session",
+        "no decoding gate was measured in this session",
+    ]
+
+
+def test_a_bad_final_report_name_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_theirs=THIRD_PARTY)
+    pytester.makeini("[pytest]\nryzen_final_report = out/final.json\n")
+    result = pytester.runpytest("--device=cpu")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ryzen_final_report = 'out/final.json': a file name without directory*"])
 
 
 def test_xdist_reports_equal_serial(gated: pytest.Pytester) -> None:
@@ -157,7 +216,11 @@ def test_on_the_line(ryzen):
     strict = pytester.runpytest("--device=cpu", "--ryzen-gate=strict", "--ryzen-report-dir=s")
     strict.assert_outcomes(failed=1)
     strict.stdout.fnmatch_lines(["*INCONCLUSIVE*test_on_the_line*"])
-    pytester.runpytest("--device=cpu", "--ryzen-gate=lenient", "--ryzen-report-dir=l").assert_outcomes(passed=1)
+    lenient = pytester.runpytest("--device=cpu", "--ryzen-gate=lenient", "--ryzen-report-dir=l")
+    lenient.assert_outcomes(passed=1)
+    lenient.stdout.fnmatch_lines(
+        ["ryzen: --ryzen-gate=lenient let 1 gate(s) through that strict fails:", "  INCONCLUSIVE *test_on_the_line*"]
+    )
     report = json.loads((pytester.path / "l" / "validation_report.json").read_text())
     assert report["results"][0]["status"] == "INCONCLUSIVE"
 
@@ -167,6 +230,15 @@ def test_report_mode_never_fails_on_a_gate(gated: pytest.Pytester) -> None:
     result.assert_outcomes(passed=5)
     report = json.loads((gated.path / "out" / "validation_report.json").read_text())
     assert report["summary"]["failed"] == 2  # recorded, not enforced
+    result.stdout.fnmatch_lines(
+        [
+            "ryzen: --ryzen-gate=report let 2 gate(s) through that strict fails:",
+            "  FAIL *test_kernel_slow: speedup",
+            "  FAIL *test_missing_measurement: accuracy_loss (the test recorded nothing)",
+        ]
+    )
+    final = json.loads((gated.path / "out" / "final_report.json").read_text())
+    assert [g["test"] for g in final["unmeasured"]] == ["test_gates.py::test_missing_measurement"]
 
 
 def test_nan_measurement_fails_with_reason(pytester: pytest.Pytester) -> None:
@@ -283,14 +355,14 @@ def pytest_ryzen_modify_report(config, name, report):
     report["team"] = "inference"
 
 def pytest_ryzen_generate_report(config, name, data):
-    if name == "phase2_final_report":
+    if name == "final_report":
         return {**data, "custom": True}
 """
     )
     gated.runpytest("--device=cpu", "--ryzen-report-dir=out")
     reports = _reports(gated.path / "out")
     assert all(r["team"] == "inference" for r in reports.values())
-    assert reports["phase2_final_report"]["custom"] is True
+    assert reports["final_report"]["custom"] is True
 
 
 def test_training_metrics_fixture_lands_in_report(pytester: pytest.Pytester) -> None:
@@ -320,9 +392,14 @@ def test_json_report_metadata(gated: pytest.Pytester) -> None:
     gated.runpytest("--device=cpu", "--json-report", "--json-report-file=jr.json", "--ryzen-report-dir=out")
     data = json.loads((gated.path / "jr.json").read_text())
     by_name = {t["nodeid"].split("::")[-1]: t for t in data["tests"]}
-    records = by_name["test_embedding_compression"]["metadata"]["ryzen"]
-    assert records[0]["metric"] == "compression_ratio"
-    assert records[0]["value"] == 4.0
+    ryzen = by_name["test_embedding_compression"]["metadata"]["ryzen"]
+    assert ryzen["records"][0]["metric"] == "compression_ratio"
+    assert ryzen["records"][0]["value"] == 4.0
+    # The verdict and its threshold too, so a dashboard reading pytest-json-report needs nothing else.
+    (gate,) = ryzen["gates"]
+    assert (gate["metric"], gate["status"], gate["actual"], gate["expected"]) == ("compression_ratio", "PASS", 4.0, 2.0)
+    slow = by_name["test_kernel_slow"]["metadata"]["ryzen"]["gates"]
+    assert [(g["status"], g["expected"]) for g in slow] == [("FAIL", 1.5)]
 
 
 def test_no_reports_without_ryzen_use(pytester: pytest.Pytester) -> None:
@@ -373,3 +450,32 @@ def test_locked(ryzen):
     gate = report["test_cases"][0]["gates"][0]
     # The worker had to wait for the lock this process held; the record says so.
     assert gate["details"]["lock_wait_s"] > 0.5 * hold_s
+
+
+def test_accuracy_details_reach_ryzens_own_reports(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+import torch
+from pytest_ryzen import accuracy_loss
+
+class Bigram(torch.nn.Module):
+    def __init__(self, noise):
+        super().__init__()
+        table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("table", table + noise * torch.randn(16, 16, generator=torch.Generator().manual_seed(1)))
+    def forward(self, input_ids):
+        return self.table[input_ids]
+
+@accuracy_loss(0.5)
+def test_quantized_table(ryzen):
+    data = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(2))
+    ryzen.record_accuracy(Bigram(0.0), Bigram(0.01), data, optimizer="quant")
+"""
+    )
+    pytester.runpytest("--device=cpu", "--ryzen-report-dir=out").assert_outcomes(passed=1)
+    (result,) = json.loads((pytester.path / "out" / "validation_report.json").read_text())["results"]
+    details = result["details"]
+    assert details["perplexity_ratio"] > 0
+    assert details["kl_divergence"] >= 0
+    assert 0 <= details["top1_agreement"] <= 1
+    assert details["tokens"] == 8 * 63
