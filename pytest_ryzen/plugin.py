@@ -63,6 +63,7 @@ _SESSION_KEY = pytest.StashKey[RyzenSession]()
 _THRESHOLDS_KEY = pytest.StashKey[Any]()
 _RECORDER_KEY = pytest.StashKey["RyzenRecorder"]()
 _GATES_KEY = pytest.StashKey[list[dict[str, Any]]]()
+_BASELINE_KEY = pytest.StashKey["dict[str, Any] | None"]()
 _WORKEROUTPUT_TRAINING = "ryzen_training_metrics"
 
 
@@ -116,6 +117,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="N",
         help="torch.set_num_threads(N) for the whole session (recorded with every speedup); default: torch's own",
+    )
+    group.addoption(
+        "--ryzen-save",
+        dest="ryzen_save",
+        default=None,
+        metavar="NAME",
+        help="save this session's gate measurements as baseline NAME in .ryzen/NAME.json under the rootdir, with "
+        "the machine and the commit",
+    )
+    group.addoption(
+        "--ryzen-compare",
+        dest="ryzen_compare",
+        default=None,
+        metavar="NAME",
+        help="compare every gate's measurement with baseline NAME (or 'latest', or a baseline .json path): a test "
+        "whose measurement regressed (the 95%% intervals do not overlap, worse side) fails",
     )
     parser.addini("ryzen_device", "default device for the ryzen fixtures when --device is not given", default="auto")
     parser.addini("ryzen_gate", "default --ryzen-gate mode", default="strict")
@@ -172,6 +189,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if profile:
         config.stash[_THRESHOLDS_KEY] = _load_thresholds(config, profile)
     final_report_name(config)  # a bad ini value is a usage error now, not at the end
+    _configure_baselines(config)
     if not hasattr(config, "workerinput") and config.getoption("ryzen_report_dir"):
         # Only a directory asked for: a project that never uses ryzen must not fail on a read-only rootdir.
         _check_report_dir(report_dir(config))
@@ -182,6 +200,21 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _configure_baselines(config: pytest.Config) -> None:
+    """Check ``--ryzen-save``'s name and load ``--ryzen-compare``'s baseline now (in every xdist worker too: the
+    comparison runs where the test ran), so that a typo stops the run before anything is measured."""
+    from ryzen_opt import baselines
+    from ryzen_opt.errors import RyzenOptError
+
+    try:
+        if config.getoption("ryzen_save"):
+            baselines.check_name(config.getoption("ryzen_save"))
+        which = config.getoption("ryzen_compare")
+        config.stash[_BASELINE_KEY] = baselines.load(config.rootpath, which) if which else None
+    except RyzenOptError as exc:
+        raise pytest.UsageError(f"ryzen: {exc}") from exc
 
 
 def _check_report_dir(out: Path) -> None:
@@ -324,11 +357,29 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     gates = _item_gates(item)
     report.user_properties.append((GATES_PROPERTY, gates))
     mode = item.config.stash[_SESSION_KEY].gate_mode
-    failing = iter_gate_failures(gates, mode)
-    if failing and report.passed:
+    lines = [f"ryzen gate failed: {g['message']}" for g in iter_gate_failures(gates, mode)]
+    baseline = item.config.stash.get(_BASELINE_KEY, None)
+    if baseline is not None:
+        lines += _compare_with_baseline(gates, baseline, mode)
+    if lines and report.passed:
         report.outcome = "failed"
-        report.longrepr = "\n".join(f"ryzen gate failed: {g['message']}" for g in failing)
+        report.longrepr = "\n".join(lines)
     return report
+
+
+def _compare_with_baseline(gates: list[dict[str, Any]], baseline: dict[str, Any], mode: str) -> list[str]:
+    """Attach each gate's comparison with the stored measurement (``gate["baseline_compare"]``); the failure lines
+    of those that regressed (none under ``--ryzen-gate=report``, which records only)."""
+    from ryzen_opt import baselines
+
+    measured = [g for g in gates if g.get("actual") is not None]
+    comparisons = baselines.compare(baseline["entries"], [baselines.entry_from_gate(g) for g in measured], gone=False)
+    lines = []
+    for gate, comparison in zip(measured, comparisons, strict=True):
+        gate["baseline_compare"] = comparison.to_dict() | {"baseline": baseline["name"]}
+        if comparison.verdict == baselines.REGRESSED and mode != "report":
+            lines.append(f"ryzen baseline regression: {comparison.message(baseline['name'])}")
+    return lines
 
 
 def _item_gates(item: pytest.Item) -> list[dict[str, Any]]:
@@ -400,7 +451,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(config, "workerinput"):
         config.workeroutput[_WORKEROUTPUT_TRAINING] = ryzen.training  # type: ignore[attr-defined]
         return
-    if not (ryzen.used or config.getoption("ryzen_report_dir")):
+    if not (ryzen.used or config.getoption("ryzen_report_dir") or config.getoption("ryzen_save")):
         return
     if exitstatus == pytest.ExitCode.USAGE_ERROR:
         return
@@ -414,6 +465,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         config.hook.pytest_ryzen_modify_report(config=config, name=name, report=report)
         atomic_write_json(out / f"{name}.json", report)
     ryzen.written = out
+    save = config.getoption("ryzen_save")
+    if save:
+        from ryzen_opt import baselines
+
+        ryzen.saved = baselines.save(config.rootpath, save, ryzen.gates(), env)
 
 
 def report_parts(config: pytest.Config) -> list[str]:
@@ -461,5 +517,36 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             for gate in let_through:
                 nothing = " (the test recorded nothing)" if gate.get("actual") is None else ""
                 terminalreporter.write_line(f"  {gate['status']} {gate['name']}: {gate['metric']}{nothing}")
+    baseline = config.stash.get(_BASELINE_KEY, None)
+    if baseline is not None:
+        _summarize_baseline(terminalreporter, config, gates, baseline)
     if ryzen.written is not None:
         terminalreporter.write_line(f"ryzen reports written to {ryzen.written}/")
+    if ryzen.saved is not None:
+        terminalreporter.write_line(f"ryzen baseline saved to {ryzen.saved}")
+
+
+def _summarize_baseline(
+    terminalreporter: Any, config: pytest.Config, gates: list[dict[str, Any]], baseline: Any
+) -> None:
+    """The comparison table against the baseline, with what differs about the machine it was saved on."""
+    from ryzen_opt import baselines
+    from ryzen_opt.reports import environment
+
+    compared = [g["baseline_compare"] for g in gates if g.get("baseline_compare")]
+    terminalreporter.section(f"ryzen baseline {baseline['name']!r}")
+    saved = f"saved {baseline.get('saved_at')} at commit {(baseline.get('commit') or 'unknown')[:12]}"
+    terminalreporter.write_line(f"{saved}; regressed = the new 95% interval entirely on the worse side of the stored")
+    mismatch = baselines.machine_mismatch(
+        baseline.get("machine") or {}, baselines.machine_facts(environment(_session_device(config)))
+    )
+    if mismatch:
+        terminalreporter.write_line(f"machine differs from the baseline's: {'; '.join(mismatch)}", yellow=True)
+    comparisons = [
+        baselines.Comparison(c["test"], c["metric"], c["verdict"], c["old"], c["new"], c["how"]) for c in compared
+    ]
+    header, rows = baselines.table(comparisons)
+    all_rows = [header, *rows]
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(header))]
+    for row in all_rows:
+        terminalreporter.write_line("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -197,6 +197,7 @@ class RyzenSession:
         self.used = False  # any ryzen fixture or gate seen: only then are reports written by default
         self.started = datetime.now(timezone.utc)
         self.written: Path | None = None
+        self.saved: Path | None = None
 
     def add_report(self, report: pytest.TestReport) -> None:
         case = self.cases.get(report.nodeid)
@@ -251,7 +252,11 @@ class RyzenSession:
 
         validator = OptimizationValidator(thresholds)
         for gate in self.gates():
-            validator.add(ValidationResult.from_dict({k: v for k, v in gate.items() if k not in _GATE_ONLY}))
+            result = ValidationResult.from_dict({k: v for k, v in gate.items() if k not in _GATE_ONLY})
+            # Metric, group and any baseline comparison stay with the result: `ryzen-opt report merge` reads them.
+            extra = {k: gate[k] for k in ("metric", "optimizer", "baseline_compare") if gate.get(k) is not None}
+            result.details = {**result.details, **extra}
+            validator.add(result)
         report = validator.report_dict(environment=environment)
         report["gate_mode"] = self.gate_mode
         if thresholds is None:  # no profile in play: the gates' own numbers are the thresholds

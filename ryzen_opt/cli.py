@@ -168,6 +168,43 @@ def cmd_bench_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_compare(args: argparse.Namespace) -> int:
+    """Two runs' gate measurements side by side: baselines saved with ``--ryzen-save`` or report directories."""
+    from pathlib import Path
+
+    from ryzen_opt import baselines
+
+    root = Path(args.root)
+    old_label, old, old_machine = baselines.entries_from_source(root, args.a)
+    new_label, new, new_machine = baselines.entries_from_source(root, args.b)
+    comparisons = baselines.compare(old, new)
+    print(f"then: {old_label}   now: {new_label}")
+    print("regressed = the new 95% interval entirely on the worse side of the stored one")
+    mismatch = baselines.machine_mismatch(old_machine, new_machine)
+    if mismatch:
+        print(f"machines differ: {'; '.join(mismatch)}")
+    header, rows = baselines.table(comparisons)
+    print_table(rows, header=header)
+    regressed = [c for c in comparisons if c.verdict == baselines.REGRESSED]
+    return 1 if regressed and args.fail_on_regression else 0
+
+
+def cmd_report_merge(args: argparse.Namespace) -> int:
+    """One table and one final report from the report directories of a CI matrix."""
+    from pathlib import Path
+
+    from ryzen_opt import baselines
+    from ryzen_opt.reports import atomic_write_json
+
+    merged, header, rows = baselines.merge(args.dirs)
+    print_table(rows, header=header)
+    out = atomic_write_json(Path(args.out) / "final_report.json", merged)
+    print(f"\nmerged final report: {out} (status {merged['status']})")
+    for reason in merged["incomplete_reasons"]:
+        print(f"  - {reason}")
+    return 0 if merged["status"] == "COMPLETE" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ryzen-opt",
@@ -199,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     p_noise.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p_noise.add_argument("--json", action="store_true", help="print JSON")
     p_noise.set_defaults(func=cmd_bench_noise)
+
+    p_report = sub.add_parser("report", help="reports across runs: `report compare A B`, `report merge DIR...`")
+    report_sub = p_report.add_subparsers(dest="report_command", metavar="WHAT")
+    report_sub.required = True
+    p_compare = report_sub.add_parser(
+        "compare", help="compare two runs' gates: saved baselines (name, 'latest', .json) or report directories"
+    )
+    p_compare.add_argument("a", help="the earlier run")
+    p_compare.add_argument("b", help="the later run")
+    p_compare.add_argument("--root", default=".", help="where .ryzen/ (the saved baselines) is (default: .)")
+    p_compare.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a measurement regressed")
+    p_compare.set_defaults(func=cmd_report_compare)
+    p_merge = report_sub.add_parser(
+        "merge", help="merge the report directories of a CI matrix into one table and one final report"
+    )
+    p_merge.add_argument("dirs", nargs="+", metavar="DIR", help="report directories (--ryzen-report-dir), one per run")
+    p_merge.add_argument("--out", default="ryzen_results/merged", help="where final_report.json goes")
+    p_merge.set_defaults(func=cmd_report_merge)
 
     p_zoo = sub.add_parser("zoo", help="train (or load from cache) the reference models and show their quality")
     p_zoo.add_argument("--recipe", default="default", choices=("default", "tiny"), help="which zoo (default: default)")

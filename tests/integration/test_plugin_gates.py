@@ -479,3 +479,117 @@ def test_quantized_table(ryzen):
     assert details["kl_divergence"] >= 0
     assert 0 <= details["top1_agreement"] <= 1
     assert details["tokens"] == 8 * 63
+
+
+BASELINED = (
+    FAKE_CLOCK
+    + """
+import os
+from pytest_ryzen import speedup, compression_ratio
+
+@speedup(0.5)
+def test_decode(ryzen):
+    clock = FakeClock(int(os.environ.get("SEED", "1")))
+    slow = float(os.environ.get("SLOWDOWN", "1"))
+    ryzen.compare(clock.work(3.0), clock.work(1.0 * slow), timer=clock.now, optimizer="int8")
+
+@compression_ratio(2.0)
+def test_pack(ryzen):
+    ryzen.record_compression(4000, 1000, optimizer="int8")
+"""
+)
+
+
+def test_a_regression_against_a_saved_baseline_fails_and_names_itself(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(test_base=BASELINED)
+    pytester.runpytest("--device=cpu", "--ryzen-save=main").assert_outcomes(passed=2)
+    saved = json.loads((pytester.path / ".ryzen" / "main.json").read_text())
+    assert saved["name"] == "main"
+    assert saved["machine"]["device"] == "cpu"
+    assert "commit" in saved
+    assert {(e["test"], e["metric"]) for e in saved["entries"]} == {
+        ("test_base.py::test_decode", "speedup"),
+        ("test_base.py::test_pack", "compression_ratio"),
+    }
+    # The same code again (another seed: other noise) compares as the same.
+    monkeypatch.setenv("SEED", "7")
+    same = pytester.runpytest("--device=cpu", "--ryzen-compare=main")
+    same.assert_outcomes(passed=2)
+    same.stdout.fnmatch_lines(["*ryzen baseline 'main'*", "test_base.py::test_decode*speedup*SAME"])
+    # A 3x slower candidate still clears its own 0.5x gate, but not the baseline: the test fails and says why.
+    monkeypatch.setenv("SLOWDOWN", "3")
+    worse = pytester.runpytest("--device=cpu", "--ryzen-compare=latest")
+    worse.assert_outcomes(passed=1, failed=1)
+    worse.stdout.fnmatch_lines(
+        [
+            "*ryzen baseline regression: speedup regressed against baseline 'main': now 1.0*, then 2.9*"
+            " (the 95% intervals do not overlap)",
+            "test_base.py::test_decode*speedup*REGRESSED",
+        ]
+    )
+    # Under report mode it is recorded, not enforced; under xdist the workers compare too.
+    pytester.runpytest("--device=cpu", "--ryzen-compare=main", "--ryzen-gate=report").assert_outcomes(passed=2)
+    pytester.runpytest("--device=cpu", "--ryzen-compare=main", "-n", "2", "-p", "xdist").assert_outcomes(
+        passed=1, failed=1
+    )
+    report = json.loads((pytester.path / "ryzen_results" / "validation_report.json").read_text())
+    verdicts = {r["name"]: r["details"]["baseline_compare"]["verdict"] for r in report["results"]}
+    assert verdicts == {"test_base.py::test_decode": "REGRESSED", "test_base.py::test_pack": "SAME"}
+
+
+def test_baseline_names_and_machines(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_base=BASELINED)
+    missing = pytester.runpytest("--device=cpu", "--ryzen-compare=main")
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
+    missing.stderr.fnmatch_lines(
+        ["*no baseline 'main' under *.ryzen; saved: none yet (save one with --ryzen-save=NAME)*"]
+    )
+    bad = pytester.runpytest("--device=cpu", "--ryzen-save=../x")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    pytester.runpytest("--device=cpu", "--ryzen-save=v1").assert_outcomes(passed=2)
+    path = pytester.path / ".ryzen" / "v1.json"
+    data = json.loads(path.read_text())
+    data["machine"]["device_name"] = "Some Other CPU"
+    path.write_text(json.dumps(data))
+    other = pytester.runpytest("--device=cpu", "--ryzen-compare=v1")
+    other.assert_outcomes(passed=2)
+    other.stdout.fnmatch_lines(["*machine differs from the baseline's: device_name: 'Some Other CPU' then, * now*"])
+
+
+def test_report_compare_and_merge_a_ci_matrix(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runners of a matrix write their reports; `ryzen-opt report merge` makes one table and one final report,
+    and `ryzen-opt report compare` sets two runs side by side."""
+    from ryzen_opt.cli import main
+
+    pytester.makepyfile(test_base=BASELINED)
+    pytester.runpytest("--device=cpu", "--ryzen-report-dir=cpu-a", "--ryzen-save=main").assert_outcomes(passed=2)
+    monkeypatch.setenv("SLOWDOWN", "3")
+    pytester.runpytest("--device=cpu", "--ryzen-report-dir=cpu-b").assert_outcomes(passed=2)
+    capsys.readouterr()
+    root = str(pytester.path)
+    assert main(["report", "compare", "main", f"{root}/cpu-b", "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert "test_base.py::test_decode  speedup" in out
+    assert "REGRESSED" in out
+    assert main(["report", "compare", "main", f"{root}/cpu-b", "--root", root, "--fail-on-regression"]) == 1
+    capsys.readouterr()
+    assert main(["report", "merge", f"{root}/cpu-a", f"{root}/cpu-b", "--out", f"{root}/merged"]) == 0
+    out = capsys.readouterr().out
+    assert "test    metric" not in out  # a real table: the header names both runs
+    assert "cpu-a" in out.splitlines()[0]
+    assert "cpu-b" in out.splitlines()[0]
+    merged = json.loads((pytester.path / "merged" / "final_report.json").read_text())
+    validate_report("final_report", merged)
+    assert merged["status"] == "COMPLETE"
+    assert sorted(merged["results"]) == ["cpu-a:int8", "cpu-b:int8"]
+    assert [s["label"] for s in merged["sources"]] == ["cpu-a", "cpu-b"]
+    # A run that is not complete makes the merge incomplete, and says which.
+    pytester.runpytest("--device=cpu", "--ryzen-report-dir=cpu-c", "-k", "pack", "-o", "ryzen_parts=attention")
+    assert main(["report", "merge", f"{root}/cpu-a", f"{root}/cpu-c", "--out", f"{root}/merged"]) == 1
+    assert "cpu-c: no attention gate was measured in this session" in capsys.readouterr().out
+    assert main(["report", "merge", f"{root}/nowhere"]) == 2
+    assert "no readable validation_report.json" in capsys.readouterr().err
