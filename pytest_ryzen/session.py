@@ -61,30 +61,23 @@ def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
     if isinstance(value, str):
         if thresholds is None:
             raise pytest.UsageError(f"@{name}({value!r}): a profile key needs a thresholds profile")
-        if not hasattr(thresholds, value):
+        if thresholds.get(value) is None:
             allowed = ", ".join(thresholds.to_dict())
             raise pytest.UsageError(f"@{name}({value!r}): no such threshold; the profile has {allowed}")
-        kind = _key_kind(value)
+        from ryzen_opt.validation import threshold_kind  # here: importing it imports torch
+
+        kind = threshold_kind(value)
         if kind != name:
             raise pytest.UsageError(
                 f"@{name}({value!r}): that profile key is a {kind} threshold, not a {name} one; "
                 f"use a key of the {name} kind"
             )
-        value = getattr(thresholds, value)
+        value = thresholds.get(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise pytest.UsageError(f"@{name}({value!r}): the threshold must be a positive finite number")
     if name in ("accuracy_loss", "memory_reduction", "acceptance_rate") and value > 1:
         raise pytest.UsageError(f"@{name}({value!r}): a fraction, so at most 1 (0.01 means 1%)")
     return float(value)
-
-
-def _key_kind(key: str) -> str:
-    """The metric a profile key thresholds, read off its name: ``*speedup`` keys are speedups, ``*memory_reduction``
-    keys memory reductions; the others are named after their metric."""
-    for kind in MARKER_METRICS:
-        if key == kind or key.endswith("_" + kind):
-            return kind
-    return key
 
 
 def threshold_markers(item: pytest.Item) -> list[pytest.Mark]:

@@ -66,6 +66,18 @@ METRICS: dict[str, MetricSpec] = {
     "memory_reduction": MetricSpec("min", "fraction", "kv_memory_reduction"),
     "acceptance_rate": MetricSpec("min", "fraction", "acceptance_rate"),
 }
+
+
+def threshold_kind(key: str) -> str | None:
+    """The metric a thresholds-profile key is a threshold of, read off its name: a key is its metric's name or ends
+    with ``_<metric>`` (``kernel_speedup``, ``kv_memory_reduction``, a user's ``attention_speedup``); ``None`` for a
+    name that says no metric (a typo such as ``kernel_sped``)."""
+    for metric in METRICS:
+        if key == metric or key.endswith("_" + metric):
+            return metric
+    return None
+
+
 # Decimals of a measured value in messages: accuracy losses live around 1e-3, everything else around 1.
 _VALUE_DECIMALS = {"accuracy_loss": 4}
 
@@ -325,14 +337,20 @@ def _validate_threshold(key: str, value: Any) -> float:
     number = float(value)
     if not math.isfinite(number) or number <= 0:
         raise ConfigError(f"threshold {key} must be a finite number > 0, got {value!r}")
-    if key in _FRACTION_KEYS and number > 1:
+    if (key in _FRACTION_KEYS or METRICS.get(threshold_kind(key) or "", METRICS["speedup"]).unit == "fraction") and (
+        number > 1
+    ):
         raise ConfigError(f"threshold {key} is a fraction and must be in (0, 1], got {value!r}")
     return number
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The gate values (the seed's defaults; docs/definitions.md). Speedups and ratios are "x"."""
+    """The gate values (the seed's defaults; docs/definitions.md). Speedups and ratios are "x".
+
+    A profile may add keys of its own (``extra``): any name that ends with its metric (``attention_speedup``,
+    ``int4_accuracy_loss``), so that a marker naming it is checked against the right kind of gate.
+    """
 
     kernel_speedup: float = 3.0
     compression_ratio: float = 2.0
@@ -341,27 +359,53 @@ class Thresholds:
     speculative_speedup: float = 1.2
     e2e_speedup: float = 3.0
     accuracy_loss: float = 0.01
+    extra: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            object.__setattr__(self, f.name, _validate_threshold(f.name, getattr(self, f.name)))
+            if f.name != "extra":
+                object.__setattr__(self, f.name, _validate_threshold(f.name, getattr(self, f.name)))
+        extra = {}
+        for key, value in dict(self.extra).items():
+            _check_key(key)
+            extra[key] = _validate_threshold(key, value)
+        object.__setattr__(self, "extra", extra)
+
+    def get(self, key: str) -> float | None:
+        """The threshold called ``key`` (built-in or the profile's own), or ``None``."""
+        if key in self.extra:
+            return self.extra[key]
+        return getattr(self, key) if key in _BUILT_IN_KEYS else None
 
     def to_dict(self) -> dict[str, float]:
-        """Field name -> value; what the report's ``thresholds`` block holds."""
-        return asdict(self)
+        """Key -> value, the built-in keys then the profile's own; what the report's ``thresholds`` block holds."""
+        data = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**data, **self.extra}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Thresholds:
-        """Build from a (partial) mapping; missing keys keep their defaults.
+        """Build from a (partial) mapping; missing keys keep their defaults, keys of one's own go to ``extra``.
 
         Raises:
-            ConfigError: an unknown key (named, with the allowed ones) or a bad value.
+            ConfigError: a key that names no metric (see :func:`threshold_kind`) or a bad value.
         """
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown threshold key(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**data)
+        for key in data:
+            _check_key(key)
+        own = {k: v for k, v in data.items() if k not in _BUILT_IN_KEYS}
+        return cls(**{k: v for k, v in data.items() if k in _BUILT_IN_KEYS}, extra=own)
+
+
+_BUILT_IN_KEYS = frozenset(f.name for f in fields(Thresholds) if f.name != "extra")
+
+
+def _check_key(key: str) -> None:
+    if key in _BUILT_IN_KEYS or (key != "extra" and threshold_kind(key) is not None):
+        return
+    endings = ", ".join(f"_{m}" for m in METRICS)
+    raise ConfigError(
+        f"unknown threshold key {key!r}: a key of your own ends with its metric ({endings}), e.g. "
+        f"attention_speedup; the built-in keys are {', '.join(sorted(_BUILT_IN_KEYS))}"
+    )
 
 
 def default_profile_path() -> Path:
@@ -400,16 +444,14 @@ def load_thresholds(path: str | Path | None = None, device_class: str = "cpu") -
         raise ConfigError(f"thresholds profile {source} is not valid TOML: {exc}") from exc
 
     sections = ("default", *DEVICE_CLASSES)
-    allowed = [f.name for f in fields(Thresholds)]
     merged: dict[str, float] = {}
     for section, table in data.items():
         if section not in sections or not isinstance(table, dict):
             what = "section" if isinstance(table, dict) else "top-level key (thresholds go in a table)"
             raise ConfigError(f"{source}: unknown {what} [{section}]; allowed sections: {', '.join(sections)}")
         for key, value in table.items():
-            if key not in allowed:
-                raise ConfigError(f"{source}: [{section}] unknown key {key!r}; allowed: {', '.join(allowed)}")
             try:
+                _check_key(key)
                 _validate_threshold(key, value)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: [{section}] {exc}") from None

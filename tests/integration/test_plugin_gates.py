@@ -284,6 +284,31 @@ def test_bad_marker_arguments_are_usage_errors(pytester: pytest.Pytester, marker
     result.stderr.fnmatch_lines([f"*test_x*{message}*"])
 
 
+def test_a_profile_may_add_keys_of_its_own(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".toml", profile="[default]\nattention_speedup = 1.5\n[cpu]\nint4_compression_ratio = 3.0\n")
+    pytester.makepyfile(
+        """
+from pytest_ryzen import compression_ratio
+
+@compression_ratio("int4_compression_ratio")
+def test_packed(ryzen):
+    ryzen.record_compression(4000, 1000)
+"""
+    )
+    result = pytester.runpytest("--device=cpu", "--ryzen-thresholds=profile.toml")
+    result.assert_outcomes(passed=1)
+    report = json.loads((pytester.path / "ryzen_results" / "final_report.json").read_text())
+    assert report["thresholds"]["attention_speedup"] == 1.5  # a profile was in play: it is reported, own keys too
+    assert report["results"]["ungrouped"]["compression_ratio"][0]["target"] == 3.0
+    # A key of one's own is checked against the marker's kind like any other.
+    pytester.makepyfile(
+        "from pytest_ryzen import accuracy_loss\n\n@accuracy_loss('attention_speedup')\ndef test_x(ryzen):\n    pass\n"
+    )
+    wrong = pytester.runpytest("--device=cpu", "--ryzen-thresholds=profile.toml")
+    assert wrong.ret == pytest.ExitCode.USAGE_ERROR
+    wrong.stderr.fnmatch_lines(["*is a speedup threshold, not a accuracy_loss one*"])
+
+
 def test_two_gates_of_one_kind_are_a_usage_error(pytester: pytest.Pytester) -> None:
     # The outer @compression_ratio(100) used to be ignored silently in favour of the inner (2).
     pytester.makepyfile(
