@@ -68,7 +68,8 @@ class RyzenRecorder:
                 "candidate": candidate_name,
                 "lock_wait_s": measurement.lock_wait_s,
                 "threads": measurement.threads,
-                "calls_per_sample": measurement.calls_per_sample,
+                "baseline_calls": measurement.baseline_calls,
+                "candidate_calls": measurement.candidate_calls,
                 "oversubscribed": measurement.oversubscribed,
             },
         )

@@ -20,9 +20,11 @@ interleaved samples in one process, after warm-up, with the same thread count fo
   corrected confidence ``1 - (1 - confidence) / looks``; the reported interval stays at ``confidence``.
 
 - **Calibrated calls per sample** (the idea of ``timeit.autorange``): a call of ~100 ns timed alone measures the
-  timer as much as the call. After warm-up, the number of calls per sample grows (1, 2, 5, 10, 20, ...) until one
-  sample of the *faster* arm takes at least ``MIN_SAMPLE_S`` (1 ms: two timer reads of ~50 ns are then 0.01% of it);
-  both arms use that number, and it is recorded (``calls_per_sample``). Times are reported per call.
+  timer as much as the call. After warm-up, each arm's number of calls per sample grows (1, 2, 5, 10, 20, ...) until
+  one of its samples takes at least ``MIN_SAMPLE_S`` (1 ms: two timer reads of ~50 ns are then 0.01% of it). Each arm
+  has its own count (``baseline_calls``, ``candidate_calls``, recorded): one count for both made a 100 us arm run
+  20,000 times a sample beside a 30 ns one, so a pair took seconds. Times are reported per call; a pair's ratio is
+  of per-call times, its two samples still adjacent in time.
 - **Oversubscription is flagged**, not hidden: more torch threads than the cores this process may run on, or a
   coefficient of variation above 0.5 in either arm, marks the measurement ``oversubscribed`` with the reason.
 
@@ -175,7 +177,8 @@ class SpeedupMeasurement:
     lock_wait_s: float = 0.0
     baseline_name: str = "baseline"
     candidate_name: str = "candidate"
-    calls_per_sample: int = 1  # calls of each arm timed together as one sample (calibrated; times are per call)
+    baseline_calls: int = 1  # calls of the baseline timed together as one sample (calibrated; times are per call)
+    candidate_calls: int = 1  # the same for the candidate
     oversubscribed: str | None = None  # why the machine was too busy to trust this, or None
 
     def __post_init__(self) -> None:
@@ -213,6 +216,8 @@ class SpeedupMeasurement:
     def from_dict(cls, data: dict[str, Any]) -> SpeedupMeasurement:
         """Rebuild a measurement from :meth:`to_dict` output (e.g. a report read back)."""
         kwargs = dict(data)
+        if "calls_per_sample" in kwargs:  # reports written before the arms were calibrated apart
+            kwargs["baseline_calls"] = kwargs["candidate_calls"] = kwargs.pop("calls_per_sample")
         kwargs["ratios"] = tuple(kwargs["ratios"])
         kwargs["verdict"] = None if kwargs.get("verdict") is None else Verdict(kwargs["verdict"])
         return cls(**kwargs)
@@ -385,9 +390,15 @@ def compare(
 
     lock_cm = serial_lock(None if lock is True else lock) if lock else contextlib.nullcontext(0.0)
     with lock_cm as lock_wait_s:
-        number = _calibrate(baseline, candidate, timer, sync_fn, warm) if calibrate else 1
-        if number > 1:
-            baseline, candidate = _repeated(baseline, number), _repeated(candidate, number)
+        if calibrate:
+            n_a = _calibrate(baseline, timer, sync_fn, None if warm is None else warm[0])
+            n_b = _calibrate(candidate, timer, sync_fn, None if warm is None else warm[1])
+        else:
+            n_a = n_b = 1
+        if n_a > 1:
+            baseline = _repeated(baseline, n_a)
+        if n_b > 1:
+            candidate = _repeated(candidate, n_b)
         threads = torch.get_num_threads()
         a_times: list[float] = []
         b_times: list[float] = []
@@ -416,8 +427,8 @@ def compare(
             logger.warning("torch thread count changed while sampling (%d -> %d)", threads, torch.get_num_threads())
 
     result = _measurement(
-        np.asarray(a_times) / number,
-        np.asarray(b_times) / number,
+        np.asarray(a_times) / n_a,
+        np.asarray(b_times) / n_b,
         confidence=confidence,
         seed=seed,
         threshold=threshold,
@@ -428,7 +439,8 @@ def compare(
         lock_wait_s=float(lock_wait_s),
         baseline_name=baseline_name,
         candidate_name=candidate_name,
-        calls_per_sample=number,
+        baseline_calls=n_a,
+        candidate_calls=n_b,
     )
     logger.info("%s over %s: %s (%s)", candidate_name, baseline_name, result.describe(), stopped_because)
     return result
@@ -504,28 +516,23 @@ _CV_BUSY = 0.5
 
 
 def _calibrate(
-    baseline: Callable[[], Any],
-    candidate: Callable[[], Any],
-    timer: Callable[[], int],
-    sync: Callable[[], None] | None,
-    warm: tuple[float, float] | None,
+    fn: Callable[[], Any], timer: Callable[[], int], sync: Callable[[], None] | None, warm: float | None
 ) -> int:
-    """The smallest of 1, 2, 5, 10, 20, 50, ... calls per sample for which one sample of each arm lasts at least
-    ``MIN_SAMPLE_S`` (``timeit.autorange``'s rule), capped at 10**6. Arms already that slow in their timed warm-up
-    cost no extra call."""
+    """The smallest of 1, 2, 5, 10, 20, 50, ... calls per sample for which one sample of ``fn`` lasts at least
+    ``MIN_SAMPLE_S`` (``timeit.autorange``'s rule), capped at 10**6. An arm already that slow in its timed warm-up
+    (``warm`` ns) costs no extra call."""
     number = 1
-    times = warm
+    elapsed = warm
     while number < 10**6:
-        if times is None:
-            timed = [_timed_call(_repeated(fn, number), timer, sync, "calibration")[0] for fn in (baseline, candidate)]
-            times = (timed[0], timed[1])
-        if min(times) >= MIN_SAMPLE_S * _NS_PER_S:
+        if elapsed is None:
+            elapsed = _timed_call(_repeated(fn, number), timer, sync, "calibration")[0]
+        if elapsed >= MIN_SAMPLE_S * _NS_PER_S:
             return number
-        # Jump to the step the faster arm's time says is enough, then check it once more.
-        wanted = number * MIN_SAMPLE_S * _NS_PER_S / min(times)
+        # Jump to the step this time says is enough, then check it once more.
+        wanted = number * MIN_SAMPLE_S * _NS_PER_S / max(elapsed, 1.0)
         while number < wanted and number < 10**6:
             number = _next_value(number)
-        times = None
+        elapsed = None
     return number
 
 

@@ -510,10 +510,11 @@ def test_calibration_keeps_the_timer_out_of_a_micro_speedup() -> None:
     slow = clock.fixed("slow", lambda k: 2200e-9)
     fast = clock.fixed("fast", lambda k: 100e-9)
     raw = compare(slow, fast, min_pairs=5, max_pairs=5, warmup=1, timer=clock.now)
-    assert raw.calls_per_sample == 1
+    assert (raw.baseline_calls, raw.candidate_calls) == (1, 1)
     assert raw.ratio == pytest.approx(4.5, rel=0.01)
     m = compare(slow, fast, min_pairs=5, max_pairs=5, warmup=1, timer=clock.now, calibrate=True)
-    assert m.calls_per_sample == 10_000  # the first of 1, 2, 5, 10, ... giving the 100 ns arm >= 1 ms a sample
+    # Each arm its own: the first of 1, 2, 5, 10, ... giving a sample >= 1 ms (2.2 us: 500; 100 ns: 10,000).
+    assert (m.baseline_calls, m.candidate_calls) == (500, 10_000)
     assert m.ratio == pytest.approx(22.0, rel=0.01)
     assert m.candidate_median_s == pytest.approx(100e-9, rel=0.02)  # reported per call
 
@@ -530,7 +531,7 @@ def test_slow_arms_cost_no_extra_call_to_calibrate() -> None:
         return run
 
     m = compare(arm("a"), arm("b"), min_pairs=3, max_pairs=3, warmup=1, timer=clock.now, calibrate=True)
-    assert m.calls_per_sample == 1
+    assert (m.baseline_calls, m.candidate_calls) == (1, 1)
     assert calls == {"a": 4, "b": 4}  # 1 timed warm-up + 3 pairs each
 
 
