@@ -162,6 +162,10 @@ def test_a_third_party_project_that_passes_is_complete(pytester: pytest.Pytester
     assert final["status"] == "COMPLETE", final["incomplete_reasons"]
     assert final["parts"] == ["packing", "ungrouped"]
     assert "training_metrics_report" not in reports
+    # The same under xdist: the controller builds the final report from the workers' gates.
+    pytester.runpytest("--device=cpu", "-n", "2", "-p", "xdist", "--ryzen-report-dir=par").assert_outcomes(passed=2)
+    parallel = _reports(pytester.path / "par")["final_report"]
+    assert (parallel["status"], parallel["parts"]) == ("COMPLETE", ["packing", "ungrouped"])
 
 
 def test_declared_parts_keep_the_final_report_incomplete_until_measured(pytester: pytest.Pytester) -> None:
