@@ -39,7 +39,7 @@ import torch
 from ryzen_opt import zoo
 from ryzen_opt.accuracy import MemoLogits
 from ryzen_opt.bench import accuracy, compare, generate_workload, greedy_agreement
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of, kernel_report
 from ryzen_opt.reports import run_sections
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 64
@@ -60,7 +60,7 @@ def read_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:
 @torch.no_grad()
 def lean_step_seconds(model: Any, prompt: torch.Tensor, steps: int = NEW_TOKENS, repeats: int = 5) -> float:
     """Median seconds of one lean decode step (prefill excluded)."""
-    decoder = model._ryzen_decoder
+    decoder = decoder_of(model)
     token = prompt[:, -1:]
     results = []
     for _ in range(repeats):
@@ -154,7 +154,7 @@ def bench_prefill(args: argparse.Namespace, results: dict[str, Any]) -> None:
     print(f"\n== prefill, 134M Llama, {torch.get_num_threads()} thread(s)")
     for weights in args.weights:
         optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
-        decoder = optimized._ryzen_decoder
+        decoder = decoder_of(optimized)
         for length in args.prefill:
             ids = torch.randint(1, 32000, (1, length), generator=torch.Generator().manual_seed(1))
 

@@ -39,7 +39,7 @@ from transformers import DynamicCache
 from ryzen_opt import zoo
 from ryzen_opt.bench import accuracy
 from ryzen_opt.compat import cache_kwargs
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of
 from ryzen_opt.kv_cache import (
     CachedForward,
     KVCacheConfig,
@@ -73,7 +73,7 @@ def _heldout_tokens(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def _lean_peak(optimized: Any, ids: torch.Tensor, cache: Any, steps: int) -> tuple[int, int]:
-    decoder = optimized._ryzen_decoder
+    decoder = decoder_of(optimized)
     ids = ids[:, : decoder.limit() - steps - 1]  # the static cache must hold the decode steps too
     with PeakMemory(torch.device("cpu")) as peak:
         decoder.attach_cache(cache)

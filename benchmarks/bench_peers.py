@@ -425,19 +425,20 @@ class RyzenRunner:
     def __init__(self, model_dir: Path, precision: str, threads: int) -> None:
         from transformers import AutoModelForCausalLM
 
-        from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+        from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of
 
         self.precision = precision
         self.threads = threads
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         weights = {"fp32": "none", "int8": "int8", "int4": "int4"}[precision]
         self.model = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(model)
+        self.decoder = decoder_of(self.model)
 
     def generate(self, prompt: list[int], new_tokens: int) -> Run:
         # The same steps as the optimized model's generate (prefill, then one step per token), with a timestamp
         # as each token is known: HF's streamer hook is not part of the lean loop.
         torch.set_num_threads(self.threads)
-        decoder = self.model._ryzen_decoder
+        decoder = self.decoder
         ids = torch.tensor([prompt])
         stamps: list[float] = []
         tokens: list[int] = []

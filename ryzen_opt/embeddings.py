@@ -38,7 +38,15 @@ from torch import nn
 from ryzen_opt import native
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.quant import INT4_CPU_BLOCK_ROWS, gather_int4_cpu, pack_int4_cpu, quantize_int4, quantize_int8
+from ryzen_opt.quant import (
+    INT4_CPU_BLOCK_ROWS,
+    gather_int4_cpu,
+    pack_int4_cpu,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +189,12 @@ class Int4Table(CompressedTable):
         if self.layout == "cpu-int4pack":
             self.register_buffer("qweight", pack_int4_cpu(q))
         else:
-            self.register_buffer("qweight", (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8))
+            self.register_buffer("qweight", pack_nibbles(q))
 
     def _values(self, ids: torch.Tensor) -> torch.Tensor:
         if self.layout == "cpu-int4pack":
             return gather_int4_cpu(self.qweight, ids, self.padded_width)
-        packed = self.qweight[ids]
-        return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(*ids.shape, self.padded_width)
+        return unpack_nibbles(self.qweight[ids])
 
     def _dequant_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         q = self._values(ids).to(torch.float32)

@@ -41,7 +41,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,17 @@ from ryzen_opt.compat import cache_kwargs, pop_cache_kwarg
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.device import cpu_info
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.quant import dequantize_int4, gptq_int4, quantize_int4, quantize_int8
+from ryzen_opt.quant import (
+    dequantize_int4,
+    gptq_int4,
+    pack_int4_runs,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4_runs,
+    unpack_nibbles,
+)
+from ryzen_opt.sampling import warped_probs
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +360,7 @@ class Int4Linear(_KernelLinear):
         self.native = self.native and native.ops() is not None
         # Nibbles, two per byte, are what counts as storage (and what dequantized_weight reads): in the native
         # kernel's layout when it runs them, else plain pairs.
-        packed = native.pack_int4(q) if self.native else (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        packed = pack_int4_runs(q) if self.native else pack_nibbles(q)
         self.register_buffer("qweight", packed.to(device))
         self.register_buffer("scale", scale.to(device))
         self.register_buffer("minimum", lo.to(device))
@@ -388,10 +398,7 @@ class Int4Linear(_KernelLinear):
         return n + (self.bias.numel() * 4 if self.bias is not None else 0)
 
     def dequantized_weight(self) -> torch.Tensor:
-        if self.native:
-            q = native.unpack_int4(self.qweight)
-        else:
-            q = torch.stack([self.qweight & 15, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
+        q = unpack_int4_runs(self.qweight) if self.native else unpack_nibbles(self.qweight)
         return dequantize_int4(q, self.scale, self.minimum, self.group_size)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -894,6 +901,33 @@ def _decode_bytes(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------ static decoder
 
 
+@runtime_checkable
+class AttendingCache(Protocol):
+    """A ``transformers`` cache that computes attention on its own stored form (the KVCacheOptimizer's quantized
+    cache): the lean loop hands it the layer's query and new key/value and gets the attention output back, so the
+    stored keys and values are never materialized in fp32 as a whole."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+    def get_seq_length(self) -> int: ...
+
+
+def attends_on_storage(cache: Any) -> bool:
+    """Whether ``cache`` is an :class:`AttendingCache` (the one test every caller uses)."""
+    return cache is not None and callable(getattr(cache, "attend", None))
+
+
+def decoder_of(model: nn.Module) -> StaticDecoder | None:
+    """The lean decoder a KernelOptimizer attached to ``model`` (``decode="static"``), or ``None``."""
+    return getattr(model, "_ryzen_decoder", None)
+
+
+def kernel_report_or_none(model: nn.Module) -> KernelReport | None:
+    """:func:`kernel_report` for a model that may not be optimized."""
+    report = getattr(model, "_ryzen_kernels", None)
+    return None if report is None else replace(report)
+
+
 class StaticDecoder:
     """A lean forward over a preallocated KV cache, reading the optimized modules of one model.
 
@@ -922,13 +956,18 @@ class StaticDecoder:
         self._compiled: Callable[..., torch.Tensor] | None = None
         self.external: Any = None
 
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the decode step runs compiled (``KernelConfig(compile=True)``, after :meth:`compile`)."""
+        return self._compiled is not None
+
     # -- cache
 
     def attach_cache(self, cache: Any) -> None:
         """Use ``cache`` (a ``transformers`` ``Cache`` with ``attend(layer, q, k, v, scale)``, such as the
         KVCacheOptimizer's quantized cache) instead of the static one: attention then runs on its stored form.
         ``None`` goes back to the static cache."""
-        if cache is not None and not callable(getattr(cache, "attend", None)):
+        if cache is not None and not attends_on_storage(cache):
             raise ConfigError(
                 f"{type(cache).__name__} has no attend(layer, q, k, v, scale): the lean loop needs a cache that "
                 "computes attention on its own storage (KVCacheOptimizer(KVCacheConfig(strategy='quantized')))"
@@ -1163,7 +1202,7 @@ def _bind_generate(model: Any, decoder: StaticDecoder) -> None:
         if inputs is not None:
             kwargs["input_ids"] = inputs
         _, cache = pop_cache_kwarg(kwargs)  # either spelling; None asks for nothing: the lean loop's own cache
-        own = cache is not None and callable(getattr(cache, "attend", None)) and cache.get_seq_length() == 0
+        own = attends_on_storage(cache) and cache.get_seq_length() == 0
         if cache is not None and not own:
             kwargs.update(cache_kwargs(cache))  # a cache the lean loop cannot use: HF's generate gets it
         reason = _why_not_served(self, decoder, kwargs)
@@ -1237,18 +1276,8 @@ def _why_not_served(model: nn.Module, decoder: StaticDecoder, kwargs: dict[str, 
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """HF's order: temperature, then top-k, then top-p (nucleus), then a multinomial draw."""
-    scores = logits.float() / max(float(temperature), 1e-6)
-    if top_k is not None and 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        remove = cumulative - sorted_scores.softmax(-1) > top_p  # keep the token that crosses top_p
-        sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-    return torch.multinomial(scores.softmax(-1), 1)
+    """A multinomial draw from HF's warped distribution (:func:`ryzen_opt.sampling.warped_probs`)."""
+    return torch.multinomial(warped_probs(logits, temperature, top_k, top_p), 1)
 
 
 def _eos_set(eos: Any) -> set[int]:

@@ -41,6 +41,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.quant import pack_nibbles, unpack_nibbles
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +101,6 @@ def quantize_groups(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor,
     scale = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
     q = torch.clamp(torch.round((x - lo) / scale), 0, levels).to(torch.uint8)
     return q, scale, lo
-
-
-def _pack4(q: torch.Tensor) -> torch.Tensor:
-    return q[..., ::2] | (q[..., 1::2] << 4)
-
-
-def _unpack4(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p & 15, p >> 4], dim=-1).flatten(-2)
 
 
 @dataclass
@@ -183,12 +176,12 @@ class QuantizedLayer(_GrowingLayer):
         vq, vs, vl = quantize_groups(vg, dim=-1, bits=self.bits)  # per token
         vq = vq.reshape(v.shape)
         if self.bits == 4:
-            kq, vq = _pack4(kq), _pack4(vq)
+            kq, vq = pack_nibbles(kq), pack_nibbles(vq)
         return _Chunk(kq, ks, kl, vq, vs, vl)
 
     def _dequantize_chunk(self, c: _Chunk, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        kq = _unpack4(c.kq) if self.bits == 4 else c.kq
-        vq = _unpack4(c.vq) if self.bits == 4 else c.vq
+        kq = unpack_nibbles(c.kq) if self.bits == 4 else c.kq
+        vq = unpack_nibbles(c.vq) if self.bits == 4 else c.vq
         k = kq.to(c.k_scale.dtype) * c.k_scale + c.k_lo
         vg = vq.reshape(*vq.shape[:-1], c.v_scale.shape[-2], -1).to(c.v_scale.dtype)
         v = (vg * c.v_scale + c.v_lo).reshape(vq.shape)

@@ -12,9 +12,10 @@ So these kernels compute exactly the dequantized product in fp32, ``y = x @ (q *
 weights as int8 or packed nibbles (the bytes a decode step streams are the quantized ones), with fp32 scales:
 
 - ``w8_linear(x, q, scale)``: ``q`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``.
-- ``w4_linear(x, packed, scale, minimum, group)``: ``packed`` uint8 ``[N, K/2]`` in :func:`pack_int4`'s layout
-  (in each run of 32 inputs, byte ``j`` holds input ``j`` in its low nibble and input ``j + 16`` in its high one, so
-  both halves unpack to contiguous lanes), ``scale``/``minimum`` fp32 ``[N, K/group]``.
+- ``w4_linear(x, packed, scale, minimum, group)``: ``packed`` uint8 ``[N, K/2]`` in the layout of
+  :func:`ryzen_opt.quant.pack_int4_runs` (in each run of 32 inputs, byte ``j`` holds input ``j`` in its low nibble
+  and input ``j + 16`` in its high one, so both halves unpack to contiguous lanes), ``scale``/``minimum`` fp32
+  ``[N, K/group]``.
 
 int8 inputs up to 512 rows (decode, speculative verification, prompts) run one kernel in tiles of 3 rows that convert
 each weight once per tile; every row is computed in the same order whatever the others are, so a token's logits do
@@ -299,18 +300,3 @@ def _register_fakes() -> None:
     torch.library.register_fake("ryzen_native::w8_linear", linear_fake)
     torch.library.register_fake("ryzen_native::w4_linear", linear_fake)
     torch.library.register_fake("ryzen_native::w4_dequantize", dequantize_fake)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """``q`` (values 0..15, ``[N, K]``, ``K % 32 == 0``) in ``w4_linear``'s layout: ``uint8 [N, K/2]``; in each run
-    of 32 inputs, byte ``j`` holds input ``j`` (low nibble) and input ``j + 16`` (high nibble)."""
-    n, k = q.shape
-    runs = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
-    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: values 0..15 ``uint8 [N, K]``."""
-    n, half = packed.shape
-    b = packed.reshape(n, half // 16, 16)
-    return torch.stack([b & 15, b >> 4], dim=2).reshape(n, half * 2)

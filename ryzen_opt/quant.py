@@ -135,6 +135,37 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
     return (g * scale[..., None] + minimum[..., None]).reshape(n, k)
 
 
+# -- int4 nibble layouts: the one definition of each (the layers, the KV cache and the native kernel share them) --
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Int4 codes (values 0..15, an even last dimension) two a byte: element ``2i`` in the low nibble of byte ``i``,
+    element ``2i + 1`` in its high one. ``uint8``, half the last dimension."""
+    q = q.to(torch.uint8)
+    return q[..., ::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: values 0..15, ``uint8``, twice the last dimension."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def pack_int4_runs(q: torch.Tensor) -> torch.Tensor:
+    """``q`` (values 0..15, ``[N, K]``, ``K % 32 == 0``) in the native kernel's layout (:mod:`ryzen_opt.native`):
+    ``uint8 [N, K/2]``; in each run of 32 inputs, byte ``j`` holds input ``j`` (low nibble) and input ``j + 16`` (high
+    nibble), so that both halves of a loaded vector unpack to contiguous lanes."""
+    n, k = q.shape
+    runs = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4_runs(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_runs`: values 0..15 ``uint8 [N, K]``."""
+    n, half = packed.shape
+    b = packed.reshape(n, half // 16, 16)
+    return torch.stack([b & 15, b >> 4], dim=2).reshape(n, half * 2)
+
+
 # ATen's CPU int4 layout differs with the CPU capability torch dispatches to. Read off the kernel (pack one-hot
 # patterns, see where each nibble lands) rather than assumed:
 # - AVX-512: rows in blocks of 64; inside a block, for each input column k, 32 bytes, byte j holding row j in its low

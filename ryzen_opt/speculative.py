@@ -33,13 +33,14 @@ from typing import Any, Protocol
 
 import torch
 
+from ryzen_opt.accuracy import NEAR_TIE_GAP
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.kernels import decoder_of, kernel_report_or_none
+from ryzen_opt.sampling import warped_probs
 
 logger = logging.getLogger(__name__)
-
-NEAR_TIE_GAP = 1e-5
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,8 @@ class _HFRunner:
 
 
 def _runner(model: Any, cache_factory: Callable[[], Any] | None) -> _LeanRunner | _HFRunner:
-    decoder = getattr(model, "_ryzen_decoder", None)
-    if decoder is not None and (cache_factory is None or getattr(decoder, "_compiled", None) is None):
+    decoder = decoder_of(model)
+    if decoder is not None and (cache_factory is None or not decoder.is_compiled):
         return _LeanRunner(decoder, cache_factory)
     return _HFRunner(model, cache_factory)
 
@@ -231,24 +232,14 @@ def _runner(model: Any, cache_factory: Callable[[], Any] | None) -> _LeanRunner 
 
 
 class _Sampling:
-    """The warping both models share: temperature, then top-k, then top-p (HF's order)."""
+    """The warping both models share (:func:`ryzen_opt.sampling.warped_probs`) and the draws, from one generator."""
 
     def __init__(self, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None):
         self.greedy = temperature == 0
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = logits.float() / self.temperature
-        if self.top_k is not None and 0 < self.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-            probs = sorted_scores.softmax(-1)
-            remove = probs.cumsum(-1) - probs > self.top_p
-            sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
-            scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-        return scores.softmax(-1)
+        return warped_probs(logits, self.temperature, self.top_k, self.top_p)
 
     def draw(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs, 1, generator=self.generator))
@@ -375,7 +366,7 @@ class SpeculativeDecoder:
         else:
             self.drafter = ModelDrafter(drafter, confidence=self.config.draft_confidence)
         self.runner = _runner(target, target_cache_factory)
-        report = getattr(target, "_ryzen_kernels", None)
+        report = kernel_report_or_none(target)
         if report is not None and "fbgemm" in report.kernels and report.config.get("weights") == "int8":
             # Measured on the zoo target (int8 fbgemm): greedy output equal to generate() on 7 of 8 prompts, no tie.
             logger.warning(

@@ -40,13 +40,14 @@ from ryzen_opt.kernels import (
     KernelConfig,
     KernelOptimizer,
     UnsupportedModelError,
+    decoder_of,
     dequantize_int4,
     iter_kernel_modules,
     kernel_report,
     quantize_int4,
     quantize_int8,
 )
-from ryzen_opt.quant import gptq_int4
+from ryzen_opt.quant import gptq_int4, pack_int4_runs, pack_nibbles, unpack_int4_runs, unpack_nibbles
 
 VOCAB = 512
 
@@ -256,7 +257,7 @@ def test_int4_linear_matches_its_dequantized_weight(monkeypatch, use_native, gro
 def test_native_int4_layout_round_trips_and_decoding_a_row_is_independent_of_the_batch():
     torch.manual_seed(0)
     q = torch.randint(0, 16, (8, 96))
-    assert torch.equal(native.unpack_int4(native.pack_int4(q)).long(), q)
+    assert torch.equal(unpack_int4_runs(pack_int4_runs(q)).long(), q)
     module = Int4Linear(torch.randn(40, 96), None, 32)
     x = torch.randn(6, 96)
     alone = torch.cat([module(x[i : i + 1]) for i in range(6)])
@@ -279,7 +280,10 @@ def test_fp32_mode_keeps_the_reference_logits_and_tokens(arch):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(opt(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
-        decoder = opt._ryzen_decoder
+        decoder = decoder_of(opt)
+        assert decoder is not None
+        assert not decoder.is_compiled  # compile=False: the public seam says so
+        assert decoder_of(ref) is None  # an unoptimized model has none
         decoder.allocate(64)
         torch.testing.assert_close(decoder.forward(ids, all_logits=True), ref(ids).logits, rtol=1e-5, atol=1e-5)
     want = ref.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -293,7 +297,7 @@ def test_lean_loop_runs_the_same_modules_as_hf_forward(arch, weights):
     _, opt = _pair(arch, weights=weights, group_size=32)
     ids = _ids()
     with torch.no_grad():
-        decoder = opt._ryzen_decoder
+        decoder = decoder_of(opt)
         decoder.allocate(64)
         torch.testing.assert_close(decoder.forward(ids, all_logits=True), opt(ids).logits, rtol=1e-5, atol=1e-5)
     want = {"native"} if weights == "int8" else {"native-int4", "native"}  # int4 keeps an int8 LM head
@@ -302,7 +306,7 @@ def test_lean_loop_runs_the_same_modules_as_hf_forward(arch, weights):
 
 def test_incremental_decode_equals_a_full_prefill_and_crop_rolls_back():
     _, opt = _pair("llama", weights="none")
-    decoder = opt._ryzen_decoder
+    decoder = decoder_of(opt)
     ids = _ids(10)
     with torch.no_grad():
         decoder.allocate(32)
@@ -472,3 +476,25 @@ def test_int4_keeps_an_int8_lm_head_unless_told_otherwise():
     assert KernelConfig(weights="int8").resolved_lm_head() == "int8"
     with pytest.raises(ConfigError, match="lm_head"):
         KernelConfig(lm_head="int2")
+
+
+@given(
+    rows=st.integers(1, 5),
+    pairs=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_nibble_layouts_round_trip_and_match_their_definition(rows: int, pairs: int, seed: int) -> None:
+    """The one definition of each int4 layout: plain pairs (any even width, any leading shape) and the native
+    kernel's runs of 32 (element j and j + 16 of a run share a byte)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, 3, 2 * pairs), generator=g, dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.shape == (rows, 3, pairs)
+    assert torch.equal(packed[..., 0] & 15, q[..., 0])
+    assert torch.equal(packed[..., 0] >> 4, q[..., 1])
+    assert torch.equal(unpack_nibbles(packed), q)
+    runs = torch.randint(0, 16, (rows, 32 * (1 + pairs % 4)), generator=g)
+    packed_runs = pack_int4_runs(runs)
+    assert torch.equal(packed_runs[:, 3] & 15, runs[:, 3].to(torch.uint8))
+    assert torch.equal(packed_runs[:, 3] >> 4, runs[:, 19].to(torch.uint8))
+    assert torch.equal(unpack_int4_runs(packed_runs).long(), runs)

@@ -156,6 +156,21 @@ def test_generate_accepts_the_cache_and_the_sink_cache_stays_bounded():
     assert all(layer.keys.shape[-2] == 18 for layer in sink.layers)
 
 
+def test_which_caches_attend_on_their_stored_form():
+    """The seam between the KV cache and the lean loop is public and typed: ``AttendingCache``."""
+    from transformers import DynamicCache
+
+    from ryzen_opt.kernels import AttendingCache, attends_on_storage
+
+    model = _model()
+    quantized = KVCacheOptimizer(KVCacheConfig(bits=8, group_size=8, residual_length=8)).make_cache(model)
+    assert isinstance(quantized, AttendingCache)
+    assert attends_on_storage(quantized)
+    plain = DynamicCache(config=model.config)
+    assert not attends_on_storage(plain)
+    assert not attends_on_storage(None)
+
+
 def test_the_lean_loop_with_the_cache_equals_hf_with_the_cache():
     model = _model()
     optimized = KernelOptimizer(KernelConfig()).apply_to_model(copy.deepcopy(model))
