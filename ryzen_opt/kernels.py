@@ -124,6 +124,9 @@ class KernelConfig(ConfigMixin):
             top-1 accuracy, int8 nothing measurable); or ``"none"``, ``"bf16"``, ``"int8"``, ``"int4"``.
         max_cache_len: cap on prompt + new tokens for the static cache; ``None`` uses the model's
             ``max_position_embeddings``.
+        native_layers: on CPU, run each Llama-family layer of a decode step (and of a verification of up to
+            ``native.SMALL_M`` tokens) as one fused native call (:func:`ryzen_opt.native.ops`): the ~40 small ATen
+            ops a layer costs per token were half of an eager int8 step on SmolLM2. ``False`` keeps ATen's ops.
     """
 
     weights: str = "none"
@@ -137,6 +140,7 @@ class KernelConfig(ConfigMixin):
     fuse: bool = True
     lm_head: str = "auto"
     max_cache_len: int | None = None
+    native_layers: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -928,6 +932,71 @@ def kernel_report_or_none(model: nn.Module) -> KernelReport | None:
     return None if report is None else replace(report)
 
 
+
+def _native_linear(module: nn.Module) -> tuple[int, list[torch.Tensor], int] | None:
+    """How :func:`ryzen_native::decode_layer` reads ``module``: (kind, three tensors, group), or ``None`` when the
+    layer must run in ATen ops (a bias, another kernel, another dtype)."""
+    empty = torch.empty(0)
+    if getattr(module, "bias", None) is not None:
+        return None
+    if isinstance(module, Int8Linear) and module.kernel == "native":
+        return 1, [module.qweight, module.scale, empty], 0
+    if isinstance(module, Int4Linear) and module.kernel == "native-int4":
+        return 2, [module.qweight, module.scale, module.minimum], module.group_size
+    if isinstance(module, DenseLinear) and module.weight_t.dtype == torch.float32 and module.weight_t.is_cpu:
+        return 0, [module.weight_t, empty, empty], 0
+    return None
+
+
+@dataclass(frozen=True)
+class _NativeLayer:
+    """The arguments of one ``ryzen_native::decode_layer`` call that do not change from token to token."""
+
+    weights: list[torch.Tensor]
+    kinds: list[int]
+    groups: list[int]
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    eps1: float
+    eps2: float
+    scale: float
+
+
+def _native_layers(arch: _Arch, dtype: torch.dtype) -> list[_NativeLayer] | None:
+    """The native layer plan of ``arch``, or ``None`` (logged) when some layer is not what the fused kernel runs:
+    a Llama-family fp32 layer with RMSNorms, SiLU gating and bias-free native or fp32 linears."""
+    if arch.kind != "llama" or dtype != torch.float32 or native.ops() is None:
+        return None
+    plan = []
+    for i, layer in enumerate(arch.layers):
+        specs = [_native_linear(m) for m in (layer.qkv, layer.o, layer.mlp_in, layer.down)]
+        norms_ok = all(
+            type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") and n.weight.is_cpu
+            for n in (layer.norm1, layer.norm2)
+        )
+        act = layer.act
+        silu = type(act).__name__ in ("SiLU", "SiLUActivation") or getattr(act, "__name__", "") == "silu"
+        if any(spec is None for spec in specs) or not norms_ok or not silu:
+            logger.info("layer %d runs in ATen ops (the fused native layer needs native/fp32 linears, RMSNorm, SiLU)", i)
+            return None
+        weights = [t for spec in specs if spec is not None for t in spec[1]]
+        norm1: Any = layer.norm1
+        norm2: Any = layer.norm2
+        plan.append(
+            _NativeLayer(
+                weights,
+                [spec[0] for spec in specs if spec is not None],
+                [spec[2] for spec in specs if spec is not None],
+                norm1.weight.detach().float().contiguous(),
+                norm2.weight.detach().float().contiguous(),
+                float(norm1.variance_epsilon),
+                float(norm2.variance_epsilon),
+                layer.scale,
+            )
+        )
+    return plan
+
+
 class StaticDecoder:
     """A lean forward over a preallocated KV cache, reading the optimized modules of one model.
 
@@ -955,6 +1024,8 @@ class StaticDecoder:
         self.v_cache: list[torch.Tensor] | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
         self.external: Any = None
+        self._native: list[_NativeLayer] | None = None
+        self._native_checked = False
 
     @property
     def is_compiled(self) -> bool:
@@ -1013,6 +1084,15 @@ class StaticDecoder:
             self.external.crop(length - self.pos)
         self.pos = length
 
+    def native_layers(self) -> list[_NativeLayer] | None:
+        """The fused native layer plan (one ``ryzen_native::decode_layer`` call per layer for up to
+        ``native.SMALL_M`` new tokens), or ``None`` when this model's layers run in ATen ops. Built on first use."""
+        if not self._native_checked:
+            self._native_checked = True
+            if self.device.type == "cpu" and self.config.native_layers:
+                self._native = _native_layers(self.arch, self.dtype)
+        return self._native
+
     # -- forward
 
     def _embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
@@ -1066,7 +1146,21 @@ class StaticDecoder:
                 causal = True
             else:
                 mask = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(diagonal=pos)
-        for i, layer in enumerate(arch.layers):
+        eligible = t <= native.SMALL_M and self.external is None and not torch.is_grad_enabled()
+        native_layers = self.native_layers() if eligible else None
+        if native_layers is not None and arch.sliding_window is not None and end > arch.sliding_window:
+            native_layers = None  # the fused kernel attends over every cached position
+        if native_layers is not None:
+            assert self.k_cache is not None and self.v_cache is not None
+            cos, sin = (c.reshape(t, -1).float().contiguous() for c in rope) if rope is not None else (None, None)
+            rows = h.reshape(t, -1).float().contiguous()
+            for i, nl in enumerate(native_layers):
+                rows = torch.ops.ryzen_native.decode_layer(
+                    rows, nl.weights, nl.kinds, nl.groups, nl.norm1, nl.norm2, nl.eps1, nl.eps2,
+                    self.k_cache[i], self.v_cache[i], pos, cos, sin, heads, kv_heads, nl.scale,
+                )  # fmt: skip
+            h = rows.view(1, t, -1)
+        for i, layer in enumerate(arch.layers if native_layers is None else ()):
             x = layer.norm1(h)
             qkv = layer.qkv(x)
             # q and k side by side as heads + kv_heads heads: RoPE runs once on both (half the small ops).

@@ -47,7 +47,10 @@ SMALL_M = 8  # rows of x at most that take the GEMV path (the speculative decode
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define RYZEN_AVX2 1
@@ -216,6 +219,137 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   return y;
 }
 
+
+// ---------------------------------------------------------------------------------------------- one decoder layer
+// A Llama-family layer (RMSNorm, fused q|k|v, RoPE, GQA attention over a static cache, o, RMSNorm, fused gate|up,
+// SiLU-gated MLP, down) for T <= kSmallM new rows at positions pos .. pos+T-1, in one call: the ~40 small ATen ops
+// and Python lines a layer costs per token in eager mode become one dispatch. Every row is computed in the same order
+// whatever T is (row-wise norms, the row-independent GEMV kernels, one query row per attention task), so the logits
+// of a token do not depend on the rows verified with it.
+
+static torch::Tensor run_linear(int64_t kind, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c,
+                                int64_t group, const torch::Tensor& x) {
+  if (kind == 1) return w8_linear(x, a, b);
+  if (kind == 2) return w4_linear(x, a, b, c, group);
+  return torch::mm(x, a);  // kind 0: fp32 weight stored transposed [K, N]
+}
+
+static void rms_norm_rows(const float* x, const float* w, float eps, int64_t t, int64_t d, float* out) {
+  for (int64_t r = 0; r < t; ++r) {
+    const float* xr = x + r * d;
+    float ss = 0.f;
+    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = w[i] * (xr[i] * inv);
+  }
+}
+
+// x[hd] <- x * cos + rotate_half(x) * sin (HF's convention: cos/sin are [hd], the two halves repeated)
+static void rope_inplace(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef RYZEN_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+static inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#ifdef RYZEN_AVX2
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+torch::Tensor decode_layer(torch::Tensor h, at::TensorList w, at::IntArrayRef kinds, at::IntArrayRef groups,
+                           torch::Tensor norm1, torch::Tensor norm2, double eps1, double eps2, torch::Tensor k_cache,
+                           torch::Tensor v_cache, int64_t pos, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+                           int64_t kv_heads, double scale) {
+  TORCH_CHECK(h.scalar_type() == torch::kFloat && h.dim() == 2 && h.is_contiguous(), "decode_layer: h [T, D] fp32");
+  TORCH_CHECK(w.size() == 12 && kinds.size() == 4 && groups.size() == 4, "decode_layer: 4 linears x 3 tensors");
+  const int64_t t = h.size(0), d = h.size(1);
+  const int64_t hd = k_cache.size(3), max_len = k_cache.size(2);
+  TORCH_CHECK(t <= kSmallM && pos + t <= max_len, "decode_layer: at most ", kSmallM, " rows inside the cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat,
+              "decode_layer: contiguous fp32 caches [1, kv_heads, max_len, head_dim]");
+  TORCH_CHECK(cos.size(0) == t && cos.size(1) == hd, "decode_layer: cos/sin [T, head_dim]");
+  const int64_t q_size = heads * hd, kv_size = kv_heads * hd, group = heads / kv_heads;
+  auto x = torch::empty_like(h);
+  rms_norm_rows(h.data_ptr<float>(), norm1.data_ptr<float>(), static_cast<float>(eps1), t, d, x.data_ptr<float>());
+  auto qkv = run_linear(kinds[0], w[0], w[1], w[2], groups[0], x).contiguous();  // [T, q + 2 kv]
+  float* qp = qkv.data_ptr<float>();
+  const float* cp = cos.contiguous().data_ptr<float>();
+  const float* sp = sin.contiguous().data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t width = q_size + 2 * kv_size;
+  for (int64_t r = 0; r < t; ++r) {
+    float* row = qp + r * width;
+    for (int64_t hh = 0; hh < heads + kv_heads; ++hh) rope_inplace(row + hh * hd, cp + r * hd, sp + r * hd, hd);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      std::memcpy(kc + (g * max_len + pos + r) * hd, row + q_size + g * hd, hd * sizeof(float));
+      std::memcpy(vc + (g * max_len + pos + r) * hd, row + q_size + kv_size + g * hd, hd * sizeof(float));
+    }
+  }
+  auto attn = torch::empty({t, q_size}, h.options());
+  float* ap = attn.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, t * heads, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> p(pos + t);
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t r = task / heads, hq = task % heads, g = hq / group, n = pos + r + 1;
+      const float* q = qp + r * width + hq * hd;
+      const float* keys = kc + g * max_len * hd;
+      const float* vals = vc + g * max_len * hd;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot(q, keys + j * hd, hd) * sc;
+        mx = std::max(mx, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = std::exp(p[j] - mx);
+        total += p[j];
+      }
+      float* out = ap + r * q_size + hq * hd;
+      std::fill(out, out + hd, 0.f);
+      const float inv = 1.f / total;
+      for (int64_t j = 0; j < n; ++j) axpy(p[j] * inv, vals + j * hd, out, hd);
+    }
+  });
+  auto h1 = h + run_linear(kinds[1], w[3], w[4], w[5], groups[1], attn);
+  rms_norm_rows(h1.data_ptr<float>(), norm2.data_ptr<float>(), static_cast<float>(eps2), t, d, x.data_ptr<float>());
+  auto gu = run_linear(kinds[2], w[6], w[7], w[8], groups[2], x).contiguous();  // [T, 2 I]
+  const int64_t inter = gu.size(1) / 2;
+  auto act = torch::empty({t, inter}, h.options());
+  const float* gp = gu.data_ptr<float>();
+  float* actp = act.data_ptr<float>();
+  for (int64_t r = 0; r < t; ++r)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gp[r * 2 * inter + i];
+      actp[r * inter + i] = g / (1.f + std::exp(-g)) * gp[r * 2 * inter + inter + i];
+    }
+  h1 += run_linear(kinds[3], w[9], w[10], w[11], groups[3], act);
+  return h1;
+}
+
 bool has_avx2() {
 #ifdef RYZEN_AVX2
   return true;
@@ -228,11 +362,16 @@ TORCH_LIBRARY(ryzen_native, m) {
   m.def("w8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
   m.def("w4_dequantize(Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
+  m.def(
+      "decode_layer(Tensor h, Tensor[] w, int[] kinds, int[] groups, Tensor norm1, Tensor norm2, float eps1, "
+      "float eps2, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor cos, Tensor sin, int heads, "
+      "int kv_heads, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(ryzen_native, CPU, m) {
   m.impl("w8_linear", &w8_linear);
   m.impl("w4_linear", &w4_linear);
   m.impl("w4_dequantize", &w4_dequantize);
+  m.impl("decode_layer", &decode_layer);
 }
 """
 

@@ -1,0 +1,186 @@
+"""The fused native decoder layer (``ryzen_native::decode_layer``) against the same layer written in torch ops.
+
+Tolerances and why: the kernel computes the exact dequantized products in fp32, as the ATen path does; only the
+order of the sums differs (the GEMV's accumulators, the norm's and softmax's reductions). Over widths of at most a few
+hundred, fp32 reassociation moves a result by ~1e-6 of its scale, so 1e-4 of the logit scale leaves a wide margin
+while still catching any wrong index, sign or scale (those move results by O(1)).
+
+Row independence is bit-exact: speculative verification appends several tokens in one call, and greedy output is
+lossless only if each token's logits are those of a one-token step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ryzen_opt import native
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of
+from ryzen_opt.quant import pack_int4_runs, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (see the log)")
+
+VOCAB = 320
+
+
+def _model(hidden: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _optimized(model: LlamaForCausalLM, weights: str, native_layers: bool) -> LlamaForCausalLM:
+    config = KernelConfig(weights=weights, native_layers=native_layers)
+    return KernelOptimizer(config).apply_to_model(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "none"])
+def test_native_layers_match_the_aten_layers(weights: str) -> None:
+    base = _model()
+    fused, plain = _optimized(base, weights, True), _optimized(base, weights, False)
+    assert decoder_of(fused).native_layers() is not None
+    assert decoder_of(plain).native_layers() is None
+    ids = _ids(20)
+    got, want = [], []
+    with torch.no_grad():
+        for model, out in ((fused, got), (plain, want)):
+            decoder = decoder_of(model)
+            decoder.allocate(64)
+            out.append(decoder.forward(ids[:, :12]))  # a prefill of 12 > SMALL_M rows: ATen's path in both
+            out.append(decoder.forward(ids[:, 12:15], all_logits=True))  # three rows at once
+            out.extend(decoder.step(ids[:, i : i + 1]) for i in range(15, 20))
+    for g, w in zip(got, want, strict=True):
+        scale = w.abs().max().item()
+        assert (g - w).abs().max().item() <= 1e-4 * scale
+    with torch.no_grad():
+        tokens = fused.generate(ids[:, :8], max_new_tokens=12, do_sample=False)
+        reference = plain.generate(ids[:, :8], max_new_tokens=12, do_sample=False)
+    assert torch.equal(tokens, reference)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_row_verified_with_others_gets_the_logits_of_a_one_token_step(weights: str) -> None:
+    model = _optimized(_model(), weights, True)
+    decoder = decoder_of(model)
+    ids = _ids(16)
+    with torch.no_grad():
+        decoder.allocate(64)
+        decoder.forward(ids[:, :10])
+        together = decoder.forward(ids[:, 10:16], all_logits=True)[0]  # six rows in one call
+        decoder.crop(10)
+        alone = torch.stack([decoder.step(ids[:, i : i + 1])[0] for i in range(10, 16)])
+    assert torch.equal(together, alone)
+
+
+def test_a_model_the_kernel_cannot_run_keeps_aten_layers() -> None:
+    base = _model()
+    base.model.layers[1].mlp.act_fn = torch.nn.GELU()  # not SiLU-gated: the fused layer would compute another model
+    model = _optimized(base, "int8", True)
+    assert decoder_of(model).native_layers() is None
+    with torch.no_grad():
+        assert model.generate(_ids(6), max_new_tokens=4, do_sample=False).shape == (1, 10)
+
+
+# --------------------------------------------------------------------------- the op against its torch reference
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _reference_layer(h, weights, norm1, norm2, eps, k_cache, v_cache, pos, cos, sin, heads, kv_heads, scale):
+    """The layer in plain torch ops, on the dequantized weights ``[qkv, o, gate_up, down]`` (each ``[N, K]``)."""
+    t, hd = h.shape[0], k_cache.shape[-1]
+    q_size, kv_size = heads * hd, kv_heads * hd
+    qkv = F.rms_norm(h, (h.shape[1],), norm1, eps) @ weights[0].t()
+    q = _rope(qkv[:, :q_size].view(t, heads, hd), cos[:, None], sin[:, None])
+    k = _rope(qkv[:, q_size : q_size + kv_size].view(t, kv_heads, hd), cos[:, None], sin[:, None])
+    v = qkv[:, q_size + kv_size :].view(t, kv_heads, hd)
+    k_cache[0, :, pos : pos + t] = k.transpose(0, 1)
+    v_cache[0, :, pos : pos + t] = v.transpose(0, 1)
+    keys = k_cache[0, :, : pos + t].repeat_interleave(heads // kv_heads, 0)
+    values = v_cache[0, :, : pos + t].repeat_interleave(heads // kv_heads, 0)
+    mask = torch.ones(t, pos + t, dtype=torch.bool).tril(diagonal=pos)
+    attn = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, scale=scale)
+    h = h + attn.transpose(0, 1).reshape(t, q_size) @ weights[1].t()
+    gate, up = (F.rms_norm(h, (h.shape[1],), norm2, eps) @ weights[2].t()).chunk(2, dim=-1)
+    return h + (F.silu(gate) * up) @ weights[3].t()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(["int8", "int4", "fp32"]),
+    head_dim=st.sampled_from([32, 64]),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    t=st.integers(1, native.SMALL_M),
+    pos=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_layer_matches_torch_on_any_shape(kind, head_dim, kv_heads, group, t, pos, seed) -> None:
+    torch.manual_seed(seed)
+    heads = kv_heads * group
+    hidden = 32 * (heads + 1)  # a multiple of 32 (the int4 kernel's run), not of the head size
+    q_size, kv_size, inter = heads * head_dim, kv_heads * head_dim, 96
+    shapes = [(q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
+    tensors, kinds, groups, dense = [], [], [], []
+    for n, k in shapes:
+        w = torch.randn(n, k) / k**0.5
+        if kind == "int8":
+            q, s = quantize_int8(w)
+            tensors += [q, s, torch.empty(0)]
+            kinds.append(1)
+            dense.append(q.float() * s[:, None])
+        elif kind == "int4":
+            q, s, lo = quantize_int4(w, 32)
+            tensors += [pack_int4_runs(q), s, lo]
+            kinds.append(2)
+            dense.append((q.float().view(n, -1, 32) * s[..., None] + lo[..., None]).view(n, k))
+        else:
+            tensors += [w.t().contiguous(), torch.empty(0), torch.empty(0)]
+            kinds.append(0)
+            dense.append(w)
+        groups.append(32 if kind == "int4" else 0)
+    h = torch.randn(t, hidden)
+    norm1, norm2 = 1 + 0.1 * torch.randn(hidden), 1 + 0.1 * torch.randn(hidden)
+    caches = [torch.randn(1, kv_heads, pos + t + 3, head_dim) for _ in range(2)]  # stale entries past pos: ignored
+    angles = torch.arange(pos, pos + t)[:, None] * 0.1 ** torch.arange(head_dim // 2)[None]
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1) for f in (torch.cos, torch.sin))
+    scale = head_dim**-0.5
+    ref_caches = [c.clone() for c in caches]
+    want = _reference_layer(h, dense, norm1, norm2, 1e-5, *ref_caches, pos, cos, sin, heads, kv_heads, scale)
+    got = torch.ops.ryzen_native.decode_layer(
+        h, tensors, kinds, groups, norm1, norm2, 1e-5, 1e-5, *caches, pos, cos, sin, heads, kv_heads, scale
+    )
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    for c, r in zip(caches, ref_caches, strict=True):  # the new keys and values are written where torch writes them
+        assert torch.allclose(c[:, :, : pos + t], r[:, :, : pos + t], atol=1e-5)
+
+
+def test_decode_layer_rejects_more_rows_than_its_gemv_takes() -> None:
+    h = torch.randn(native.SMALL_M + 1, 64)
+    cache = torch.zeros(1, 1, 32, 32)
+    with pytest.raises(RuntimeError, match="at most"):
+        torch.ops.ryzen_native.decode_layer(
+            h, [torch.empty(0)] * 12, [1] * 4, [0] * 4, torch.ones(64), torch.ones(64), 1e-5, 1e-5,
+            cache, cache.clone(), 0, torch.ones(h.shape[0], 32), torch.zeros(h.shape[0], 32), 2, 1, 0.1,
+        )  # fmt: skip
