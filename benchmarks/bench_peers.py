@@ -5,7 +5,8 @@ to what the engines people actually deploy on CPUs reach with the same weights o
 one local HF Llama directory:
 
 * ``hf``: transformers ``generate`` fp32 (the baseline);
-* ``ryzen``: ryzen_opt's ``KernelOptimizer`` (fp32, int8, int4): its lean static-cache loop, driven step by step;
+* ``ryzen``: ryzen_opt's ``KernelOptimizer`` (fp32, int8, int8-a8, int4): its lean static-cache loop, driven step
+  by step (``int8-a8``: ``int8_kernel="native-a8"``, activations rounded to int8 per block of 32 as Q8_0's are);
 * ``llamacpp``: llama.cpp through ``llama-cpp-python``, GGUF f32, bf16, Q8_0 and Q4_K_M;
 * ``ortgenai``: ONNX Runtime GenAI, fp32, int8 and int4 from its own model builder (CPU defaults: MatMulNBits,
   block 32, accuracy level 4, i.e. int8 activations).
@@ -430,8 +431,10 @@ class RyzenRunner:
         self.precision = precision
         self.threads = threads
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        weights = {"fp32": "none", "int8": "int8", "int4": "int4"}[precision]
-        self.model = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(model)
+        weights = {"fp32": "none", "int8": "int8", "int8-a8": "int8", "int4": "int4"}[precision]
+        # int8-a8: the same int8 weights with activations rounded to int8 per block of 32 (llama.cpp's Q8_0 x Q8_0)
+        kernel = "native-a8" if precision == "int8-a8" else "auto"
+        self.model = KernelOptimizer(KernelConfig(weights=weights, int8_kernel=kernel)).apply_to_model(model)
         self.decoder = decoder_of(self.model)
 
     def generate(self, prompt: list[int], new_tokens: int) -> Run:
@@ -588,7 +591,7 @@ def prepare(engines: list[str], model_dir: Path, art_dir: Path, threads: int, mo
     entries: list[Entry] = []
     wanted = {
         "hf": ["fp32"],
-        "ryzen": ["fp32", "int8", "int4"],
+        "ryzen": ["fp32", "int8", "int8-a8", "int4"],
         "llamacpp": ([WHEEL_PRECISION] if model_name == "smollm2" else []) + list(LLAMA_PRECISIONS),
         "ortgenai": list(ORT_PRECISIONS),
     }

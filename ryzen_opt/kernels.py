@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("none", "bf16", "int8", "int4")
 INT4_METHODS = ("rtn", "gptq")
-INT8_KERNELS = ("auto", "native", "fbgemm", "int8pack", "dequant")
+INT8_KERNELS = ("auto", "native", "native-a8", "fbgemm", "int8pack", "dequant")
 ATTENTION_MODES = ("sdpa", "eager", "keep")
 DECODE_MODES = ("static", "hf")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
@@ -104,8 +104,10 @@ class KernelConfig(ConfigMixin):
             ``"bf16"`` casts linears to bf16; ``"int8"`` per-output-channel symmetric int8; ``"int4"`` group-wise
             asymmetric int4 (``group_size`` along the input dimension).
         int8_kernel: ``"auto"`` picks per device from :data:`KERNEL_TABLE`; or force ``"native"`` (CPU, weight-only,
-            fp32 activations), ``"fbgemm"`` (CPU, dynamic per-tensor activation quantization: lossy on real LLMs),
-            ``"int8pack"`` (weight-only, bf16 activations) or ``"dequant"``.
+            fp32 activations), ``"native-a8"`` (CPU: up to ``native.SMALL_M`` rows, activations rounded to int8 per
+            block of 32 as llama.cpp's Q8_0 does, integer products; faster decode, see ``docs/native.md``),
+            ``"fbgemm"`` (CPU, dynamic per-tensor activation quantization: lossy on real LLMs), ``"int8pack"``
+            (weight-only, bf16 activations) or ``"dequant"``.
         group_size: int4 group along the input dimension (32, 64, 128 or 256). 32 by default: llama.cpp's Q4_0/Q4_1
             block; 64 lost 9% of SmolLM2's top-1 accuracy (``benchmarks/bench_kernels.py --sections accuracy``).
         int4_method: ``"rtn"`` rounds each group to nearest; ``"gptq"`` quantizes column by column and compensates
@@ -273,6 +275,8 @@ class Int8Linear(_KernelLinear):
       runs in int8 with int32 accumulation. Fastest here; adds activation rounding (measured in the accuracy
       loss, not assumed away).
     - ``native``: :mod:`ryzen_opt.native`'s weight-only kernel, fp32 activations (the default on CPU).
+    - ``native-a8``: the same weights; up to ``native.SMALL_M`` rows (decode, verification) round their activations
+      to int8 per block of 32 and multiply in integers (llama.cpp's Q8_0 x Q8_0); longer inputs as ``native``.
     - ``int8pack``: ATen's weight-only ``_weight_int8pack_mm`` with bf16 activations.
     - ``dequant``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``: correct everywhere, fast under compile.
     """
@@ -295,9 +299,9 @@ class Int8Linear(_KernelLinear):
             self.register_packed()
         elif kernel == "int8pack":
             self.register_buffer("scale_bf16", scale.to(device=weight.device, dtype=torch.bfloat16))
-        elif kernel == "native":
+        elif kernel in ("native", "native-a8"):
             if weight.device.type != "cpu" or native.ops() is None:
-                raise ConfigError("int8 kernel 'native' needs the CPU and a built ryzen_opt.native (see the log)")
+                raise ConfigError(f"int8 kernel {kernel!r} needs the CPU and a built ryzen_opt.native (see the log)")
         elif kernel != "dequant":
             raise ConfigError(f"int8 kernel {kernel!r}: choose one of {INT8_KERNELS[1:]}")
 
@@ -326,6 +330,8 @@ class Int8Linear(_KernelLinear):
         if self.kernel == "native":
             # torch.ops directly (loaded when this module was built): no cached Python call for the compiler to trace.
             y = torch.ops.ryzen_native.w8_linear(x2d.float(), self.qweight, self.scale).to(x2d.dtype)
+        elif self.kernel == "native-a8":
+            y = torch.ops.ryzen_native.w8a8_linear(x2d.float(), self.qweight, self.scale).to(x2d.dtype)
         elif self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(x2d.to(torch.bfloat16), self.qweight, self.scale_bf16).to(x2d.dtype)
         else:
@@ -633,9 +639,13 @@ class KernelOptimizer:
             kernel = KERNEL_TABLE.get(device.type, "dequant")
             if kernel == "native" and native.ops() is None:
                 kernel = "int8pack"  # no compiler here: ATen's weight-only kernel (logged by native.ops)
+            elif kernel == "native" and self.config.weights == "int4":
+                # The int8 LM head of an int4 model: its int4 GEMVs round activations to int8 per block already,
+                # and the head is a fifth of SmolLM2's weights: the integer kernel for it too.
+                kernel = "native-a8"
             return kernel
-        if kernel == "native" and device.type != "cpu":
-            raise ConfigError(f"KernelConfig.int8_kernel='native' is CPU-only; the model is on {device}")
+        if kernel in ("native", "native-a8") and device.type != "cpu":
+            raise ConfigError(f"KernelConfig.int8_kernel={kernel!r} is CPU-only; the model is on {device}")
         if kernel == "fbgemm" and device.type != "cpu":
             raise ConfigError(f"KernelConfig.int8_kernel='fbgemm' is CPU-only; the model is on {device}")
         return kernel
@@ -939,8 +949,8 @@ def _native_linear(module: nn.Module) -> tuple[int, list[torch.Tensor], int] | N
     empty = torch.empty(0)
     if getattr(module, "bias", None) is not None:
         return None
-    if isinstance(module, Int8Linear) and module.kernel == "native":
-        return 1, [module.qweight, module.scale, empty], 0
+    if isinstance(module, Int8Linear) and module.kernel in ("native", "native-a8"):
+        return (1 if module.kernel == "native" else 3), [module.qweight, module.scale, empty], 0
     if isinstance(module, Int4Linear) and module.kernel == "native-int4":
         return 2, [module.qweight, module.scale, module.minimum], module.group_size
     if isinstance(module, DenseLinear) and module.weight_t.dtype == torch.float32 and module.weight_t.is_cpu:

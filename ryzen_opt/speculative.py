@@ -179,7 +179,7 @@ class _LeanRunner:
         self.decoder.allocate(max_len)
 
     def extend(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.shape[1] == 1 and getattr(self.decoder, "_compiled", None) is not None:
+        if ids.shape[1] == 1 and self.decoder.is_compiled:
             # A compiled one-token step (KernelConfig(compile=True)): about half an eager step on small models.
             return self.decoder.step(ids).float()
         return self.decoder.forward(ids, all_logits=True)[0].float()
