@@ -26,7 +26,7 @@ def _timeit_ratio(slow, fast, rounds: int = 9) -> float:
     numbers = [t.autorange()[0] for t in timers]
     ratios = []
     for _ in range(rounds):
-        s, f = (t.timeit(n) / n for t, n in zip(timers, numbers))
+        s, f = (t.timeit(n) / n for t, n in zip(timers, numbers, strict=False))
         ratios.append(s / f)
     return statistics.median(ratios)
 

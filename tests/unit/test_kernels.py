@@ -6,9 +6,9 @@ Tolerances and why:
 - quantized kernels are compared with their own dequantized weight: the native kernels' GEMM path computes that
   product in fp32 (only the summation order differs: 1e-5); the int4 GEMV and ``native-a8`` (up to ``native.SMALL_M``
   rows) round activations to int8 per block of 32 as llama.cpp's Q8_0 does (~0.5% RMS on Gaussian inputs: 1e-2;
-  exactness of the integer path itself is tested in test_native_layer.py); int8pack/ATen's int4 take bf16 activations (8-bit
-  mantissa: relative error ~2^-8 per product, ~1e-2 on a sum); fbgemm also rounds activations to 7-8 bits per
-  tensor.
+  exactness of the integer path itself is tested in test_native_layer.py); int8pack/ATen's int4 take bf16
+  activations (8-bit mantissa: relative error ~2^-8 per product, ~1e-2 on a sum); fbgemm also rounds activations to
+  7-8 bits per tensor.
 """
 
 from __future__ import annotations

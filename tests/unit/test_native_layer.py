@@ -5,11 +5,12 @@ Tolerances and why:
 - The activation quantizer is bit-exact (same fp32 ops, round half to even).
 - The integer GEMVs are compared with a float64 reference built from the same int8 activations: the integer block
   dots are exact, so only the fp32 accumulation of the scaled blocks differs (1e-5 relative).
-- The layer in fp32 weights, or int8 weights with fp32 activations: only the order of the sums differs (GEMM, norm and softmax reductions); over widths of a
-  few hundred, fp32 reassociation moves results by ~1e-6 of their scale, so 1e-4 leaves a wide margin.
-- The layer in int4 or ``native-a8`` int8 weights against torch on the same weights: the kernel rounds each GEMV's activations to int8
-  per block of 32, the reference does not, so results differ by that rounding (~0.5% RMS of an input): 2e-2 of the
-  output scale. A wrong index, sign or scale moves results by O(1) and still fails.
+- The layer in fp32 weights, or int8 weights with fp32 activations: only the order of the sums differs (GEMM, norm
+  and softmax reductions); over widths of a few hundred, fp32 reassociation moves results by ~1e-6 of their scale,
+  so 1e-4 leaves a wide margin.
+- The layer in int4 or ``native-a8`` int8 weights against torch on the same weights: the kernel rounds each GEMV's
+  activations to int8 per block of 32, the reference does not, so results differ by that rounding (~0.5% RMS of an
+  input): 2e-2 of the output scale. A wrong index, sign or scale moves results by O(1) and still fails.
 
 Row independence is bit-exact: speculative verification appends several tokens in one call, and greedy output is
 lossless only if each token's logits are those of a one-token step.
@@ -60,7 +61,9 @@ def _optimized(
     return KernelOptimizer(config).apply_to_model(copy.deepcopy(model))
 
 
-@pytest.mark.parametrize(("weights", "kernel"), [("int8", "native"), ("int8", "native-a8"), ("int4", "auto"), ("none", "auto")])
+@pytest.mark.parametrize(
+    ("weights", "kernel"), [("int8", "native"), ("int8", "native-a8"), ("int4", "auto"), ("none", "auto")]
+)
 def test_native_layers_match_the_aten_layers(weights: str, kernel: str) -> None:
     base = _model()
     fused, plain = _optimized(base, weights, True, kernel), _optimized(base, weights, False, kernel)
@@ -199,7 +202,8 @@ def test_activation_quantizer_is_bit_exact(rows: int, blocks: int, seed: int) ->
     x[0, :32] = 0  # an all-zero block: scale 0, values 0
     q, d = torch.ops.ryzen_native.quantize_q8(x)
     want_q, want_d = _quantize_q8(x)
-    assert torch.equal(q, want_q) and torch.equal(d, want_d)
+    assert torch.equal(q, want_q)
+    assert torch.equal(d, want_d)
 
 
 @settings(max_examples=30, deadline=None)
