@@ -942,7 +942,6 @@ def kernel_report_or_none(model: nn.Module) -> KernelReport | None:
     return None if report is None else replace(report)
 
 
-
 def _native_linear(module: nn.Module) -> tuple[int, list[torch.Tensor], int] | None:
     """How :func:`ryzen_native::decode_layer` reads ``module``: (kind, three tensors, group), or ``None`` when the
     layer must run in ATen ops (a bias, another kernel, another dtype)."""
@@ -987,7 +986,9 @@ def _native_layers(arch: _Arch, dtype: torch.dtype) -> list[_NativeLayer] | None
         act = layer.act
         silu = type(act).__name__ in ("SiLU", "SiLUActivation") or getattr(act, "__name__", "") == "silu"
         if any(spec is None for spec in specs) or not norms_ok or not silu:
-            logger.info("layer %d runs in ATen ops (the fused native layer needs native/fp32 linears, RMSNorm, SiLU)", i)
+            logger.info(
+                "layer %d runs in ATen ops (the fused native layer needs native/fp32 linears, RMSNorm, SiLU)", i
+            )
             return None
         weights = [t for spec in specs if spec is not None for t in spec[1]]
         norm1: Any = layer.norm1
@@ -1161,7 +1162,8 @@ class StaticDecoder:
         if native_layers is not None and arch.sliding_window is not None and end > arch.sliding_window:
             native_layers = None  # the fused kernel attends over every cached position
         if native_layers is not None:
-            assert self.k_cache is not None and self.v_cache is not None
+            assert self.k_cache is not None
+            assert self.v_cache is not None
             cos, sin = (c.reshape(t, -1).float().contiguous() for c in rope) if rope is not None else (None, None)
             rows = h.reshape(t, -1).float().contiguous()
             for i, nl in enumerate(native_layers):
