@@ -39,8 +39,9 @@ import torch
 from ryzen_opt import zoo
 from ryzen_opt.accuracy import MemoLogits
 from ryzen_opt.bench import accuracy, compare, generate_workload, greedy_agreement
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of, kernel_report
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
 from ryzen_opt.reports import run_sections
+from ryzen_opt.runtime import decoder_of
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 64
 

@@ -39,7 +39,7 @@ from transformers import DynamicCache
 from ryzen_opt import zoo
 from ryzen_opt.bench import accuracy
 from ryzen_opt.compat import cache_kwargs
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.kv_cache import (
     CachedForward,
     KVCacheConfig,
@@ -50,6 +50,7 @@ from ryzen_opt.kv_cache import (
     passkey_prompt,
 )
 from ryzen_opt.reports import run_sections
+from ryzen_opt.runtime import decoder_of
 
 CONFIGS = {
     "int8": KVCacheConfig(bits=8),

@@ -426,7 +426,8 @@ class RyzenRunner:
     def __init__(self, model_dir: Path, precision: str, threads: int) -> None:
         from transformers import AutoModelForCausalLM
 
-        from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of
+        from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+        from ryzen_opt.runtime import decoder_of
 
         self.precision = precision
         self.threads = threads

@@ -34,24 +34,21 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import time
-import types
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ryzen_opt import native
-from ryzen_opt.compat import cache_kwargs, pop_cache_kwarg
+from ryzen_opt import native, runtime
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.device import cpu_info
-from ryzen_opt.errors import ConfigError, RyzenOptError
+from ryzen_opt.errors import ConfigError
 from ryzen_opt.quant import (
     dequantize_int4,
     gptq_int4,
@@ -62,7 +59,17 @@ from ryzen_opt.quant import (
     unpack_int4_runs,
     unpack_nibbles,
 )
-from ryzen_opt.sampling import warped_probs
+from ryzen_opt.runtime import (  # noqa: F401  (this module's API too)
+    SUPPORTED_MODEL_TYPES,
+    Concat,
+    NativeSpec,
+    StaticDecoder,
+    UnsupportedModelError,
+    attach_decoder,
+    bind_generate,
+    is_conv1d,
+    linear_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +78,6 @@ INT4_METHODS = ("rtn", "gptq")
 INT8_KERNELS = ("auto", "native", "native-a8", "fbgemm", "int8pack", "dequant")
 ATTENTION_MODES = ("sdpa", "eager", "keep")
 DECODE_MODES = ("static", "hf")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 # Which int8 kernel "auto" picks, by device type, and why (accuracy on SmolLM2-135M, prose held out from tuning;
 # speed from ``python benchmarks/bench_gemv.py --model smollm2`` and ``bench_kernels.py``):
@@ -89,10 +95,6 @@ KERNEL_TABLE: dict[str, str] = {"cpu": "native", "cuda": "dequant", "mps": "int8
 # the tinygemm kernel (_weight_int4pack_mm) when its probe matches the dequantized reference, else dequantize on
 # the fly.
 _INT4_N_MULTIPLE = 16
-
-
-class UnsupportedModelError(RyzenOptError, TypeError):
-    """The model's architecture is not one the KernelOptimizer knows how to run."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,9 @@ class KernelConfig(ConfigMixin):
 # ------------------------------------------------------------------------------------------- linear modules
 
 
+_EMPTY = torch.empty(0)
+
+
 class _KernelLinear(nn.Module):
     """Base of the replacement linears: 2-D or N-D input, ``y = x W^T + b`` in the input's dtype."""
 
@@ -185,6 +190,10 @@ class _KernelLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes streamed per full read of the weights, scales and bias included."""
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def native_spec(self) -> NativeSpec | None:
+        """How the fused native layer reads this linear (:class:`ryzen_opt.runtime.NativeLinear`), or ``None``."""
+        return None
 
     def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -215,6 +224,11 @@ class DenseLinear(_KernelLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_t.t().float()
+
+    def native_spec(self) -> NativeSpec | None:
+        if self.bias is not None or self.weight_t.dtype != torch.float32 or not self.weight_t.is_cpu:
+            return None
+        return NativeSpec(0, (self.weight_t, _EMPTY, _EMPTY))
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         xin = x2d.to(self.weight_t.dtype)
@@ -320,6 +334,11 @@ class Int8Linear(_KernelLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 
+    def native_spec(self) -> NativeSpec | None:
+        if self.bias is not None or self.kernel not in ("native", "native-a8"):
+            return None
+        return NativeSpec(1 if self.kernel == "native" else 3, (self.qweight, self.scale, _EMPTY))
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.kernel == "fbgemm":
             if torch.compiler.is_compiling():  # the compiler sees an opaque op; compile() checked the handles
@@ -411,6 +430,11 @@ class Int4Linear(_KernelLinear):
         q = unpack_int4_runs(self.qweight) if self.native else unpack_nibbles(self.qweight)
         return dequantize_int4(q, self.scale, self.minimum, self.group_size)
 
+    def native_spec(self) -> NativeSpec | None:
+        if self.bias is not None or self.kernel != "native-int4":
+            return None
+        return NativeSpec(2, (self.qweight, self.scale, self.minimum), self.group_size)
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native-int4":
             y = torch.ops.ryzen_native.w4_linear(x2d.float(), self.qweight, self.scale, self.minimum, self.group_size)
@@ -467,75 +491,6 @@ class _SharedFused(nn.Module):
         out = self.linear(x)
         self._key, self._out = (weakref.ref(x), version), out
         return out
-
-
-# ------------------------------------------------------------------------------------------ model structure
-
-
-@dataclass
-class _Layer:
-    """One decoder layer, as the lean loop sees it (modules shared with the HF tree, never copied)."""
-
-    norm1: nn.Module
-    norm2: nn.Module
-    qkv: nn.Module  # fused [q | k | v] projection, or a callable returning the concatenation
-    o: nn.Module
-    mlp_in: nn.Module  # llama: fused [gate | up]; gpt2: c_fc
-    down: nn.Module
-    act: Callable[[torch.Tensor], torch.Tensor]
-    scale: float
-
-
-@dataclass
-class _Arch:
-    kind: str  # "llama" (llama, mistral, qwen2) or "gpt2"
-    layers: list[_Layer]
-    embed: nn.Module
-    pos_embed: nn.Module | None
-    final_norm: nn.Module
-    lm_head: nn.Module
-    rotary: nn.Module | None
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    norm_eps: float
-    max_positions: int
-    sliding_window: int | None
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _linear_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [out, in], bias)`` of an ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is ``[in, out]``)."""
-    if _is_conv1d(module):
-        return module.weight.detach().t(), module.bias
-    if isinstance(module, nn.Linear):
-        return module.weight.detach(), module.bias
-    raise UnsupportedModelError(f"expected nn.Linear or Conv1D, found {type(module).__name__}")
-
-
-def _model_type(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"KernelOptimizer supports {', '.join(SUPPORTED_MODEL_TYPES)} causal LMs; this model is "
-            f"{type(model).__name__} (model_type={model_type!r}). Use another optimizer, or open an issue with "
-            "the architecture."
-        )
-    if not hasattr(model, "lm_head"):
-        raise UnsupportedModelError(f"{type(model).__name__} has no lm_head: pass the *ForCausalLM model")
-    return str(model_type)
-
-
-def _sliding_window(config: Any) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    uses = getattr(config, "use_sliding_window", True) and (not layer_types or "sliding_attention" in layer_types)
-    return int(window) if window and uses else None
 
 
 def _input_hessians(model: nn.Module, calibration: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -689,11 +644,11 @@ class KernelOptimizer:
     def _replace(self, parent: nn.Module, names: list[str], report: KernelReport, label: str, fuse: bool) -> nn.Module:
         """Replace ``parent.<names>`` by kernel linears; return the module computing their concatenation."""
         originals = [getattr(parent, n) for n in names]
-        if names == ["lm_head"] and not (isinstance(originals[0], nn.Linear) or _is_conv1d(originals[0])):
+        if names == ["lm_head"] and not (isinstance(originals[0], nn.Linear) or is_conv1d(originals[0])):
             # Already compressed (the EmbeddingCompressor runs first): it brings its own fast matmul; keep it.
             report.fallbacks.append(f"lm_head: kept as {type(originals[0]).__name__} (compressed before)")
             return originals[0]
-        params = [_linear_params(m) for m in originals]
+        params = [linear_params(m) for m in originals]
         # Fused projections read the same input: one Hessian serves them all.
         hessian = self._hessians.get(id(originals[0]))
         if fuse and len(names) > 1:
@@ -718,83 +673,7 @@ class KernelOptimizer:
             modules.append(module)
         if len(modules) == 1:
             return modules[0]
-        return _Concat(modules)
-
-    def _build_arch(self, model: Any, model_type: str, report: KernelReport) -> _Arch:
-        config = model.config
-        fuse = self.config.fuse
-        layers: list[_Layer] = []
-        if model_type == "gpt2":
-            if getattr(config, "add_cross_attention", False):
-                raise UnsupportedModelError("GPT-2 with cross-attention is not a decoder-only LM")
-            body = model.transformer
-            heads = config.n_head
-            head_dim = config.n_embd // heads
-            for i, block in enumerate(body.h):
-                scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
-                if config.scale_attn_by_inverse_layer_idx:
-                    scale /= float(i + 1)
-                qkv = self._replace(block.attn, ["c_attn"], report, f"h.{i}.attn.c_attn", fuse=False)
-                o = self._replace(block.attn, ["c_proj"], report, f"h.{i}.attn.c_proj", fuse=False)
-                fc = self._replace(block.mlp, ["c_fc"], report, f"h.{i}.mlp.c_fc", fuse=False)
-                down = self._replace(block.mlp, ["c_proj"], report, f"h.{i}.mlp.c_proj", fuse=False)
-                layers.append(_Layer(block.ln_1, block.ln_2, qkv, o, fc, down, block.mlp.act, scale))
-            lm_head = self._replace(model, ["lm_head"], report, "lm_head", fuse=False)
-            return _Arch(
-                "gpt2",
-                layers,
-                body.wte,
-                body.wpe,
-                body.ln_f,
-                lm_head,
-                None,
-                heads,
-                heads,
-                head_dim,
-                config.n_inner or 4 * config.n_embd,
-                config.layer_norm_epsilon,
-                config.n_positions,
-                None,
-            )
-        body = model.model
-        for i, block in enumerate(body.layers):
-            attn, mlp = block.self_attn, block.mlp
-            if hasattr(attn, "q_norm"):
-                raise UnsupportedModelError(f"{type(model).__name__}: q/k norms (Qwen3-style) are not supported")
-            qkv = self._replace(attn, ["q_proj", "k_proj", "v_proj"], report, f"layers.{i}.qkv", fuse)
-            o = self._replace(attn, ["o_proj"], report, f"layers.{i}.o_proj", fuse=False)
-            gate_up = self._replace(mlp, ["gate_proj", "up_proj"], report, f"layers.{i}.gate_up", fuse)
-            down = self._replace(mlp, ["down_proj"], report, f"layers.{i}.down_proj", fuse=False)
-            layers.append(
-                _Layer(
-                    block.input_layernorm,
-                    block.post_attention_layernorm,
-                    qkv,
-                    o,
-                    gate_up,
-                    down,
-                    mlp.act_fn,
-                    float(attn.scaling),
-                )
-            )
-        lm_head = self._replace(model, ["lm_head"], report, "lm_head", fuse=False)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        return _Arch(
-            "llama",
-            layers,
-            body.embed_tokens,
-            None,
-            body.norm,
-            lm_head,
-            body.rotary_emb,
-            config.num_attention_heads,
-            config.num_key_value_heads or config.num_attention_heads,
-            head_dim,
-            config.intermediate_size,
-            config.rms_norm_eps,
-            config.max_position_embeddings,
-            _sliding_window(config),
-        )
+        return Concat(modules)
 
     # -- the verb
 
@@ -812,7 +691,7 @@ class KernelOptimizer:
         """
         if getattr(model, "_ryzen_kernels", None) is not None:
             raise ConfigError("this model was already optimized by a KernelOptimizer; apply to a fresh copy")
-        model_type = _model_type(model)
+        model_type = runtime.model_type(model, "KernelOptimizer")
         gptq = self.config.weights == "int4" and self.config.int4_method == "gptq"
         if gptq and calibration is None:
             raise ConfigError(
@@ -830,21 +709,35 @@ class KernelOptimizer:
         device = next(model.parameters()).device
         report = KernelReport(model_type=model_type, config=self.config.to_dict(), device=str(device))
         report.weight_bytes_before = _decode_bytes(model)
-        arch = self._build_arch(model, model_type, report)
+        arch = runtime.build_arch(
+            model,
+            lambda parent, names, label, fusable: self._replace(
+                parent, names, report, label, fusable and self.config.fuse
+            ),
+        )
         report.attention = self._set_attention(model)
         report.bytes_per_token = sum(
             _module_bytes(m) for layer in arch.layers for m in (layer.qkv, layer.o, layer.mlp_in, layer.down)
         ) + _module_bytes(arch.lm_head)
         report.weight_bytes_after = report.bytes_per_token
-        decoder = StaticDecoder(model, arch, self.config)
+        decoder = StaticDecoder(
+            model,
+            arch,
+            max_cache_len=self.config.max_cache_len,
+            native_layers=self.config.native_layers,
+            compile_mode=self.config.compile_mode,
+        )
         report.decode = "static (lean loop)" if self.config.decode == "static" else "hf generate"
         if self.config.decode == "static":
-            _bind_generate(model, decoder)
+            bind_generate(model, decoder)
         model._ryzen_kernels = report
-        model._ryzen_decoder = decoder
+        attach_decoder(model, decoder)
         report.apply_seconds = time.perf_counter() - started
         self._hessians = {}
         if self.config.compile:
+            for _, module in iter_kernel_modules(model):
+                if isinstance(module, Int8Linear) and module.kernel == "fbgemm":
+                    module.register_packed()  # the compiled step reads packed weights through their handles
             report.compile_seconds = decoder.compile()
         if report.fallbacks:
             expected = all("compressed before" in f for f in report.fallbacks)
@@ -881,21 +774,10 @@ class KernelOptimizer:
         return wanted
 
 
-class _Concat(nn.Module):
-    """Unfused q/k/v (``fuse=False``): three calls, one concatenated result, for the lean loop's split."""
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(modules)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(x) for m in self.parts], dim=-1)
-
-
 def _module_bytes(module: nn.Module) -> int:
     if isinstance(module, _KernelLinear):
         return module.weight_bytes()
-    if isinstance(module, _Concat):
+    if isinstance(module, Concat):
         return sum(_module_bytes(m) for m in module.parts)
     return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers()
@@ -906,525 +788,16 @@ def _decode_bytes(model: nn.Module) -> int:
     """Bytes of the linears one decode step reads (decoder projections and LM head), before optimization."""
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or _is_conv1d(module):
+        if isinstance(module, nn.Linear) or is_conv1d(module):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
             del name
     return total
-
-
-# ------------------------------------------------------------------------------------------ static decoder
-
-
-@runtime_checkable
-class AttendingCache(Protocol):
-    """A ``transformers`` cache that computes attention on its own stored form (the KVCacheOptimizer's quantized
-    cache): the lean loop hands it the layer's query and new key/value and gets the attention output back, so the
-    stored keys and values are never materialized in fp32 as a whole."""
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor: ...
-
-    def get_seq_length(self) -> int: ...
-
-
-def attends_on_storage(cache: Any) -> bool:
-    """Whether ``cache`` is an :class:`AttendingCache` (the one test every caller uses)."""
-    return cache is not None and callable(getattr(cache, "attend", None))
-
-
-def decoder_of(model: nn.Module) -> StaticDecoder | None:
-    """The lean decoder a KernelOptimizer attached to ``model`` (``decode="static"``), or ``None``."""
-    return getattr(model, "_ryzen_decoder", None)
 
 
 def kernel_report_or_none(model: nn.Module) -> KernelReport | None:
     """:func:`kernel_report` for a model that may not be optimized."""
     report = getattr(model, "_ryzen_kernels", None)
     return None if report is None else replace(report)
-
-
-def _native_linear(module: nn.Module) -> tuple[int, list[torch.Tensor], int] | None:
-    """How :func:`ryzen_native::decode_layer` reads ``module``: (kind, three tensors, group), or ``None`` when the
-    layer must run in ATen ops (a bias, another kernel, another dtype)."""
-    empty = torch.empty(0)
-    if getattr(module, "bias", None) is not None:
-        return None
-    if isinstance(module, Int8Linear) and module.kernel in ("native", "native-a8"):
-        return (1 if module.kernel == "native" else 3), [module.qweight, module.scale, empty], 0
-    if isinstance(module, Int4Linear) and module.kernel == "native-int4":
-        return 2, [module.qweight, module.scale, module.minimum], module.group_size
-    if isinstance(module, DenseLinear) and module.weight_t.dtype == torch.float32 and module.weight_t.is_cpu:
-        return 0, [module.weight_t, empty, empty], 0
-    return None
-
-
-@dataclass(frozen=True)
-class _NativeLayer:
-    """The arguments of one ``ryzen_native::decode_layer`` call that do not change from token to token."""
-
-    weights: list[torch.Tensor]
-    kinds: list[int]
-    groups: list[int]
-    norm1: torch.Tensor
-    norm2: torch.Tensor
-    eps1: float
-    eps2: float
-    scale: float
-
-
-def _native_layers(arch: _Arch, dtype: torch.dtype) -> list[_NativeLayer] | None:
-    """The native layer plan of ``arch``, or ``None`` (logged) when some layer is not what the fused kernel runs:
-    a Llama-family fp32 layer with RMSNorms, SiLU gating and bias-free native or fp32 linears."""
-    if arch.kind != "llama" or dtype != torch.float32 or native.ops() is None:
-        return None
-    plan = []
-    for i, layer in enumerate(arch.layers):
-        specs = [_native_linear(m) for m in (layer.qkv, layer.o, layer.mlp_in, layer.down)]
-        norms_ok = all(
-            type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") and n.weight.is_cpu
-            for n in (layer.norm1, layer.norm2)
-        )
-        act = layer.act
-        silu = type(act).__name__ in ("SiLU", "SiLUActivation") or getattr(act, "__name__", "") == "silu"
-        if any(spec is None for spec in specs) or not norms_ok or not silu:
-            logger.info(
-                "layer %d runs in ATen ops (the fused native layer needs native/fp32 linears, RMSNorm, SiLU)", i
-            )
-            return None
-        weights = [t for spec in specs if spec is not None for t in spec[1]]
-        norm1: Any = layer.norm1
-        norm2: Any = layer.norm2
-        plan.append(
-            _NativeLayer(
-                weights,
-                [spec[0] for spec in specs if spec is not None],
-                [spec[2] for spec in specs if spec is not None],
-                norm1.weight.detach().float().contiguous(),
-                norm2.weight.detach().float().contiguous(),
-                float(norm1.variance_epsilon),
-                float(norm2.variance_epsilon),
-                layer.scale,
-            )
-        )
-    return plan
-
-
-class StaticDecoder:
-    """A lean forward over a preallocated KV cache, reading the optimized modules of one model.
-
-    Batch 1. ``forward(ids)`` appends ``T`` positions (a prefill from an empty cache fills ``[0, T)``); ``step(token)``
-    appends one. The cache is one ``[1, kv_heads, max_len, head_dim]`` tensor per layer, in the activation dtype.
-    ``crop(n)`` rolls back by position (no copy), which is what speculative decoding needs.
-
-    Eager attention is SDPA: ``is_causal`` for a prefill from an empty cache, an explicit mask when appending several
-    tokens, and a slice of the filled prefix at decode (each step attends over ``pos + 1`` keys, not ``max_len``).
-    The compiled step attends over the whole cache with a mask instead, so that its shapes never change and it
-    compiles once.
-    """
-
-    def __init__(self, model: nn.Module, arch: _Arch, config: KernelConfig) -> None:
-        self.model = model
-        self.arch = arch
-        self.config = config
-        embed: Any = arch.embed
-        # An embedding compressed by the EmbeddingCompressor has no .weight; it states its output dtype.
-        self.dtype: torch.dtype = embed.weight.dtype if hasattr(embed, "weight") else embed.dtype
-        self.device: torch.device = next(model.parameters()).device
-        self.max_len = 0
-        self.pos = 0
-        self.k_cache: list[torch.Tensor] | None = None
-        self.v_cache: list[torch.Tensor] | None = None
-        self._compiled: Callable[..., torch.Tensor] | None = None
-        self.external: Any = None
-        self._native: list[_NativeLayer] | None = None
-        self._native_checked = False
-
-    @property
-    def is_compiled(self) -> bool:
-        """Whether the decode step runs compiled (``KernelConfig(compile=True)``, after :meth:`compile`)."""
-        return self._compiled is not None
-
-    # -- cache
-
-    def attach_cache(self, cache: Any) -> None:
-        """Use ``cache`` (a ``transformers`` ``Cache`` with ``attend(layer, q, k, v, scale)``, such as the
-        KVCacheOptimizer's quantized cache) instead of the static one: attention then runs on its stored form.
-        ``None`` goes back to the static cache."""
-        if cache is not None and not attends_on_storage(cache):
-            raise ConfigError(
-                f"{type(cache).__name__} has no attend(layer, q, k, v, scale): the lean loop needs a cache that "
-                "computes attention on its own storage (KVCacheOptimizer(KVCacheConfig(strategy='quantized')))"
-            )
-        if cache is not None and self._compiled is not None:
-            raise ConfigError("an attached cache runs eagerly: build the KernelOptimizer with compile=False")
-        self.external = cache
-        self.pos = 0 if cache is None else cache.get_seq_length()
-
-    def limit(self) -> int:
-        cap = self.config.max_cache_len or self.arch.max_positions
-        return min(cap, self.arch.max_positions)
-
-    def allocate(self, max_len: int) -> None:
-        """Preallocate (or reuse) a cache for ``max_len`` positions and reset it to empty."""
-        if self.external is not None:
-            if max_len > self.limit():
-                raise ConfigError(f"prompt + new tokens = {max_len} exceed the model's {self.limit()} positions")
-            self.external.reset()
-            self.pos = 0  # max_len stays the static cache's: it is still there for when the cache is detached
-            return
-        if max_len > self.limit():
-            raise ConfigError(
-                f"prompt + new tokens = {max_len} exceeds the static cache limit {self.limit()} "
-                "(KernelConfig.max_cache_len / the model's max_position_embeddings)"
-            )
-        if self.k_cache is None or self.max_len < max_len:
-            # Round up to 256 so that a session of similar requests reuses one allocation (and one compile).
-            size = min(self.limit(), 256 * math.ceil(max_len / 256))
-            # One tensor per layer, not one 5-D tensor: a compiled step that writes into a view of a shared base
-            # gets the whole base copied back by functionalization at every step.
-            shape = (1, self.arch.kv_heads, size, self.arch.head_dim)
-            self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.arch.layers]
-            self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.arch.layers]
-            self.max_len = size
-        self.pos = 0
-
-    def crop(self, length: int) -> None:
-        """Forget every position from ``length`` on (by position: the stale entries are overwritten later)."""
-        if not 0 <= length <= self.pos:
-            raise ValueError(f"crop({length}): the cache holds {self.pos} positions")
-        if self.external is not None:
-            self.external.crop(length - self.pos)
-        self.pos = length
-
-    def native_layers(self) -> list[_NativeLayer] | None:
-        """The fused native layer plan (one ``ryzen_native::decode_layer`` call per layer for up to
-        ``native.SMALL_M`` new tokens), or ``None`` when this model's layers run in ATen ops. Built on first use."""
-        if not self._native_checked:
-            self._native_checked = True
-            if self.device.type == "cpu" and self.config.native_layers:
-                self._native = _native_layers(self.arch, self.dtype)
-        return self._native
-
-    # -- forward
-
-    def _embed(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        h = self.arch.embed(ids)
-        if self.arch.pos_embed is not None:
-            positions = torch.arange(pos, pos + ids.shape[1], device=ids.device)
-            h = h + self.arch.pos_embed(positions)[None]
-        return h
-
-    def _rope(self, h: torch.Tensor, pos: int, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.arch.rotary is None:
-            return None
-        position_ids = torch.arange(pos, pos + t, device=h.device)[None]
-        cos, sin = self.arch.rotary(h, position_ids)
-        return cos[:, None], sin[:, None]
-
-    @staticmethod
-    def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """HF's Llama/Mistral/Qwen2 RMSNorm as one fused ``F.rms_norm`` (its six small ops cost ~4 us more a call,
-        five to thirteen calls a token); other norms (GPT-2's LayerNorm is already one op) run as they are."""
-        eps = getattr(module, "variance_epsilon", None)
-        if eps is not None and type(module).__name__.endswith("RMSNorm") and x.dtype == torch.float32:
-            weight: Any = module.weight
-            return F.rms_norm(x, (x.shape[-1],), weight, eps)
-        return module(x)
-
-    @staticmethod
-    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def forward(self, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
-        """Append ``ids`` ``[1, T]`` at the current position; logits of the last position ``[1, V]``, or of all
-        positions ``[1, T, V]`` with ``all_logits``."""
-        if self.k_cache is None and self.external is None:
-            raise RuntimeError("StaticDecoder.forward before allocate()")
-        pos, t = self.pos, ids.shape[1]
-        if self.external is None and pos + t > self.max_len:
-            raise ConfigError(f"the static cache holds {self.max_len} positions; {pos} used, {t} more asked")
-        arch = self.arch
-        h = self._embed(ids, pos)
-        rope = self._rope(h, pos, t)
-        heads, kv_heads, hd = arch.heads, arch.kv_heads, arch.head_dim
-        q_size, kv_size = heads * hd, kv_heads * hd
-        end = pos + t
-        mask: torch.Tensor | None = None
-        causal = False
-        if t > 1:
-            if pos == 0:
-                causal = True
-            else:
-                mask = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(diagonal=pos)
-        eligible = t <= native.SMALL_M and self.external is None and not torch.is_grad_enabled()
-        native_layers = self.native_layers() if eligible else None
-        if native_layers is not None and arch.sliding_window is not None and end > arch.sliding_window:
-            native_layers = None  # the fused kernel attends over every cached position
-        if native_layers is not None:
-            assert self.k_cache is not None
-            assert self.v_cache is not None
-            cos, sin = (c.reshape(t, -1).float().contiguous() for c in rope) if rope is not None else (None, None)
-            rows = h.reshape(t, -1).float().contiguous()
-            for i, nl in enumerate(native_layers):
-                rows = torch.ops.ryzen_native.decode_layer(
-                    rows, nl.weights, nl.kinds, nl.groups, nl.norm1, nl.norm2, nl.eps1, nl.eps2,
-                    self.k_cache[i], self.v_cache[i], pos, cos, sin, heads, kv_heads, nl.scale,
-                )  # fmt: skip
-            h = rows.view(1, t, -1)
-        for i, layer in enumerate(arch.layers if native_layers is None else ()):
-            x = layer.norm1(h)
-            qkv = layer.qkv(x)
-            # q and k side by side as heads + kv_heads heads: RoPE runs once on both (half the small ops).
-            qk = qkv[..., : q_size + kv_size].view(1, t, heads + kv_heads, hd).transpose(1, 2)
-            if rope is not None:
-                qk = self._apply_rope(qk, *rope)
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[..., q_size + kv_size :].view(1, t, kv_heads, hd).transpose(1, 2)
-            if self.external is not None:
-                attn = self.external.attend(i, q, k, v, layer.scale)
-            else:
-                assert self.k_cache is not None
-                assert self.v_cache is not None
-                self.k_cache[i][:, :, pos:end] = k
-                self.v_cache[i][:, :, pos:end] = v
-                keys = self.k_cache[i][:, :, :end]
-                values = self.v_cache[i][:, :, :end]
-                attn = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, is_causal=causal, scale=layer.scale, enable_gqa=heads != kv_heads
-                )
-            h = h + layer.o(attn.transpose(1, 2).reshape(1, t, q_size))
-            x = self._norm(layer.norm2, h)
-            if arch.kind == "llama":
-                gate_up = layer.mlp_in(x)
-                gate, up = gate_up.split(arch.intermediate, dim=-1)
-                h = h + layer.down(layer.act(gate) * up)
-            else:
-                h = h + layer.down(layer.act(layer.mlp_in(x)))
-        self.pos = end
-        h = self._norm(arch.final_norm, h if all_logits else h[:, -1:])
-        logits = arch.lm_head(h)
-        return logits if all_logits else logits[:, -1]
-
-    # -- compiled step (static shapes: attends over the whole cache with a mask)
-
-    def _step_static(self, ids: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
-        arch = self.arch
-        assert self.k_cache is not None
-        assert self.v_cache is not None
-        heads, kv_heads, hd = arch.heads, arch.kv_heads, arch.head_dim
-        q_size, kv_size = heads * hd, kv_heads * hd
-        h = arch.embed(ids)
-        if arch.pos_embed is not None:
-            h = h + arch.pos_embed(pos_t)[None]
-        rope = None
-        if arch.rotary is not None:
-            cos, sin = arch.rotary(h, pos_t[None])
-            rope = (cos[:, None], sin[:, None])
-        mask = (torch.arange(self.max_len, device=ids.device) <= pos_t)[None, None, None]
-        for i, layer in enumerate(arch.layers):
-            x = layer.norm1(h)
-            qkv = layer.qkv(x)
-            q = qkv[..., :q_size].view(1, 1, heads, hd).transpose(1, 2)
-            k = qkv[..., q_size : q_size + kv_size].view(1, 1, kv_heads, hd).transpose(1, 2)
-            v = qkv[..., q_size + kv_size :].view(1, 1, kv_heads, hd).transpose(1, 2)
-            if rope is not None:
-                q = self._apply_rope(q, *rope)
-                k = self._apply_rope(k, *rope)
-            self.k_cache[i].index_copy_(2, pos_t, k)
-            self.v_cache[i].index_copy_(2, pos_t, v)
-            # Written out rather than SDPA: inductor fuses these into a few loops over the cache, while SDPA with a
-            # mask over the whole cache took ~100 us a layer here (4x the eager loop's SDPA over the filled prefix).
-            group = heads // kv_heads
-            scores = torch.matmul(q.view(1, kv_heads, group, hd), self.k_cache[i].transpose(-1, -2)) * layer.scale
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            attn = torch.matmul(probs, self.v_cache[i]).view(1, heads, 1, hd)
-            h = h + layer.o(attn.transpose(1, 2).reshape(1, 1, q_size))
-            x = layer.norm2(h)
-            if arch.kind == "llama":
-                gate, up = layer.mlp_in(x).split(arch.intermediate, dim=-1)
-                h = h + layer.down(layer.act(gate) * up)
-            else:
-                h = h + layer.down(layer.act(layer.mlp_in(x)))
-        return arch.lm_head(arch.final_norm(h))[:, -1]
-
-    def compile(self) -> float:
-        """Compile the decode step and run it once on a scratch cache; returns the seconds it took."""
-        started = time.perf_counter()
-        for module in self.model.modules():
-            if isinstance(module, Int8Linear) and module.kernel == "fbgemm":
-                module.register_packed()
-        self._compiled = torch.compile(self._step_static, mode=self.config.compile_mode, dynamic=False)
-        self.allocate(min(self.limit(), 256))
-        token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            for p in range(2):  # the second call checks that no recompile is pending
-                self._compiled(token, torch.tensor([p], device=self.device))
-        _sync(self.device)
-        self.pos = 0
-        return time.perf_counter() - started
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Append one token ``[1, 1]``; the next-token logits ``[1, V]``."""
-        if self._compiled is None:
-            return self.forward(token)
-        if self.pos + 1 > self.max_len:
-            raise ConfigError(f"the static cache holds {self.max_len} positions; all are used")
-        logits = self._compiled(token, torch.tensor([self.pos], device=self.device))
-        self.pos += 1
-        return logits
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------------------------- generate
-
-
-_SERVED_KWARGS = {
-    "input_ids",
-    "attention_mask",
-    "max_new_tokens",
-    "max_length",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "eos_token_id",
-    "pad_token_id",
-    "generation_config",
-    "min_new_tokens",
-    "use_cache",
-}
-
-
-def _bind_generate(model: Any, decoder: StaticDecoder) -> None:
-    """Give ``model`` (the instance) a ``generate`` that runs the lean loop when it can, HF's otherwise."""
-    hf_generate = model.generate  # bound method of the class: the fallback
-
-    def generate(self: nn.Module, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        if inputs is not None:
-            kwargs["input_ids"] = inputs
-        _, cache = pop_cache_kwarg(kwargs)  # either spelling; None asks for nothing: the lean loop's own cache
-        own = attends_on_storage(cache) and cache.get_seq_length() == 0
-        if cache is not None and not own:
-            kwargs.update(cache_kwargs(cache))  # a cache the lean loop cannot use: HF's generate gets it
-        reason = _why_not_served(self, decoder, kwargs)
-        if reason is not None:
-            logger.debug("KernelOptimizer: HF generate (%s)", reason)
-            if own:
-                kwargs.update(cache_kwargs(cache))
-            return hf_generate(**kwargs)
-        if not own:
-            return _lean_generate(self, decoder, **kwargs)
-        # A cache that attends on its own storage (KVCacheOptimizer's quantized cache): the lean loop uses it.
-        decoder.attach_cache(cache)
-        try:
-            return _lean_generate(self, decoder, **kwargs)
-        finally:
-            decoder.attach_cache(None)
-
-    model.generate = types.MethodType(generate, model)
-    model._ryzen_hf_generate = hf_generate
-
-
-def _settings(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-
-    def pick(name: str, default: Any = None) -> Any:
-        if name in kwargs:  # an explicit argument wins, even None (HF: eos_token_id=None means no EOS)
-            return kwargs[name] if kwargs[name] is not None or name == "eos_token_id" else default
-        value = getattr(gen_config, name, None) if gen_config is not None else None
-        return default if value is None else value
-
-    return {
-        name: pick(name, default)
-        for name, default in (
-            ("max_new_tokens", None),
-            ("max_length", 20),
-            ("do_sample", False),
-            ("temperature", 1.0),
-            ("top_k", None),
-            ("top_p", None),
-            ("eos_token_id", None),
-            ("min_new_tokens", 0),
-        )
-    }
-
-
-def _why_not_served(model: nn.Module, decoder: StaticDecoder, kwargs: dict[str, Any]) -> str | None:
-    extra = sorted(set(kwargs) - _SERVED_KWARGS)
-    if extra:
-        return f"options {extra}"
-    ids = kwargs.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        return "no 2-D input_ids"
-    if ids.shape[0] != 1:
-        return f"batch {ids.shape[0]}"
-    mask = kwargs.get("attention_mask")
-    if mask is not None and not bool(mask.all()):
-        return "padding in attention_mask"
-    gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    if gen_config is not None:
-        for name, neutral in (("num_beams", 1), ("num_return_sequences", 1), ("repetition_penalty", 1.0)):
-            value = getattr(gen_config, name, neutral)
-            if value not in (None, neutral):
-                return f"{name}={value}"
-    total = ids.shape[1] + (_settings(model, kwargs)["max_new_tokens"] or 0)
-    if total > decoder.limit():
-        return f"{total} positions exceed the static cache limit {decoder.limit()}"
-    window = decoder.arch.sliding_window
-    if window is not None and total > window:
-        return f"{total} positions exceed the sliding window {window}"
-    return None
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """A multinomial draw from HF's warped distribution (:func:`ryzen_opt.sampling.warped_probs`)."""
-    return torch.multinomial(warped_probs(logits, temperature, top_k, top_p), 1)
-
-
-def _eos_set(eos: Any) -> set[int]:
-    if eos is None:
-        return set()
-    if isinstance(eos, torch.Tensor):
-        return {int(x) for x in eos.flatten().tolist()}
-    if isinstance(eos, int):
-        return {eos}
-    return {int(x) for x in eos}
-
-
-@torch.no_grad()
-def _lean_generate(model: nn.Module, decoder: StaticDecoder, **kwargs: Any) -> torch.Tensor:
-    settings = _settings(model, kwargs)
-    ids: torch.Tensor = kwargs["input_ids"].to(decoder.device)
-    prompt_len = ids.shape[1]
-    new = settings["max_new_tokens"]
-    if new is None:
-        new = max(0, settings["max_length"] - prompt_len)
-    if new == 0:
-        return ids
-    eos = _eos_set(settings["eos_token_id"])
-    min_new = int(settings["min_new_tokens"] or 0)
-    decoder.allocate(prompt_len + new)
-    out = torch.empty(1, prompt_len + new, dtype=ids.dtype, device=ids.device)
-    out[:, :prompt_len] = ids
-    logits = decoder.forward(ids)
-    produced = 0
-    for produced in range(1, new + 1):
-        if produced <= min_new and eos:
-            logits[:, list(eos)] = float("-inf")
-        if settings["do_sample"]:
-            token = _sample(logits, settings["temperature"], settings["top_k"], settings["top_p"])
-        else:
-            token = logits.argmax(dim=-1, keepdim=True)
-        out[:, prompt_len + produced - 1] = token[:, 0]
-        if produced == new or (eos and int(token) in eos):
-            break
-        logits = decoder.step(token)
-    return out[:, : prompt_len + produced]
 
 
 def iter_kernel_modules(model: nn.Module) -> Iterator[tuple[str, _KernelLinear]]:

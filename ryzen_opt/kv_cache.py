@@ -18,7 +18,7 @@ Two ways to attend, and what each costs in memory:
   :meth:`KVCacheOptimizer.memory_report` measures both.
 - :meth:`QuantizedKVCache.attend` computes attention on the stored form, ``attend_chunk`` tokens at a time with an
   online softmax (as flash-decoding does across splits), so a step never holds more than one chunk dequantized. This
-  is the path of ryzen-opt's own decode loop (``KernelOptimizer``'s ``StaticDecoder.attach_cache``).
+  is the path of ryzen-opt's own decode loop (:class:`ryzen_opt.runtime.StaticDecoder`, through ``attach_cache``).
 
 Sizes are accounted from the tensors actually stored (codes, scales, zeros, the residual window), never from a formula.
 """

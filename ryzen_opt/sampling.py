@@ -30,3 +30,37 @@ def warped_probs(logits: torch.Tensor, temperature: float, top_k: int | None, to
         sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
     return scores.softmax(-1)
+
+
+class Sampler:
+    """HF's warping (:func:`warped_probs`) and the random draws, from one generator (``None``: torch's global one).
+
+    The lean decode loop draws its tokens with it, and speculative decoding warps both models' logits and makes its
+    accept/reject draws with it, so that one seed reproduces a run.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.greedy = temperature == 0
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The warped distribution over the last dimension."""
+        return warped_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token from a distribution ``[V]`` or ``[1, V]``."""
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """One draw from U[0, 1)."""
+        return float(torch.rand((), generator=self.generator))
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        """Greedy (temperature 0) or one warped draw from ``logits`` ``[V]`` or ``[1, V]``."""
+        return int(logits.reshape(-1).argmax()) if self.greedy else self.draw(self.probs(logits))

@@ -37,8 +37,9 @@ from ryzen_opt.accuracy import NEAR_TIE_GAP
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.kernels import decoder_of, kernel_report_or_none
-from ryzen_opt.sampling import warped_probs
+from ryzen_opt.kernels import kernel_report_or_none
+from ryzen_opt.runtime import decoder_of
+from ryzen_opt.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -231,25 +232,8 @@ def _runner(model: Any, cache_factory: Callable[[], Any] | None) -> _LeanRunner 
 # ------------------------------------------------------------------------------------------------ drafters
 
 
-class _Sampling:
-    """The warping both models share (:func:`ryzen_opt.sampling.warped_probs`) and the draws, from one generator."""
-
-    def __init__(self, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None):
-        self.greedy = temperature == 0
-        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return warped_probs(logits, self.temperature, self.top_k, self.top_p)
-
-    def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator))
-
-
 class Drafter(Protocol):
-    def propose(self, sequence: list[int], k: int, sampling: _Sampling) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``k`` draft tokens after ``sequence``, and their draft distributions ``[n, V]`` (``None``: the
         proposal is deterministic, a point mass)."""
         ...
@@ -272,7 +256,7 @@ class ModelDrafter:
         self.runner.reset(max_len)
         self.tokens = []
 
-    def propose(self, sequence: list[int], k: int, sampling: _Sampling) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
         # Roll back to what the draft processed that is still part of the committed sequence (keeping at least the
         # last committed token to feed, whose logits start the draft).
         common = 0
@@ -321,7 +305,7 @@ class NGramDrafter:
     def start(self, prompt: list[int], max_len: int) -> None:
         pass
 
-    def propose(self, sequence: list[int], k: int, sampling: _Sampling) -> tuple[list[int], torch.Tensor | None]:
+    def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
         n_tokens = len(sequence)
         for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = sequence[-n:]
@@ -406,7 +390,7 @@ class SpeculativeDecoder:
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
-        sampling = _Sampling(temperature, top_k, top_p, generator)
+        sampling = Sampler(temperature, top_k, top_p, generator)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         device = _device(self.target)
         prompt = input_ids[0].tolist()
@@ -464,7 +448,7 @@ class SpeculativeDecoder:
         logits: torch.Tensor,
         drafts: list[int],
         dists: torch.Tensor | None,
-        sampling: _Sampling,
+        sampling: Sampler,
         stats: SpecStats,
     ) -> tuple[list[int], int]:
         """``(tokens to append, number of drafts accepted)`` from the target's ``logits`` ``[k + 1, V]``."""
@@ -501,7 +485,7 @@ def rejection_sample(
 ) -> tuple[list[int], int]:
     """The sampling rule alone (for tests and other decoders): ``target_probs`` ``[k + 1, V]`` (already warped),
     ``draft_probs`` ``[k, V]``, the ``k`` draft tokens drawn from them. Returns ``(tokens, accepted)``."""
-    sampling = _Sampling(1.0, None, None, generator)
+    sampling = Sampler(1.0, None, None, generator)
     sampling.probs = lambda logits: logits  # type: ignore[method-assign]  # inputs are probabilities already
     decoder = SpeculativeDecoder.__new__(SpeculativeDecoder)
     return decoder._verify(target_probs, draft_tokens, draft_probs, sampling, SpecStats())

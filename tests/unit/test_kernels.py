@@ -43,7 +43,6 @@ from ryzen_opt.kernels import (
     KernelConfig,
     KernelOptimizer,
     UnsupportedModelError,
-    decoder_of,
     dequantize_int4,
     iter_kernel_modules,
     kernel_report,
@@ -51,6 +50,7 @@ from ryzen_opt.kernels import (
     quantize_int8,
 )
 from ryzen_opt.quant import gptq_int4, pack_int4_runs, pack_nibbles, unpack_int4_runs, unpack_nibbles
+from ryzen_opt.runtime import decoder_of
 
 VOCAB = 512
 

@@ -160,7 +160,7 @@ def test_which_caches_attend_on_their_stored_form():
     """The seam between the KV cache and the lean loop is public and typed: ``AttendingCache``."""
     from transformers import DynamicCache
 
-    from ryzen_opt.kernels import AttendingCache, attends_on_storage
+    from ryzen_opt.runtime import AttendingCache, attends_on_storage
 
     model = _model()
     quantized = KVCacheOptimizer(KVCacheConfig(bits=8, group_size=8, residual_length=8)).make_cache(model)

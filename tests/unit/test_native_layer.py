@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt import native
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer, decoder_of
+from ryzen_opt.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.quant import pack_int4_runs, quantize_int4, quantize_int8
+from ryzen_opt.runtime import decoder_of
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (see the log)")
 
