@@ -75,6 +75,7 @@ INSTALL = {
     "hf": "pip install torch transformers",
     "llamacpp": 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python gguf sentencepiece',
     "ortgenai": "pip install onnxruntime-genai onnx-ir",
+    "ryzen": "pip install -e . (this repository)",
 }
 LLAMA_PRECISIONS = ("f32", "bf16", "q8_0", "q4_k_m")
 # SmolLM2's own GGUF (Q4_1, blocks of 32): every other artifact is made from its fp32 dequantization, so this one

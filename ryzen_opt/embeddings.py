@@ -141,7 +141,7 @@ class Int8Table(CompressedTable):
         q, scale = quantize_int8(weight)
         self.register_buffer("qweight", q.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device))
-        self.native = weight.device.type == "cpu" and native.ops() is not None
+        self.native = weight.device.type == "cpu" and native.preferred()
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (F.embedding(ids, self.qweight).to(dtype) * self.scale[ids, None].to(dtype)).to(dtype)

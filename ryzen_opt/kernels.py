@@ -386,7 +386,7 @@ class Int4Linear(_KernelLinear):
         else:
             q, scale, lo = (t.to(device) for t in gptq_int4(weight.cpu(), hessian.cpu(), group_size))
         self.native = device.type == "cpu" and self.in_features % 32 == 0 and group_size % 32 == 0
-        self.native = self.native and native.ops() is not None
+        self.native = self.native and native.preferred()
         # Nibbles, two per byte, are what counts as storage (and what dequantized_weight reads): in the native
         # kernel's layout when it runs them, else plain pairs.
         packed = pack_int4_runs(q) if self.native else pack_nibbles(q)
@@ -564,6 +564,9 @@ class KernelReport:
     bytes_per_token: int = 0  # weights read by one decode step (decoder + LM head, not the embedding lookup)
     apply_seconds: float = 0.0
     compile_seconds: float | None = None
+    # The native kernels' instruction-set path ("avx2", "scalar"), None where none of its kernels runs here.
+    native_isa: str | None = None
+    native_layers: bool = False  # whether decode runs one fused native call per layer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -592,8 +595,8 @@ class KernelOptimizer:
         kernel = self.config.int8_kernel
         if kernel == "auto":
             kernel = KERNEL_TABLE.get(device.type, "dequant")
-            if kernel == "native" and native.ops() is None:
-                kernel = "int8pack"  # no compiler here: ATen's weight-only kernel (logged by native.ops)
+            if kernel == "native" and not native.preferred():
+                kernel = "int8pack"  # no compiler, or only the plain-loop path: ATen's weight-only kernel (logged)
             elif kernel == "native" and self.config.weights == "int4":
                 # The int8 LM head of an int4 model: its int4 GEMVs round activations to int8 per block already,
                 # and the head is a fifth of SmolLM2's weights: the integer kernel for it too.
@@ -619,7 +622,7 @@ class KernelOptimizer:
         module: _KernelLinear
         if mode == "int4":
             n, k = weight.shape
-            native_ok = weight.device.type == "cpu" and k % 32 == 0 and native.ops() is not None
+            native_ok = weight.device.type == "cpu" and k % 32 == 0 and native.preferred()
             if k % self.config.group_size or (weight.device.type == "cpu" and n % _INT4_N_MULTIPLE and not native_ok):
                 report.fallbacks.append(
                     f"{name}: int4 needs in % {self.config.group_size} == 0 and out % {_INT4_N_MULTIPLE} == 0 "
@@ -728,6 +731,9 @@ class KernelOptimizer:
             compile_mode=self.config.compile_mode,
         )
         report.decode = "static (lean loop)" if self.config.decode == "static" else "hf generate"
+        if any(n.startswith("native") for n in report.kernels) or decoder.native_layers() is not None:
+            report.native_isa = native.isa()
+        report.native_layers = decoder.native_layers() is not None
         if self.config.decode == "static":
             bind_generate(model, decoder)
         model._ryzen_kernels = report
@@ -746,9 +752,10 @@ class KernelOptimizer:
                 shown += f"; and {len(report.fallbacks) - 3} more (KernelReport.fallbacks lists them all)"
             (logger.info if expected else logger.warning)("KernelOptimizer fallbacks: %s", shown)
         logger.info(
-            "KernelOptimizer: %s, kernels %s, %.1f MB/token -> %.1f MB/token, attention %s, decode %s",
+            "KernelOptimizer: %s, kernels %s (native path %s), %.1f MB/token -> %.1f MB/token, attention %s, decode %s",
             model_type,
             report.kernels,
+            report.native_isa,
             report.weight_bytes_before / 1e6,
             report.bytes_per_token / 1e6,
             report.attention,

@@ -22,11 +22,19 @@ each weight once per tile; every row is computed in the same order whatever the 
 not depend on the batch it is verified in. (Dequantizing the whole matrix to fp32 per call cost ~6 ms per layer for a
 32-token prefill.) Longer int8 inputs, and int4 inputs over ``SMALL_M`` rows, dequantize once and call ATen's GEMM.
 Both are parallel over output rows with torch's own thread pool
-(``torch.set_num_threads`` holds). AVX2 + FMA intrinsics where the compiler targets them, plain loops elsewhere.
+(``torch.set_num_threads`` holds).
+
+**Instruction sets, chosen at run time.** The source has two paths: AVX2 + FMA intrinsics, and plain loops. At first
+use :func:`select_isa` reads the CPU's flags and picks the best path it supports, and the extension is built for
+exactly that target (``-march=x86-64-v3`` for ``avx2``, ``-march=x86-64`` for ``scalar``, so that the compiler's own
+vectorizer cannot slip in instructions the path does not claim). ``RYZEN_OPT_NATIVE_ISA=avx2|scalar`` forces one
+(the tests force each); ``RYZEN_OPT_NATIVE=0`` turns the extension off and every caller uses ATen's kernels.
+:func:`isa` says which path runs, and the KernelOptimizer's report records it. There is no AVX-512 path yet: an
+AVX-512 CPU runs the AVX2 one (it could not be tested on the machines this was written on).
 
 The extension is built with ``torch.utils.cpp_extension`` (g++ and ninja) into torch's extension cache, named by a
-hash of the source and of the CPU's flags, under a file lock; a machine that cannot build it gets ``None`` from
-:func:`ops` and a logged reason, and callers fall back to ATen's kernels.
+hash of the source, the path and torch's version, under a file lock; a machine that cannot build it gets ``None``
+from :func:`ops` and a logged reason, and callers fall back to ATen's kernels.
 """
 
 from __future__ import annotations
@@ -35,10 +43,13 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import time
 from typing import Any
 
 import torch
+
+from ryzen_opt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -551,7 +563,17 @@ bool has_avx2() {
 #endif
 }
 
+// Which path this build compiled: the ISA the Python side asked for, as the compiler saw it.
+static std::string built_isa() {
+#ifdef RYZEN_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 TORCH_LIBRARY(ryzen_native, m) {
+  m.def("built_isa() -> str", &built_isa);
   m.def("w8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
   m.def("w4_dequantize(Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
@@ -584,24 +606,85 @@ def _cpu_flags() -> str:
     return ""
 
 
+# The paths this source implements, best first: (name, CPU flags it needs, compiler flags on x86-64).
+ISAS: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("avx2", frozenset({"avx2", "fma"}), ("-march=x86-64-v3", "-mtune=native")),
+    ("scalar", frozenset(), ("-march=x86-64", "-mtune=generic")),
+)
+ISA_NAMES = tuple(name for name, _, _ in ISAS)
+
+
+def select_isa(flags: set[str], forced: str | None = None) -> str:
+    """The path to build for a CPU with ``flags`` (``/proc/cpuinfo``'s words): ``forced`` when the CPU supports it,
+    else the best one it supports.
+
+    Raises:
+        ConfigError: ``forced`` is not a path this source has, or needs flags the CPU lacks (it would crash with an
+            illegal instruction).
+    """
+    if forced in (None, "", "auto"):
+        return next(name for name, needs, _ in ISAS if needs <= flags)
+    table = {name: needs for name, needs, _ in ISAS}
+    if forced not in table:
+        raise ConfigError(
+            f"RYZEN_OPT_NATIVE_ISA={forced!r}: the native kernels have the paths {', '.join(ISA_NAMES)} (or 'auto')"
+            + ("; AVX-512 CPUs run the avx2 one" if str(forced).startswith("avx512") else "")
+        )
+    missing = table[forced] - flags
+    if missing:
+        raise ConfigError(
+            f"RYZEN_OPT_NATIVE_ISA={forced!r} needs CPU flags {sorted(missing)} this CPU lacks; "
+            f"unset it, or choose one of {[n for n, needs, _ in ISAS if needs <= flags]}"
+        )
+    return str(forced)
+
+
+def _compile_flags(isa: str) -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []  # the intrinsics are x86's: elsewhere only the plain loops exist, built for the host's defaults
+    return list(next(flags for name, _, flags in ISAS if name == isa))
+
+
 def _source() -> str:
     return _SOURCE.replace("SMALL_M_VALUE", str(SMALL_M))
 
 
-@functools.cache
+def isa() -> str | None:
+    """The instruction-set path the native kernels run (``"avx2"``, ``"scalar"``), or ``None`` when ATen's kernels
+    run instead (no extension: see :func:`ops`)."""
+    return _loaded()[1]
+
+
+def preferred() -> bool:
+    """Whether callers should choose the native kernels over ATen's by default: a vectorized path is built, or the
+    user forced a path (``RYZEN_OPT_NATIVE_ISA``). The plain-loop path alone runs SmolLM2's int8 and int4 decode about
+    2x slower than ATen's kernels (2 threads): it serves correctness tests and explicit requests, not the default."""
+    if ops() is None:
+        return False
+    return isa() != "scalar" or os.environ.get("RYZEN_OPT_NATIVE_ISA", "auto") not in ("", "auto")
+
+
 def ops() -> Any | None:
     """``torch.ops.ryzen_native`` once the extension is built and loaded; ``None`` (and a logged reason) if this
     machine cannot build it (no compiler, no ninja, ``RYZEN_OPT_NATIVE=0``)."""
+    return _loaded()[0]
+
+
+@functools.cache
+def _loaded() -> tuple[Any | None, str | None]:
     if os.environ.get("RYZEN_OPT_NATIVE", "1") == "0":
         logger.info("native kernels disabled (RYZEN_OPT_NATIVE=0)")
-        return None
+        return None, None
+    # A path the CPU cannot run is the user's error, raised: falling back silently would hide it.
+    chosen = select_isa(set(_cpu_flags().split()), os.environ.get("RYZEN_OPT_NATIVE_ISA"))
     from torch.utils import cpp_extension
 
     from ryzen_opt.locking import file_lock
 
     source = _source()
-    key = hashlib.sha256((source + _cpu_flags() + torch.__version__ + "openmp").encode()).hexdigest()[:12]
-    name = f"ryzen_native_{key}"
+    flags = _compile_flags(chosen)
+    key = hashlib.sha256((source + " ".join(flags) + torch.__version__ + "openmp").encode()).hexdigest()[:12]
+    name = f"ryzen_native_{chosen}_{key}"
     build_dir = os.path.join(cpp_extension._get_build_directory(name, verbose=False))
     start = time.perf_counter()
     try:
@@ -610,7 +693,7 @@ def ops() -> Any | None:
                 name=name,
                 cpp_sources=[source],
                 # -fopenmp: at::parallel_for is inline, and runs serially unless this file is built with OpenMP.
-                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                extra_cflags=["-O3", *flags, "-fno-math-errno", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 build_directory=build_dir,
@@ -618,10 +701,14 @@ def ops() -> Any | None:
             )
     except Exception as exc:  # noqa: BLE001 - any build failure means: use ATen's kernels, and say why
         logger.warning("native kernels unavailable, using ATen's (%s: %s)", type(exc).__name__, exc)
-        return None
+        return None, None
+    built = torch.ops.ryzen_native.built_isa()
+    if built != chosen and _compile_flags(chosen):
+        logger.warning("native kernels: asked for the %s path, the compiler built %s; using ATen's", chosen, built)
+        return None, None
     _register_fakes()
-    logger.info("native kernels %s ready in %.1f s", name, time.perf_counter() - start)
-    return torch.ops.ryzen_native
+    logger.info("native kernels %s (%s path) ready in %.1f s", name, chosen, time.perf_counter() - start)
+    return torch.ops.ryzen_native, chosen
 
 
 def _register_fakes() -> None:
