@@ -21,7 +21,9 @@ Sections:
 - **greedy**: agreement of 64-token greedy continuations (prompts of 384 held-out tokens) with the full cache.
 - **probe**: a name planted at the start of a long prompt of held-out code and asked for at the end, scored as the
   log-probability gain of the name over a control prompt (the zoo target is too small to copy it back greedily).
-- **speed**: decode ms/token at 1k context: HF with ``DynamicCache`` and with each cache, and the lean loop.
+- **speed**: decode ms/token of 32 one-token steps after a 2k prompt (``--speed-context``; the prefill not timed):
+  HF's forward with ``DynamicCache`` and with each cache, and the lean loop (``--weights``, default int8) with its
+  static cache and with each quantized cache (native attention on the codes, and ATen ops for comparison).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import copy
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -231,36 +234,65 @@ def bench_logprob_probe(args: argparse.Namespace, results: dict[str, Any]) -> No
 def bench_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
     torch.set_num_threads(max(args.threads))
     model, _ = _model(args)
-    optimized = KernelOptimizer(KernelConfig()).apply_to_model(copy.deepcopy(model))
-    ids = torch.randint(1, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
-    print(f"\n== decode at 1k context, 32 new tokens, {torch.get_num_threads()} thread(s), median of 3")
+    optimized = KernelOptimizer(KernelConfig(weights=args.weights)).apply_to_model(copy.deepcopy(model))
+    context = args.speed_context
+    ids = torch.randint(1, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    new = 32
+    threads = torch.get_num_threads()
+    print(
+        f"\n== decode after {context} tokens, {args.weights} weights, {new} new tokens, {threads} thread(s), "
+        "median of 3"
+    )
 
-    def timed(fn: Any) -> float:
-        fn()
+    def timed(model_: Any, make_cache: Any) -> float:
+        """Decode ms/token over ``new`` one-token steps after the prompt's prefill (not timed), median of 3 rounds:
+        HF's forward with the cache for ``model``, the lean loop with it attached for ``optimized``."""
         runs = []
-        for _ in range(3):
+        for _ in range(4):  # the first round warms up
+            cache = make_cache()
+            decoder = decoder_of(model_)
+            if decoder is not None:
+                decoder.attach_cache(cache)
+                decoder.allocate(ids.shape[1] + new + 1)
+                token = decoder.forward(ids).argmax(-1, keepdim=True)
+                start = time.perf_counter()
+                for _ in range(new):
+                    token = decoder.step(token).argmax(-1, keepdim=True)
+                runs.append(time.perf_counter() - start)
+                decoder.attach_cache(None)
+                continue
+            cache = cache if cache is not None else DynamicCache(config=model_.config)
+            token = model_(ids, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
             start = time.perf_counter()
-            fn()
+            for _ in range(new):
+                token = model_(token, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
             runs.append(time.perf_counter() - start)
-        return statistics.median(runs) / 32 * 1e3
+        return statistics.median(runs[1:]) / new * 1e3
 
-    rows = {"HF, DynamicCache": timed(lambda: _greedy(model, ids, DynamicCache(config=model.config), 32))}
-    rows["lean loop, static cache"] = timed(lambda: _greedy(optimized, ids, None, 32))
+    rows = {"HF, DynamicCache": timed(model, lambda: None)}
+    rows["lean loop, static cache"] = timed(optimized, lambda: None)
     for name, config in CONFIGS.items():
-        rows[f"HF, {name}"] = timed(lambda c=config: _greedy(model, ids, KVCacheOptimizer(c).make_cache(model), 32))
+        rows[f"HF, {name}"] = timed(model, lambda c=config: KVCacheOptimizer(c).make_cache(model))
         if config.strategy == "quantized":
-            rows[f"lean loop, {name}"] = timed(
-                lambda c=config: _greedy(optimized, ids, KVCacheOptimizer(c).make_cache(model), 32)
+            rows[f"lean loop, {name}"] = timed(optimized, lambda c=config: KVCacheOptimizer(c).make_cache(model))
+            aten = replace(config, native_attend=False)
+            rows[f"lean loop, {name}, ATen attend"] = timed(
+                optimized, lambda c=aten: KVCacheOptimizer(c).make_cache(model)
             )
     results["speed_ms_per_token"] = rows
+    results["speed_setup"] = {"context": context, "weights": args.weights, "threads": threads, "new_tokens": new}
+    static = rows["lean loop, static cache"]
     for name, ms in rows.items():
-        print(f"{name:28s} {ms:6.2f} ms/token (prefill of 1024 included, amortised over 32)")
+        cost = f"  {ms / static - 1:+.0%} against the static cache" if name.startswith("lean loop, int") else ""
+        print(f"{name:34s} {ms:6.2f} ms/token{cost}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["memory", "accuracy", "greedy", "probe", "speed"])
     parser.add_argument("--model", choices=["smollm2", "target"], default="smollm2")
+    parser.add_argument("--speed-context", type=int, default=2048, help="prompt tokens before the timed decode")
+    parser.add_argument("--weights", default="int8", help="KernelConfig.weights of the lean loop (speed section)")
     parser.add_argument("--contexts", nargs="+", type=int, help="default: 2048 8192 (smollm2), 1024 4096 (target)")
     parser.add_argument("--threads", nargs="+", type=int, default=[2])
     parser.add_argument("--sequences", type=int, help="default: 4 of 2,048 tokens (smollm2), 32 of 512 (target)")

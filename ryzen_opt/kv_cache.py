@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from ryzen_opt import native
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
@@ -58,6 +59,8 @@ class KVCacheConfig(ConfigMixin):
         group_size: tokens per key group (per-channel scales), and channels per value group (per-token scales).
         residual_length: recent tokens kept in full precision (quantized); at least ``group_size``.
         attend_chunk: tokens dequantized at a time by :meth:`QuantizedKVCache.attend` (bounds its peak memory).
+        native_attend: on the CPU, attend with ``ryzen_native::kv_attend`` (scores and values read from the codes,
+            no dequantized copy) where the native kernels run; ``False`` keeps the ATen ops (for comparison).
         sink_tokens, window: the sink strategy's kept prefix and recent window.
     """
 
@@ -66,6 +69,7 @@ class KVCacheConfig(ConfigMixin):
     group_size: int = 64
     residual_length: int = 128
     attend_chunk: int = 512
+    native_attend: bool = True
     sink_tokens: int = 4
     window: int = 1020
 
@@ -159,10 +163,14 @@ class QuantizedLayer(_GrowingLayer):
 
     is_croppable = True
 
-    def __init__(self, bits: int, group_size: int, residual_length: int) -> None:
+    def __init__(self, bits: int, group_size: int, residual_length: int, *, native: bool = True) -> None:
         super().__init__()
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.native = native
         self.chunks: list[_Chunk] = []
+        # Each chunk's six tensors without the batch dimension, flat: the native kernel's argument, kept in step with
+        # ``chunks`` (append, pop, reset) so that a decode step does not rebuild 6 views per chunk per layer.
+        self._flat: list[torch.Tensor] = []
 
     # -- storage
 
@@ -192,7 +200,11 @@ class QuantizedLayer(_GrowingLayer):
         g = self.group_size
         moved = False
         while self.keys.shape[-2] - g >= self.residual_length:
-            self.chunks.append(self._quantize_chunk(self.keys[..., :g, :].float(), self.values[..., :g, :].float()))
+            chunk = self._quantize_chunk(self.keys[..., :g, :].float(), self.values[..., :g, :].float())
+            self.chunks.append(chunk)
+            if chunk.kq.shape[0] == 1:
+                self._flat += [t[0].contiguous() for t in (chunk.kq, chunk.k_scale, chunk.k_lo, chunk.vq,
+                                                             chunk.v_scale, chunk.v_lo)]  # fmt: skip
             self.keys = self.keys[..., g:, :]
             self.values = self.values[..., g:, :]
             moved = True
@@ -225,6 +237,7 @@ class QuantizedLayer(_GrowingLayer):
 
     def reset(self) -> None:
         self.chunks = []
+        self._flat = []
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -240,6 +253,7 @@ class QuantizedLayer(_GrowingLayer):
         # Cropping into quantized storage brings those chunks back to the residual (dequantized: lossy once).
         while len(self.chunks) * self.group_size > keep:
             k, v = self._dequantize_chunk(self.chunks.pop(), self.dtype)
+            del self._flat[len(self.chunks) * 6 :]
             self.keys = torch.cat([k, self.keys], dim=-2)
             self.values = torch.cat([v, self.values], dim=-2)
         cut = keep - len(self.chunks) * self.group_size
@@ -261,6 +275,8 @@ class QuantizedLayer(_GrowingLayer):
         new ones), then append them. Quantized tokens are dequantized ``chunk_tokens`` at a time (online softmax)."""
         if not self.is_initialized:
             self.lazy_initialization(k, v)
+        if self._native_ok(q) and self.chunks:
+            return self._attend_native(q, k, v, scale)
         if len(self.chunks) * self.group_size <= chunk_tokens:
             return self._attend_whole(q, k, v, scale)
         b, hq, t, d = q.shape
@@ -297,6 +313,28 @@ class QuantizedLayer(_GrowingLayer):
         self._flush()
         return out
 
+    def _native_ok(self, q: torch.Tensor) -> bool:
+        return (
+            self.native
+            and q.shape[0] == 1
+            and q.dtype == torch.float32
+            and q.device.type == "cpu"
+            and self.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and len(self._flat) == 6 * len(self.chunks)
+            and native.preferred()
+        )
+
+    def _attend_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """``ryzen_native::kv_attend``: scores and values straight from the quantized codes (no dequantized copy,
+        one call per layer), the residual window and the new tokens in fp32."""
+        rest_k = torch.cat([self.keys, k], dim=-2)[0].contiguous()
+        rest_v = torch.cat([self.values, v], dim=-2)[0].contiguous()
+        out = torch.ops.ryzen_native.kv_attend(q[0].contiguous(), self._flat, self.bits, rest_k, rest_v, scale)
+        self.keys, self.values = rest_k[None], rest_v[None]
+        self._flush()
+        return out[None]
+
     def _attend_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """A cache that fits in one chunk: dequantize it whole (at most ``attend_chunk`` tokens, the same bound as
         the chunked path) and run one SDPA: at short contexts the online softmax's dozen small ops per layer cost
@@ -320,7 +358,10 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, num_layers: int, config: KVCacheConfig) -> None:
         super().__init__(
-            layers=[QuantizedLayer(config.bits, config.group_size, config.residual_length) for _ in range(num_layers)]
+            layers=[
+                QuantizedLayer(config.bits, config.group_size, config.residual_length, native=config.native_attend)
+                for _ in range(num_layers)
+            ]
         )
         self.config = config
 

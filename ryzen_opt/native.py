@@ -483,31 +483,113 @@ static inline void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-torch::Tensor decode_layer(torch::Tensor h, at::TensorList w, at::IntArrayRef kinds, at::IntArrayRef groups,
-                           torch::Tensor norm1, torch::Tensor norm2, double eps1, double eps2, torch::Tensor k_cache,
-                           torch::Tensor v_cache, int64_t pos, torch::Tensor cos, torch::Tensor sin, int64_t heads,
-                           int64_t kv_heads, double scale) {
-  TORCH_CHECK(h.scalar_type() == torch::kFloat && h.dim() == 2 && h.is_contiguous(), "decode_layer: h [T, D] fp32");
-  TORCH_CHECK(w.size() == 12 && kinds.size() == 4 && groups.size() == 4, "decode_layer: 4 linears x 3 tensors");
+// p[j] = exp(p[j] - mx) in place; returns the sum. AVX2: Cephes' exp polynomial (relative error ~2e-7, as
+// std::exp's fp32 rounding), 8 lanes at a time; softmax over thousands of cached positions spent most of its time here.
+#ifdef RYZEN_AVX2
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447505531f));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static inline float exp_sum(float* p, int64_t n, float mx) {
+  int64_t j = 0;
+  float total = 0.f;
+#ifdef RYZEN_AVX2
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), m));
+    _mm256_storeu_ps(p + j, v);
+    acc = _mm256_add_ps(acc, v);
+  }
+  total = hsum(acc);
+#endif
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - mx);
+    total += p[j];
+  }
+  return total;
+}
+
+// The two halves of a Llama layer around its attention, shared by decode_layer (static cache) and by the lean loop
+// with a cache that attends on its own storage (the quantized KV cache): w, kinds and groups as in decode_layer.
+// layer_qkv: RMSNorm, q|k|v, RoPE on q and k; returns [T, q + 2 kv] rows.
+torch::Tensor layer_qkv(torch::Tensor h, at::TensorList w, at::IntArrayRef kinds, at::IntArrayRef groups,
+                        torch::Tensor norm1, double eps1, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+                        int64_t kv_heads) {
+  TORCH_CHECK(h.scalar_type() == torch::kFloat && h.dim() == 2 && h.is_contiguous(), "layer: h [T, D] fp32");
+  TORCH_CHECK(w.size() == 12 && kinds.size() == 4 && groups.size() == 4, "layer: 4 linears x 3 tensors");
   const int64_t t = h.size(0), d = h.size(1);
-  const int64_t hd = k_cache.size(3), max_len = k_cache.size(2);
-  TORCH_CHECK(t <= kSmallM && pos + t <= max_len, "decode_layer: at most ", kSmallM, " rows inside the cache");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat,
-              "decode_layer: contiguous fp32 caches [1, kv_heads, max_len, head_dim]");
-  TORCH_CHECK(cos.size(0) == t && cos.size(1) == hd, "decode_layer: cos/sin [T, head_dim]");
-  const int64_t q_size = heads * hd, kv_size = kv_heads * hd, group = heads / kv_heads;
+  TORCH_CHECK(t <= kSmallM, "layer: at most ", kSmallM, " rows");
+  const int64_t hd = cos.size(1);
+  TORCH_CHECK(cos.size(0) == t, "layer: cos/sin [T, head_dim]");
   auto x = torch::empty_like(h);
   rms_norm_rows(h.data_ptr<float>(), norm1.data_ptr<float>(), static_cast<float>(eps1), t, d, x.data_ptr<float>());
   auto qkv = run_linear(kinds[0], w[0], w[1], w[2], groups[0], x).contiguous();  // [T, q + 2 kv]
   float* qp = qkv.data_ptr<float>();
   const float* cp = cos.contiguous().data_ptr<float>();
   const float* sp = sin.contiguous().data_ptr<float>();
+  const int64_t width = qkv.size(1);
+  for (int64_t r = 0; r < t; ++r)
+    for (int64_t hh = 0; hh < heads + kv_heads; ++hh)
+      rope_inplace(qp + r * width + hh * hd, cp + r * hd, sp + r * hd, hd);
+  return qkv;
+}
+
+// layer_out: h + o(attn), RMSNorm, gate|up, SiLU gating, down, residual; attn is [T, q] rows.
+torch::Tensor layer_out(torch::Tensor h, torch::Tensor attn, at::TensorList w, at::IntArrayRef kinds,
+                        at::IntArrayRef groups, torch::Tensor norm2, double eps2) {
+  TORCH_CHECK(w.size() == 12 && kinds.size() == 4 && groups.size() == 4, "layer: 4 linears x 3 tensors");
+  TORCH_CHECK(attn.is_contiguous() && attn.size(0) == h.size(0), "layer: attn [T, q] rows, contiguous");
+  const int64_t t = h.size(0), d = h.size(1);
+  auto h1 = h + run_linear(kinds[1], w[3], w[4], w[5], groups[1], attn);
+  auto x = torch::empty_like(h);
+  rms_norm_rows(h1.data_ptr<float>(), norm2.data_ptr<float>(), static_cast<float>(eps2), t, d, x.data_ptr<float>());
+  auto gu = run_linear(kinds[2], w[6], w[7], w[8], groups[2], x).contiguous();  // [T, 2 I]
+  const int64_t inter = gu.size(1) / 2;
+  auto act = torch::empty({t, inter}, h.options());
+  const float* gp = gu.data_ptr<float>();
+  float* actp = act.data_ptr<float>();
+  for (int64_t r = 0; r < t; ++r)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gp[r * 2 * inter + i];
+      actp[r * inter + i] = g / (1.f + std::exp(-g)) * gp[r * 2 * inter + inter + i];
+    }
+  h1 += run_linear(kinds[3], w[9], w[10], w[11], groups[3], act);
+  return h1;
+}
+
+torch::Tensor decode_layer(torch::Tensor h, at::TensorList w, at::IntArrayRef kinds, at::IntArrayRef groups,
+                           torch::Tensor norm1, torch::Tensor norm2, double eps1, double eps2, torch::Tensor k_cache,
+                           torch::Tensor v_cache, int64_t pos, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+                           int64_t kv_heads, double scale) {
+  const int64_t t = h.size(0);
+  const int64_t hd = k_cache.size(3), max_len = k_cache.size(2);
+  TORCH_CHECK(pos + t <= max_len, "decode_layer: the rows must fit inside the cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat,
+              "decode_layer: contiguous fp32 caches [1, kv_heads, max_len, head_dim]");
+  TORCH_CHECK(cos.size(1) == hd, "decode_layer: cos/sin [T, head_dim]");
+  const int64_t q_size = heads * hd, kv_size = kv_heads * hd, group = heads / kv_heads;
+  auto qkv = layer_qkv(h, w, kinds, groups, norm1, eps1, cos, sin, heads, kv_heads);
+  const float* qp = qkv.data_ptr<float>();
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
   const int64_t width = q_size + 2 * kv_size;
   for (int64_t r = 0; r < t; ++r) {
-    float* row = qp + r * width;
-    for (int64_t hh = 0; hh < heads + kv_heads; ++hh) rope_inplace(row + hh * hd, cp + r * hd, sp + r * hd, hd);
+    const float* row = qp + r * width;
     for (int64_t g = 0; g < kv_heads; ++g) {
       std::memcpy(kc + (g * max_len + pos + r) * hd, row + q_size + g * hd, hd * sizeof(float));
       std::memcpy(vc + (g * max_len + pos + r) * hd, row + q_size + kv_size + g * hd, hd * sizeof(float));
@@ -528,39 +610,14 @@ torch::Tensor decode_layer(torch::Tensor h, at::TensorList w, at::IntArrayRef ki
         p[j] = dot(q, keys + j * hd, hd) * sc;
         mx = std::max(mx, p[j]);
       }
-      float total = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = std::exp(p[j] - mx);
-        total += p[j];
-      }
+      const float total = exp_sum(p.data(), n, mx);
       float* out = ap + r * q_size + hq * hd;
       std::fill(out, out + hd, 0.f);
       const float inv = 1.f / total;
       for (int64_t j = 0; j < n; ++j) axpy(p[j] * inv, vals + j * hd, out, hd);
     }
   });
-  auto h1 = h + run_linear(kinds[1], w[3], w[4], w[5], groups[1], attn);
-  rms_norm_rows(h1.data_ptr<float>(), norm2.data_ptr<float>(), static_cast<float>(eps2), t, d, x.data_ptr<float>());
-  auto gu = run_linear(kinds[2], w[6], w[7], w[8], groups[2], x).contiguous();  // [T, 2 I]
-  const int64_t inter = gu.size(1) / 2;
-  auto act = torch::empty({t, inter}, h.options());
-  const float* gp = gu.data_ptr<float>();
-  float* actp = act.data_ptr<float>();
-  for (int64_t r = 0; r < t; ++r)
-    for (int64_t i = 0; i < inter; ++i) {
-      const float g = gp[r * 2 * inter + i];
-      actp[r * inter + i] = g / (1.f + std::exp(-g)) * gp[r * 2 * inter + inter + i];
-    }
-  h1 += run_linear(kinds[3], w[9], w[10], w[11], groups[3], act);
-  return h1;
-}
-
-bool has_avx2() {
-#ifdef RYZEN_AVX2
-  return true;
-#else
-  return false;
-#endif
+  return layer_out(h, attn, w, kinds, groups, norm2, eps2);
 }
 
 // Which path this build compiled: the ISA the Python side asked for, as the compiler saw it.
@@ -572,8 +629,166 @@ static std::string built_isa() {
 #endif
 }
 
+// Attention of q [Hq, T, D] over a KIVI-quantized KV cache read in its stored form, plus full-precision rest keys
+// and values [Hk, R, D] (the residual window, then the T new tokens: new token i sees the rest up to R - T + i).
+// chunks: 6 tensors per chunk of G tokens, batch dimension dropped:
+//   kq [Hk, G, D] uint8 (int4: [Hk, G, D/2], two a byte, element 2i low), k_scale, k_lo [Hk, 1, D] (per channel);
+//   vq like kq, v_scale, v_lo [Hk, G, NG, 1] (per token, NG groups of D/NG channels).
+// A score is q . (kq * ks + kl) = (q * ks) . kq + q . kl, so keys are never dequantized; values accumulate as
+// p * vs * vq + p * vl per group. Each stored row is unpacked once for all the query heads that share its kv head.
+// Parallel as flash-decoding: tasks are (kv head, query row, slice of the tokens); each keeps its own max, sum and
+// accumulator, merged at the end (exact softmax up to fp32 rounding).
+static inline void unpack_codes(const uint8_t* row, int64_t d, bool four, float* out) {
+  int64_t e = 0;
+#ifdef RYZEN_AVX2
+  if (four) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (; e + 16 <= d; e += 16) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e / 2));
+      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+      const __m128i codes = _mm_unpacklo_epi8(lo, hi);  // element 2i from the low nibble, 2i + 1 from the high
+      _mm256_storeu_ps(out + e, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)));
+      _mm256_storeu_ps(out + e + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))));
+    }
+  } else {
+    for (; e + 8 <= d; e += 8)
+      _mm256_storeu_ps(out + e, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e)))));
+  }
+#endif
+  for (; e < d; ++e)
+    out[e] = four ? static_cast<float>((row[e >> 1] >> ((e & 1) << 2)) & 15) : static_cast<float>(row[e]);
+}
+
+torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, torch::Tensor rk, torch::Tensor rv,
+                        double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous(), "kv_attend: q [Hq, T, D] fp32");
+  TORCH_CHECK(rk.dim() == 3 && rk.is_contiguous() && rv.is_contiguous() && rk.scalar_type() == torch::kFloat,
+              "kv_attend: rest keys/values [Hk, R, D] fp32, contiguous");
+  TORCH_CHECK(chunks.size() % 6 == 0, "kv_attend: 6 tensors per chunk");
+  TORCH_CHECK(bits == 8 || bits == 4, "kv_attend: bits 8 or 4");
+  const int64_t hq = q.size(0), t = q.size(1), d = q.size(2), hk = rk.size(0), r = rk.size(1);
+  TORCH_CHECK(hq % hk == 0 && r >= t && rk.size(2) == d, "kv_attend: shapes");
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size()) / 6;
+  const int64_t g = n_chunks ? chunks[0].size(1) : 0;
+  const int64_t ng = n_chunks ? chunks[4].size(2) : 1;
+  const int64_t gv = d / ng;
+  const bool four = bits == 4;
+  const int64_t row_bytes = four ? d / 2 : d;
+  std::vector<const uint8_t*> kq(n_chunks), vq(n_chunks);
+  std::vector<const float*> ks(n_chunks), kl(n_chunks), vs(n_chunks), vl(n_chunks);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t i = 0; i < 6; ++i)
+      TORCH_CHECK(chunks[c * 6 + i].is_contiguous() && chunks[c * 6 + i].size(0) == hk, "kv_attend: chunk tensors");
+    TORCH_CHECK(chunks[c * 6].size(1) == g && chunks[c * 6].size(2) == row_bytes, "kv_attend: chunk shape");
+    kq[c] = chunks[c * 6].data_ptr<uint8_t>();
+    ks[c] = chunks[c * 6 + 1].data_ptr<float>();
+    kl[c] = chunks[c * 6 + 2].data_ptr<float>();
+    vq[c] = chunks[c * 6 + 3].data_ptr<uint8_t>();
+    vs[c] = chunks[c * 6 + 4].data_ptr<float>();
+    vl[c] = chunks[c * 6 + 5].data_ptr<float>();
+  }
+  const int64_t stored = n_chunks * g, group = hq / hk;
+  TORCH_CHECK(group <= 64, "kv_attend: at most 64 query heads per kv head");
+  // Slices of whole chunks (the rest goes with the last one), enough to keep every thread busy.
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(n_chunks, 4 * at::get_num_threads()));
+  const int64_t tasks = hk * t * slices;
+  std::vector<float> part_m(tasks * group), part_l(tasks * group), part_acc(tasks * group * d);
+  const float* qp = q.data_ptr<float>();
+  const float* rkp = rk.data_ptr<float>();
+  const float* rvp = rv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> codes(d), qs(group * d), base(group), p(group * (stored / slices + g + r + 1));
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t kv = task / (t * slices), i = (task / slices) % t, slice = task % slices;
+      const int64_t c0 = slice * n_chunks / slices, c1 = (slice + 1) * n_chunks / slices;
+      const int64_t rest = slice == slices - 1 ? r - t + i + 1 : 0;  // the last slice also takes the fp32 rest
+      const int64_t n = (c1 - c0) * g + rest;
+      const float* qrow[64];
+      for (int64_t u = 0; u < group; ++u) qrow[u] = qp + ((kv * group + u) * t + i) * d;
+      float* ps = p.data();
+      // scores
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t u = 0; u < group; ++u) {
+          const float* s_ = ks[c] + kv * d;
+          for (int64_t e = 0; e < d; ++e) qs[u * d + e] = qrow[u][e] * s_[e];
+          base[u] = dot(qrow[u], kl[c] + kv * d, d);
+        }
+        const uint8_t* rows = kq[c] + kv * g * row_bytes;
+        for (int64_t j = 0; j < g; ++j) {
+          unpack_codes(rows + j * row_bytes, d, four, codes.data());
+          for (int64_t u = 0; u < group; ++u)
+            ps[u * n + (c - c0) * g + j] = (base[u] + dot(qs.data() + u * d, codes.data(), d)) * sc;
+        }
+      }
+      for (int64_t j = 0; j < rest; ++j)
+        for (int64_t u = 0; u < group; ++u)
+          ps[u * n + (c1 - c0) * g + j] = dot(qrow[u], rkp + (kv * r + j) * d, d) * sc;
+      // softmax pieces
+      for (int64_t u = 0; u < group; ++u) {
+        float* pu = ps + u * n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, pu[j]);
+        part_m[task * group + u] = mx;
+        part_l[task * group + u] = n ? exp_sum(pu, n, mx) : 0.f;
+      }
+      // values
+      float* acc = part_acc.data() + task * group * d;
+      std::fill(acc, acc + group * d, 0.f);
+      for (int64_t c = c0; c < c1; ++c) {
+        const uint8_t* rows = vq[c] + kv * g * row_bytes;
+        const float* s_ = vs[c] + kv * g * ng;
+        const float* l_ = vl[c] + kv * g * ng;
+        for (int64_t j = 0; j < g; ++j) {
+          unpack_codes(rows + j * row_bytes, d, four, codes.data());
+          for (int64_t u = 0; u < group; ++u) {
+            const float w = ps[u * n + (c - c0) * g + j];
+            float* o = acc + u * d;
+            for (int64_t v_ = 0; v_ < ng; ++v_) {
+              axpy(w * s_[j * ng + v_], codes.data() + v_ * gv, o + v_ * gv, gv);
+              const float b = w * l_[j * ng + v_];
+              for (int64_t e = v_ * gv; e < (v_ + 1) * gv; ++e) o[e] += b;
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; j < rest; ++j)
+        for (int64_t u = 0; u < group; ++u)
+          axpy(ps[u * n + (c1 - c0) * g + j], rvp + (kv * r + j) * d, acc + u * d, d);
+    }
+  });
+  auto out = torch::empty_like(q);
+  float* op = out.data_ptr<float>();
+  for (int64_t kv = 0; kv < hk; ++kv)
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t u = 0; u < group; ++u) {
+        const int64_t first = (kv * t + i) * slices;
+        float mx = -INFINITY;
+        for (int64_t s_ = 0; s_ < slices; ++s_) mx = std::max(mx, part_m[(first + s_) * group + u]);
+        float total = 0.f;
+        float* o = op + ((kv * group + u) * t + i) * d;
+        std::fill(o, o + d, 0.f);
+        for (int64_t s_ = 0; s_ < slices; ++s_) {
+          const float l = part_l[(first + s_) * group + u];
+          if (l == 0.f) continue;
+          const float w = std::exp(part_m[(first + s_) * group + u] - mx);
+          total += w * l;
+          axpy(w, part_acc.data() + ((first + s_) * group + u) * d, o, d);
+        }
+        for (int64_t e = 0; e < d; ++e) o[e] /= total;
+      }
+  return out;
+}
+
 TORCH_LIBRARY(ryzen_native, m) {
   m.def("built_isa() -> str", &built_isa);
+  m.def("kv_attend(Tensor q, Tensor[] chunks, int bits, Tensor rk, Tensor rv, float scale) -> Tensor");
+  m.def(
+      "layer_qkv(Tensor h, Tensor[] w, int[] kinds, int[] groups, Tensor norm1, float eps1, Tensor cos, Tensor sin, "
+      "int heads, int kv_heads) -> Tensor");
+  m.def(
+      "layer_out(Tensor h, Tensor attn, Tensor[] w, int[] kinds, int[] groups, Tensor norm2, float eps2) -> Tensor");
   m.def("w8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
   m.def("w4_dequantize(Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
@@ -591,6 +806,9 @@ TORCH_LIBRARY_IMPL(ryzen_native, CPU, m) {
   m.impl("decode_layer", &decode_layer);
   m.impl("quantize_q8", &quantize_q8);
   m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("kv_attend", &kv_attend);
+  m.impl("layer_qkv", &layer_qkv);
+  m.impl("layer_out", &layer_out);
 }
 """
 

@@ -350,7 +350,7 @@ class StaticDecoder:
         return self.arch.lm_head(_norm(self.arch.final_norm, h))
 
     def _native_for(self, t: int, end: int) -> list[NativeLayer] | None:
-        if t > native.SMALL_M or self.external is not None or torch.is_grad_enabled():
+        if t > native.SMALL_M or torch.is_grad_enabled():
             return None
         window = self.arch.sliding_window
         if window is not None and end > window:
@@ -360,18 +360,40 @@ class StaticDecoder:
     def _run_native(
         self, plan: list[NativeLayer], h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, pos: int
     ) -> torch.Tensor:
-        assert self.k_cache is not None
-        assert self.v_cache is not None
         t = h.shape[1]
         cos, sin = (c.reshape(t, -1).float().contiguous() for c in rope) if rope is not None else (None, None)
         rows = h.reshape(t, -1).float().contiguous()
         arch = self.arch
+        if self.external is not None:
+            return self._run_native_external(plan, rows, cos, sin).view(1, t, -1)
+        assert self.k_cache is not None
+        assert self.v_cache is not None
         for i, nl in enumerate(plan):
             rows = torch.ops.ryzen_native.decode_layer(
                 rows, nl.weights, nl.kinds, nl.groups, nl.norm1, nl.norm2, nl.eps1, nl.eps2,
                 self.k_cache[i], self.v_cache[i], pos, cos, sin, arch.heads, arch.kv_heads, nl.scale,
             )  # fmt: skip
         return rows.view(1, t, -1)
+
+    def _run_native_external(
+        self, plan: list[NativeLayer], rows: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The fused halves of each layer around the attached cache's own attention."""
+        assert self.external is not None
+        arch = self.arch
+        t, hd = rows.shape[0], arch.head_dim
+        q_size, kv_size = arch.heads * hd, arch.kv_heads * hd
+        for i, nl in enumerate(plan):
+            qkv = torch.ops.ryzen_native.layer_qkv(
+                rows, nl.weights, nl.kinds, nl.groups, nl.norm1, nl.eps1, cos, sin, arch.heads, arch.kv_heads
+            )
+            q = qkv[:, :q_size].view(t, arch.heads, hd).transpose(0, 1)[None]
+            k = qkv[:, q_size : q_size + kv_size].view(t, arch.kv_heads, hd).transpose(0, 1)[None]
+            v = qkv[:, q_size + kv_size :].view(t, arch.kv_heads, hd).transpose(0, 1)[None]
+            attn = self.external.attend(i, q, k, v, nl.scale)
+            attn_rows = attn[0].transpose(0, 1).reshape(t, q_size).contiguous()
+            rows = torch.ops.ryzen_native.layer_out(rows, attn_rows, nl.weights, nl.kinds, nl.groups, nl.norm2, nl.eps2)
+        return rows
 
     def forward(self, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Append ``ids`` ``[1, T]`` at the current position; logits of the last position ``[1, V]``, or of all

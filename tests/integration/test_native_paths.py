@@ -30,7 +30,12 @@ def test_a_forced_path_passes_the_kernel_tests(isa: str) -> None:
     if isa == native.select_isa(FLAGS):
         pytest.skip(f"{isa} is this CPU's default path: the unit suite ran the kernel tests on it")
     env = {**os.environ, "RYZEN_OPT_NATIVE_ISA": isa, "RYZEN_OPT_NATIVE": "1"}
-    tests = ["tests/unit/test_native_isa.py", "tests/unit/test_native_layer.py", "tests/unit/test_kernels.py"]
+    tests = [
+        "tests/unit/test_native_isa.py",
+        "tests/unit/test_native_layer.py",
+        "tests/unit/test_kernels.py",
+        "tests/unit/test_kv_cache.py",
+    ]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *tests, "-k", "native"],
         cwd=ROOT,

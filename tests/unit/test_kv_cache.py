@@ -13,10 +13,11 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from ryzen_opt import native
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
@@ -115,18 +116,56 @@ def test_stored_values_stay_within_their_quantization_bound(bits):
     assert len(layer.chunks) == 4  # 40 tokens, 8 kept in the window: 32 quantized in groups of 8
 
 
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "aten"])
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(("past", "new"), [(0, 5), (37, 1), (100, 3)])
-def test_attend_equals_attention_over_the_dequantized_cache(past, new):
-    layer = QuantizedLayer(8, group_size=8, residual_length=16)
+def test_attend_equals_attention_over_the_dequantized_cache(monkeypatch, past, new, bits, use_native):
+    if use_native and not native.preferred():
+        pytest.skip("no native kernels on this machine (see the log)")
+    if not use_native:
+        monkeypatch.setattr(native, "preferred", lambda: False)
+    layer = QuantizedLayer(bits, group_size=8, residual_length=16)
     if past:
         layer.update(*_kv(past, 1))
     stored_k, stored_v = layer.update(*(t[..., :0, :] for t in _kv(1, 2)))
     q = torch.randn(1, 4, new, 16)  # 4 query heads over 2 kv heads (GQA)
     k, v = _kv(new, 3)
     want = sdpa_reference(q, torch.cat([stored_k, k], 2), torch.cat([stored_v, v], 2), 0.25)
-    got = layer.attend(q, k, v, 0.25, chunk_tokens=16)
+    with torch.no_grad():
+        got = layer.attend(q, k, v, 0.25, chunk_tokens=16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert layer.get_seq_length() == past + new
+
+
+@pytest.mark.skipif(not native.preferred(), reason="no native kernels on this machine (see the log)")
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([4, 8]),
+    past=st.integers(0, 90),
+    new=st.integers(1, 8),
+    group=st.sampled_from([2, 4, 8, 16]),
+    kv_heads=st.integers(1, 3),
+    q_per_kv=st.integers(1, 3),
+    dim=st.sampled_from([8, 16, 32, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_native_attention_on_the_stored_form_matches_the_dequantized_cache(
+    bits, past, new, group, kv_heads, q_per_kv, dim, seed
+):
+    """``ryzen_native::kv_attend`` reads the codes; the reference dequantizes them and runs SDPA. Same dequantized
+    values, another order of sums (fp32): 1e-5. Value groups narrower than the head (group < dim) included."""
+    layer = QuantizedLayer(bits, group_size=group, residual_length=2 * group)
+    if past:
+        layer.update(*_kv(past, seed, kv_heads, dim))
+    stored_k, stored_v = layer.update(*(t[..., :0, :] for t in _kv(1, seed + 1, kv_heads, dim)))
+    q = torch.randn(1, kv_heads * q_per_kv, new, dim, generator=torch.Generator().manual_seed(seed + 2))
+    k, v = _kv(new, seed + 3, kv_heads, dim)
+    want = sdpa_reference(q, torch.cat([stored_k, k], 2), torch.cat([stored_v, v], 2), dim**-0.5)
+    with torch.no_grad():
+        got = layer.attend(q, k, v, dim**-0.5, chunk_tokens=16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert layer.get_seq_length() == past + new
+    assert len(layer._flat) == 6 * len(layer.chunks)  # the native views follow the chunks
 
 
 def test_stored_bytes_count_codes_scales_and_the_window():

@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt import native
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.kv_cache import KVCacheConfig, KVCacheOptimizer
 from ryzen_opt.quant import pack_int4_runs, quantize_int4, quantize_int8
 from ryzen_opt.runtime import decoder_of
 
@@ -65,7 +66,11 @@ def _optimized(
 @pytest.mark.parametrize(
     ("weights", "kernel"), [("int8", "native"), ("int8", "native-a8"), ("int4", "auto"), ("none", "auto")]
 )
-def test_native_layers_match_the_aten_layers(weights: str, kernel: str) -> None:
+@pytest.mark.parametrize("kv", [None, 8, 4], ids=["static-cache", "int8-kv", "int4-kv"])
+def test_native_layers_match_the_aten_layers(weights: str, kernel: str, kv: int | None) -> None:
+    """With the static cache the fused layer attends itself; with a quantized KV cache attached, the fused halves
+    (``layer_qkv``, ``layer_out``) run around the cache's own attention (``kv_attend``), against ATen's layers
+    around the same cache."""
     base = _model()
     fused, plain = _optimized(base, weights, True, kernel), _optimized(base, weights, False, kernel)
     assert decoder_of(fused).native_layers() is not None
@@ -75,6 +80,9 @@ def test_native_layers_match_the_aten_layers(weights: str, kernel: str) -> None:
     with torch.no_grad():
         for model, out in ((fused, got), (plain, want)):
             decoder = decoder_of(model)
+            if kv is not None:  # group 4, window 4: most of the 20 tokens are read from quantized storage
+                config = KVCacheConfig(bits=kv, group_size=4, residual_length=4, attend_chunk=4)
+                decoder.attach_cache(KVCacheOptimizer(config).make_cache(model))
             decoder.allocate(64)
             out.append(decoder.forward(ids[:, :12]))  # a prefill of 12 > SMALL_M rows: ATen's path in both
             out.append(decoder.forward(ids[:, 12:15], all_logits=True))  # three rows at once
