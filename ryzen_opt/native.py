@@ -690,8 +690,10 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
   }
   const int64_t stored = n_chunks * g, group = hq / hk;
   TORCH_CHECK(group <= 64, "kv_attend: at most 64 query heads per kv head");
-  // Slices of whole chunks (the rest goes with the last one), enough to keep every thread busy.
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(n_chunks, 4 * at::get_num_threads()));
+  // Slices of the token range (stored, then the fp32 rest), enough to keep every thread busy; a query row's slices
+  // past what it may see are empty.
+  const int64_t total = stored + r;
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>((total + 63) / 64, 4 * at::get_num_threads()));
   const int64_t tasks = hk * t * slices;
   std::vector<float> part_m(tasks * group), part_l(tasks * group), part_acc(tasks * group * d);
   const float* qp = q.data_ptr<float>();
@@ -699,32 +701,36 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
   const float* rvp = rv.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> codes(d), qs(group * d), base(group), p(group * (stored / slices + g + r + 1));
+    std::vector<float> codes(d), qs(group * d), base(group), p(group * (total / slices + 2)), lsum(group * ng);
     for (int64_t task = b0; task < b1; ++task) {
       const int64_t kv = task / (t * slices), i = (task / slices) % t, slice = task % slices;
-      const int64_t c0 = slice * n_chunks / slices, c1 = (slice + 1) * n_chunks / slices;
-      const int64_t rest = slice == slices - 1 ? r - t + i + 1 : 0;  // the last slice also takes the fp32 rest
-      const int64_t n = (c1 - c0) * g + rest;
+      const int64_t lo = slice * total / slices;
+      const int64_t hi = std::min((slice + 1) * total / slices, stored + r - t + i + 1);
+      const int64_t n = std::max<int64_t>(0, hi - lo);
       const float* qrow[64];
       for (int64_t u = 0; u < group; ++u) qrow[u] = qp + ((kv * group + u) * t + i) * d;
       float* ps = p.data();
       // scores
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t u = 0; u < group; ++u) {
-          const float* s_ = ks[c] + kv * d;
-          for (int64_t e = 0; e < d; ++e) qs[u * d + e] = qrow[u][e] * s_[e];
-          base[u] = dot(qrow[u], kl[c] + kv * d, d);
-        }
-        const uint8_t* rows = kq[c] + kv * g * row_bytes;
-        for (int64_t j = 0; j < g; ++j) {
-          unpack_codes(rows + j * row_bytes, d, four, codes.data());
+      int64_t chunk = -1;
+      for (int64_t j = lo; j < hi; ++j) {
+        if (j < stored) {
+          const int64_t c = j / g;
+          if (c != chunk) {  // q * k_scale and q . k_lo of this chunk
+            chunk = c;
+            for (int64_t u = 0; u < group; ++u) {
+              const float* s_ = ks[c] + kv * d;
+              for (int64_t e = 0; e < d; ++e) qs[u * d + e] = qrow[u][e] * s_[e];
+              base[u] = dot(qrow[u], kl[c] + kv * d, d);
+            }
+          }
+          unpack_codes(kq[c] + (kv * g + j % g) * row_bytes, d, four, codes.data());
           for (int64_t u = 0; u < group; ++u)
-            ps[u * n + (c - c0) * g + j] = (base[u] + dot(qs.data() + u * d, codes.data(), d)) * sc;
+            ps[u * n + j - lo] = (base[u] + dot(qs.data() + u * d, codes.data(), d)) * sc;
+        } else {
+          const float* key = rkp + (kv * r + j - stored) * d;
+          for (int64_t u = 0; u < group; ++u) ps[u * n + j - lo] = dot(qrow[u], key, d) * sc;
         }
       }
-      for (int64_t j = 0; j < rest; ++j)
-        for (int64_t u = 0; u < group; ++u)
-          ps[u * n + (c1 - c0) * g + j] = dot(qrow[u], rkp + (kv * r + j) * d, d) * sc;
       // softmax pieces
       for (int64_t u = 0; u < group; ++u) {
         float* pu = ps + u * n;
@@ -736,26 +742,28 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
       // values
       float* acc = part_acc.data() + task * group * d;
       std::fill(acc, acc + group * d, 0.f);
-      for (int64_t c = c0; c < c1; ++c) {
-        const uint8_t* rows = vq[c] + kv * g * row_bytes;
-        const float* s_ = vs[c] + kv * g * ng;
-        const float* l_ = vl[c] + kv * g * ng;
-        for (int64_t j = 0; j < g; ++j) {
-          unpack_codes(rows + j * row_bytes, d, four, codes.data());
+      std::fill(lsum.begin(), lsum.end(), 0.f);
+      for (int64_t j = lo; j < hi; ++j) {
+        if (j < stored) {
+          const int64_t c = j / g, jj = j % g;
+          unpack_codes(vq[c] + (kv * g + jj) * row_bytes, d, four, codes.data());
+          const float* s_ = vs[c] + (kv * g + jj) * ng;
+          const float* l_ = vl[c] + (kv * g + jj) * ng;
           for (int64_t u = 0; u < group; ++u) {
-            const float w = ps[u * n + (c - c0) * g + j];
+            const float w = ps[u * n + j - lo];
             float* o = acc + u * d;
             for (int64_t v_ = 0; v_ < ng; ++v_) {
-              axpy(w * s_[j * ng + v_], codes.data() + v_ * gv, o + v_ * gv, gv);
-              const float b = w * l_[j * ng + v_];
-              for (int64_t e = v_ * gv; e < (v_ + 1) * gv; ++e) o[e] += b;
+              axpy(w * s_[v_], codes.data() + v_ * gv, o + v_ * gv, gv);
+              lsum[u * ng + v_] += w * l_[v_];  // the minimum term is one number per group: added once, below
             }
           }
+        } else {
+          const float* value = rvp + (kv * r + j - stored) * d;
+          for (int64_t u = 0; u < group; ++u) axpy(ps[u * n + j - lo], value, acc + u * d, d);
         }
       }
-      for (int64_t j = 0; j < rest; ++j)
-        for (int64_t u = 0; u < group; ++u)
-          axpy(ps[u * n + (c1 - c0) * g + j], rvp + (kv * r + j) * d, acc + u * d, d);
+      for (int64_t u = 0; u < group; ++u)
+        for (int64_t e = 0; e < d; ++e) acc[u * d + e] += lsum[u * ng + e / gv];
     }
   });
   auto out = torch::empty_like(q);
