@@ -325,6 +325,19 @@ class QuantizedLayer(_GrowingLayer):
             and native.preferred()
         )
 
+    def native_state(self) -> tuple[list[torch.Tensor], int, torch.Tensor, torch.Tensor] | None:
+        """What ``ryzen_native::decode_layer_kv`` reads for this layer (chunks, bits, residual keys and values
+        ``[H, R, D]``), or ``None`` when the layer must attend through :meth:`attend` (not yet initialised, batch > 1,
+        not fp32 on the CPU, native kernels off)."""
+        if not self.is_initialized or self.keys.shape[0] != 1 or not self._native_ok(self.keys):
+            return None
+        return self._flat, self.bits, self.keys[0], self.values[0]
+
+    def native_commit(self, rest_k: torch.Tensor, rest_v: torch.Tensor) -> None:
+        """Keep the residual window the native layer grew (``[H, R + T, D]``), quantizing what overflows it."""
+        self.keys, self.values = rest_k[None], rest_v[None]
+        self._flush()
+
     def _attend_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """``ryzen_native::kv_attend``: scores and values straight from the quantized codes (no dequantized copy,
         one call per layer), the residual window and the new tokens in fp32."""
@@ -371,6 +384,14 @@ class QuantizedKVCache(Cache):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention over layer ``layer_idx``'s stored tokens and the new ones; appends the new ones."""
         return self.layers[layer_idx].attend(q, k, v, scale, self.config.attend_chunk)
+
+    def native_state(self, layer_idx: int) -> tuple[list[torch.Tensor], int, torch.Tensor, torch.Tensor] | None:
+        """:meth:`QuantizedLayer.native_state` of layer ``layer_idx`` (the runtime's :class:`NativeAttendingCache`)."""
+        return self.layers[layer_idx].native_state()
+
+    def native_commit(self, layer_idx: int, rest_k: torch.Tensor, rest_v: torch.Tensor) -> None:
+        """:meth:`QuantizedLayer.native_commit` of layer ``layer_idx``."""
+        self.layers[layer_idx].native_commit(rest_k, rest_v)
 
 
 class SinkLayer(_GrowingLayer):

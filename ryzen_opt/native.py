@@ -572,6 +572,9 @@ torch::Tensor layer_out(torch::Tensor h, torch::Tensor attn, at::TensorList w, a
   return h1;
 }
 
+torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, torch::Tensor rk, torch::Tensor rv,
+                        double scale);
+
 torch::Tensor decode_layer(torch::Tensor h, at::TensorList w, at::IntArrayRef kinds, at::IntArrayRef groups,
                            torch::Tensor norm1, torch::Tensor norm2, double eps1, double eps2, torch::Tensor k_cache,
                            torch::Tensor v_cache, int64_t pos, torch::Tensor cos, torch::Tensor sin, int64_t heads,
@@ -582,7 +585,7 @@ torch::Tensor decode_layer(torch::Tensor h, at::TensorList w, at::IntArrayRef ki
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat,
               "decode_layer: contiguous fp32 caches [1, kv_heads, max_len, head_dim]");
   TORCH_CHECK(cos.size(1) == hd, "decode_layer: cos/sin [T, head_dim]");
-  const int64_t q_size = heads * hd, kv_size = kv_heads * hd, group = heads / kv_heads;
+  const int64_t q_size = heads * hd, kv_size = kv_heads * hd;
   auto qkv = layer_qkv(h, w, kinds, groups, norm1, eps1, cos, sin, heads, kv_heads);
   const float* qp = qkv.data_ptr<float>();
   float* kc = k_cache.data_ptr<float>();
@@ -595,28 +598,10 @@ torch::Tensor decode_layer(torch::Tensor h, at::TensorList w, at::IntArrayRef ki
       std::memcpy(vc + (g * max_len + pos + r) * hd, row + q_size + kv_size + g * hd, hd * sizeof(float));
     }
   }
-  auto attn = torch::empty({t, q_size}, h.options());
-  float* ap = attn.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, t * heads, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> p(pos + t);
-    for (int64_t task = b0; task < b1; ++task) {
-      const int64_t r = task / heads, hq = task % heads, g = hq / group, n = pos + r + 1;
-      const float* q = qp + r * width + hq * hd;
-      const float* keys = kc + g * max_len * hd;
-      const float* vals = vc + g * max_len * hd;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = dot(q, keys + j * hd, hd) * sc;
-        mx = std::max(mx, p[j]);
-      }
-      const float total = exp_sum(p.data(), n, mx);
-      float* out = ap + r * q_size + hq * hd;
-      std::fill(out, out + hd, 0.f);
-      const float inv = 1.f / total;
-      for (int64_t j = 0; j < n; ++j) axpy(p[j] * inv, vals + j * hd, out, hd);
-    }
-  });
+  // The attention is kv_attend's with no quantized chunks: the filled prefix of the cache is its fp32 rest.
+  auto q = qkv.narrow(1, 0, q_size).view({t, heads, hd}).transpose(0, 1).contiguous();
+  auto keys = k_cache[0].narrow(1, 0, pos + t), values = v_cache[0].narrow(1, 0, pos + t);
+  auto attn = kv_attend(q, {}, 8, keys, values, scale).transpose(0, 1).reshape({t, q_size}).contiguous();
   return layer_out(h, attn, w, kinds, groups, norm2, eps2);
 }
 
@@ -660,11 +645,93 @@ static inline void unpack_codes(const uint8_t* row, int64_t d, bool four, float*
     out[e] = four ? static_cast<float>((row[e >> 1] >> ((e & 1) << 2)) & 15) : static_cast<float>(row[e]);
 }
 
+// Scores of one key row for the `group` query heads that share it: out[u] = qs[u] . row, with the row read once
+// (unpacked from its codes in registers) and one accumulator per head, so the FMA chains run side by side.
+static inline void group_scores(const uint8_t* codes, const float* keys, int64_t d, bool four, const float* qs,
+                                int64_t group, float* out) {
+#ifdef RYZEN_AVX2
+  if (group <= 8 && d % 16 == 0) {
+    __m256 acc[8];
+    for (int64_t u = 0; u < group; ++u) acc[u] = _mm256_setzero_ps();
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int64_t e = 0; e < d; e += 16) {
+      __m256 x0, x1;
+      if (keys != nullptr) {
+        x0 = _mm256_loadu_ps(keys + e);
+        x1 = _mm256_loadu_ps(keys + e + 8);
+      } else if (four) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2));
+        const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+      } else {
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + e));
+        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+      }
+      for (int64_t u = 0; u < group; ++u) {
+        acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e), x0, acc[u]);
+        acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e + 8), x1, acc[u]);
+      }
+    }
+    for (int64_t u = 0; u < group; ++u) out[u] = hsum(acc[u]);
+    return;
+  }
+#endif
+  std::vector<float> row(d);
+  if (keys == nullptr) unpack_codes(codes, d, four, row.data());
+  const float* x = keys != nullptr ? keys : row.data();
+  for (int64_t u = 0; u < group; ++u) out[u] = dot(qs + u * d, x, d);
+}
+
+// acc[u] += w[u] * scale_of(e) * row (codes unpacked in registers, or fp32 values), for the group's heads; the value
+// scale changes every gv channels (one per group of a token), gv a multiple of 8 on the vector path.
+static inline void group_values(const uint8_t* codes, const float* values, int64_t d, bool four, const float* w,
+                                const float* scales, int64_t gv, int64_t group, float* acc) {
+#ifdef RYZEN_AVX2
+  if (d % 16 == 0 && gv % 16 == 0) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int64_t e = 0; e < d; e += 16) {
+      __m256 x0, x1;
+      if (values != nullptr) {
+        x0 = _mm256_loadu_ps(values + e);
+        x1 = _mm256_loadu_ps(values + e + 8);
+      } else if (four) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2));
+        const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+      } else {
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + e));
+        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+      }
+      const float sc = scales != nullptr ? scales[e / gv] : 1.f;
+      for (int64_t u = 0; u < group; ++u) {
+        const __m256 a = _mm256_set1_ps(w[u] * sc);
+        float* o = acc + u * d + e;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(a, x0, _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(a, x1, _mm256_loadu_ps(o + 8)));
+      }
+    }
+    return;
+  }
+#endif
+  std::vector<float> row(d);
+  if (values == nullptr) unpack_codes(codes, d, four, row.data());
+  const float* x = values != nullptr ? values : row.data();
+  for (int64_t u = 0; u < group; ++u)
+    for (int64_t v_ = 0; v_ < d / gv; ++v_)
+      axpy(w[u] * (scales != nullptr ? scales[v_] : 1.f), x + v_ * gv, acc + u * d + v_ * gv, gv);
+}
+
 torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, torch::Tensor rk, torch::Tensor rv,
                         double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous(), "kv_attend: q [Hq, T, D] fp32");
-  TORCH_CHECK(rk.dim() == 3 && rk.is_contiguous() && rv.is_contiguous() && rk.scalar_type() == torch::kFloat,
-              "kv_attend: rest keys/values [Hk, R, D] fp32, contiguous");
+  TORCH_CHECK(rk.dim() == 3 && rk.scalar_type() == torch::kFloat && rv.scalar_type() == torch::kFloat &&
+                  rk.stride(2) == 1 && rv.stride(2) == 1 && rk.stride(1) == rk.size(2) &&
+                  rv.stride(1) == rv.size(2) && rk.stride(0) == rv.stride(0),
+              "kv_attend: rest keys/values [Hk, R, D] fp32, rows contiguous (a head may be a prefix of a longer cache)");
   TORCH_CHECK(chunks.size() % 6 == 0, "kv_attend: 6 tensors per chunk");
   TORCH_CHECK(bits == 8 || bits == 4, "kv_attend: bits 8 or 4");
   const int64_t hq = q.size(0), t = q.size(1), d = q.size(2), hk = rk.size(0), r = rk.size(1);
@@ -690,28 +757,36 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
   }
   const int64_t stored = n_chunks * g, group = hq / hk;
   TORCH_CHECK(group <= 64, "kv_attend: at most 64 query heads per kv head");
-  // Slices of the token range (stored, then the fp32 rest), enough to keep every thread busy; a query row's slices
-  // past what it may see are empty.
+  // Slices of kSlice tokens at fixed absolute positions (stored, then the fp32 rest); a query row's slices past what
+  // it may see are empty. Fixed boundaries keep a row's sums in one order however many rows come with it, so a token
+  // verified with others gets the bits of a one-token step (greedy speculative decoding stays lossless).
+  constexpr int64_t kSlice = 64;
   const int64_t total = stored + r;
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>((total + 63) / 64, 4 * at::get_num_threads()));
+  const int64_t slices = std::max<int64_t>(1, (total + kSlice - 1) / kSlice);
   const int64_t tasks = hk * t * slices;
   std::vector<float> part_m(tasks * group), part_l(tasks * group), part_acc(tasks * group * d);
   const float* qp = q.data_ptr<float>();
   const float* rkp = rk.data_ptr<float>();
   const float* rvp = rv.data_ptr<float>();
+  const int64_t rs = rk.stride(0);  // between heads: R * D, or max_len * D for a static cache's filled prefix
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> codes(d), qs(group * d), base(group), p(group * (total / slices + 2)), lsum(group * ng);
+    std::vector<float> qs(group * d), base(group), p(group * kSlice), lsum(group * ng),
+        qall(group * d);
     for (int64_t task = b0; task < b1; ++task) {
       const int64_t kv = task / (t * slices), i = (task / slices) % t, slice = task % slices;
-      const int64_t lo = slice * total / slices;
-      const int64_t hi = std::min((slice + 1) * total / slices, stored + r - t + i + 1);
+      const int64_t lo = slice * kSlice;
+      const int64_t hi = std::min(std::min(lo + kSlice, total), stored + r - t + i + 1);
       const int64_t n = std::max<int64_t>(0, hi - lo);
       const float* qrow[64];
-      for (int64_t u = 0; u < group; ++u) qrow[u] = qp + ((kv * group + u) * t + i) * d;
+      for (int64_t u = 0; u < group; ++u) {
+        qrow[u] = qp + ((kv * group + u) * t + i) * d;
+        std::memcpy(qall.data() + u * d, qrow[u], d * sizeof(float));  // the group's queries side by side
+      }
       float* ps = p.data();
       // scores
       int64_t chunk = -1;
+      float su[64];
       for (int64_t j = lo; j < hi; ++j) {
         if (j < stored) {
           const int64_t c = j / g;
@@ -723,12 +798,11 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
               base[u] = dot(qrow[u], kl[c] + kv * d, d);
             }
           }
-          unpack_codes(kq[c] + (kv * g + j % g) * row_bytes, d, four, codes.data());
-          for (int64_t u = 0; u < group; ++u)
-            ps[u * n + j - lo] = (base[u] + dot(qs.data() + u * d, codes.data(), d)) * sc;
+          group_scores(kq[c] + (kv * g + j % g) * row_bytes, nullptr, d, four, qs.data(), group, su);
+          for (int64_t u = 0; u < group; ++u) ps[u * n + j - lo] = (base[u] + su[u]) * sc;
         } else {
-          const float* key = rkp + (kv * r + j - stored) * d;
-          for (int64_t u = 0; u < group; ++u) ps[u * n + j - lo] = dot(qrow[u], key, d) * sc;
+          group_scores(nullptr, rkp + kv * rs + (j - stored) * d, d, four, qall.data(), group, su);
+          for (int64_t u = 0; u < group; ++u) ps[u * n + j - lo] = su[u] * sc;
         }
       }
       // softmax pieces
@@ -743,23 +817,18 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
       float* acc = part_acc.data() + task * group * d;
       std::fill(acc, acc + group * d, 0.f);
       std::fill(lsum.begin(), lsum.end(), 0.f);
+      float wu[64];
       for (int64_t j = lo; j < hi; ++j) {
+        for (int64_t u = 0; u < group; ++u) wu[u] = ps[u * n + j - lo];
         if (j < stored) {
           const int64_t c = j / g, jj = j % g;
-          unpack_codes(vq[c] + (kv * g + jj) * row_bytes, d, four, codes.data());
           const float* s_ = vs[c] + (kv * g + jj) * ng;
           const float* l_ = vl[c] + (kv * g + jj) * ng;
-          for (int64_t u = 0; u < group; ++u) {
-            const float w = ps[u * n + j - lo];
-            float* o = acc + u * d;
-            for (int64_t v_ = 0; v_ < ng; ++v_) {
-              axpy(w * s_[v_], codes.data() + v_ * gv, o + v_ * gv, gv);
-              lsum[u * ng + v_] += w * l_[v_];  // the minimum term is one number per group: added once, below
-            }
-          }
+          group_values(vq[c] + (kv * g + jj) * row_bytes, nullptr, d, four, wu, s_, gv, group, acc);
+          for (int64_t u = 0; u < group; ++u)
+            for (int64_t v_ = 0; v_ < ng; ++v_) lsum[u * ng + v_] += wu[u] * l_[v_];  // added once, below
         } else {
-          const float* value = rvp + (kv * r + j - stored) * d;
-          for (int64_t u = 0; u < group; ++u) axpy(ps[u * n + j - lo], value, acc + u * d, d);
+          group_values(nullptr, rvp + kv * rs + (j - stored) * d, d, four, wu, nullptr, d, group, acc);
         }
       }
       for (int64_t u = 0; u < group; ++u)
@@ -789,6 +858,25 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
   return out;
 }
 
+// One Llama layer over a KIVI-quantized KV cache, in one call: layer_qkv, then kv_attend over the stored chunks and
+// the residual window with the new tokens appended, then layer_out. Returns the layer's output and the grown residual
+// keys and values [Hk, R + T, D], which the cache keeps (it quantizes them into chunks when the window overflows).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_layer_kv(
+    torch::Tensor h, at::TensorList w, at::IntArrayRef kinds, at::IntArrayRef groups, torch::Tensor norm1,
+    torch::Tensor norm2, double eps1, double eps2, at::TensorList chunks, int64_t bits, torch::Tensor res_k,
+    torch::Tensor res_v, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t kv_heads, double scale) {
+  const int64_t t = h.size(0), hd = cos.size(1);
+  const int64_t q_size = heads * hd, kv_size = kv_heads * hd;
+  auto qkv = layer_qkv(h, w, kinds, groups, norm1, eps1, cos, sin, heads, kv_heads);
+  auto q = qkv.narrow(1, 0, q_size).view({t, heads, hd}).transpose(0, 1).contiguous();
+  auto k = qkv.narrow(1, q_size, kv_size).view({t, kv_heads, hd}).transpose(0, 1);
+  auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, kv_heads, hd}).transpose(0, 1);
+  auto rest_k = torch::cat({res_k, k}, 1).contiguous();
+  auto rest_v = torch::cat({res_v, v}, 1).contiguous();
+  auto attn = kv_attend(q, chunks, bits, rest_k, rest_v, scale).transpose(0, 1).reshape({t, q_size}).contiguous();
+  return {layer_out(h, attn, w, kinds, groups, norm2, eps2), rest_k, rest_v};
+}
+
 TORCH_LIBRARY(ryzen_native, m) {
   m.def("built_isa() -> str", &built_isa);
   m.def("kv_attend(Tensor q, Tensor[] chunks, int bits, Tensor rk, Tensor rv, float scale) -> Tensor");
@@ -797,6 +885,10 @@ TORCH_LIBRARY(ryzen_native, m) {
       "int heads, int kv_heads) -> Tensor");
   m.def(
       "layer_out(Tensor h, Tensor attn, Tensor[] w, int[] kinds, int[] groups, Tensor norm2, float eps2) -> Tensor");
+  m.def(
+      "decode_layer_kv(Tensor h, Tensor[] w, int[] kinds, int[] groups, Tensor norm1, Tensor norm2, float eps1, "
+      "float eps2, Tensor[] chunks, int bits, Tensor res_k, Tensor res_v, Tensor cos, Tensor sin, int heads, "
+      "int kv_heads, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("w8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("w4_linear(Tensor x, Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
   m.def("w4_dequantize(Tensor packed, Tensor scale, Tensor minimum, int group) -> Tensor");
@@ -817,6 +909,7 @@ TORCH_LIBRARY_IMPL(ryzen_native, CPU, m) {
   m.impl("kv_attend", &kv_attend);
   m.impl("layer_qkv", &layer_qkv);
   m.impl("layer_out", &layer_out);
+  m.impl("decode_layer_kv", &decode_layer_kv);
 }
 """
 

@@ -21,6 +21,7 @@ from ryzen_opt.runtime.arch import (
 )
 from ryzen_opt.runtime.decoder import (
     AttendingCache,
+    NativeAttendingCache,
     NativeLayer,
     NativeLinear,
     NativeSpec,
@@ -37,6 +38,7 @@ __all__ = [
     "Arch",
     "AttendingCache",
     "Concat",
+    "NativeAttendingCache",
     "Layer",
     "NativeLayer",
     "NativeLinear",

@@ -55,6 +55,21 @@ class AttendingCache(Protocol):
     def crop(self, max_length: int) -> None: ...
 
 
+@runtime_checkable
+class NativeAttendingCache(AttendingCache, Protocol):
+    """An :class:`AttendingCache` whose layers the fused native layer can read directly (the KVCacheOptimizer's
+    quantized cache on the CPU): one ``ryzen_native::decode_layer_kv`` call per layer instead of two native calls
+    around :meth:`attend`."""
+
+    def native_state(self, layer: int) -> tuple[list[torch.Tensor], int, torch.Tensor, torch.Tensor] | None:
+        """``(chunk tensors, bits, residual keys, residual values)`` of ``layer``, or ``None`` to use ``attend``."""
+        ...
+
+    def native_commit(self, layer: int, rest_k: torch.Tensor, rest_v: torch.Tensor) -> None:
+        """Keep the residual window the native layer grew by the new tokens."""
+        ...
+
+
 def attends_on_storage(cache: Any) -> bool:
     """Whether ``cache`` is an :class:`AttendingCache` (the one test every caller uses)."""
     return cache is not None and callable(getattr(cache, "attend", None))
@@ -383,7 +398,17 @@ class StaticDecoder:
         arch = self.arch
         t, hd = rows.shape[0], arch.head_dim
         q_size, kv_size = arch.heads * hd, arch.kv_heads * hd
+        fused = isinstance(self.external, NativeAttendingCache)
         for i, nl in enumerate(plan):
+            state = self.external.native_state(i) if fused else None  # type: ignore[attr-defined]
+            if state is not None:
+                chunks, bits, res_k, res_v = state
+                rows, rest_k, rest_v = torch.ops.ryzen_native.decode_layer_kv(
+                    rows, nl.weights, nl.kinds, nl.groups, nl.norm1, nl.norm2, nl.eps1, nl.eps2, chunks, bits,
+                    res_k, res_v, cos, sin, arch.heads, arch.kv_heads, nl.scale,
+                )  # fmt: skip
+                self.external.native_commit(i, rest_k, rest_v)  # type: ignore[attr-defined]
+                continue
             qkv = torch.ops.ryzen_native.layer_qkv(
                 rows, nl.weights, nl.kinds, nl.groups, nl.norm1, nl.eps1, cos, sin, arch.heads, arch.kv_heads
             )
