@@ -731,7 +731,7 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
   TORCH_CHECK(rk.dim() == 3 && rk.scalar_type() == torch::kFloat && rv.scalar_type() == torch::kFloat &&
                   rk.stride(2) == 1 && rv.stride(2) == 1 && rk.stride(1) == rk.size(2) &&
                   rv.stride(1) == rv.size(2) && rk.stride(0) == rv.stride(0),
-              "kv_attend: rest keys/values [Hk, R, D] fp32, rows contiguous (a head may be a prefix of a longer cache)");
+              "kv_attend: rest keys/values [Hk, R, D] fp32, rows contiguous (a head may be a cache's prefix)");
   TORCH_CHECK(chunks.size() % 6 == 0, "kv_attend: 6 tensors per chunk");
   TORCH_CHECK(bits == 8 || bits == 4, "kv_attend: bits 8 or 4");
   const int64_t hq = q.size(0), t = q.size(1), d = q.size(2), hk = rk.size(0), r = rk.size(1);
