@@ -623,22 +623,35 @@ static std::string built_isa() {
 // p * vs * vq + p * vl per group. Each stored row is unpacked once for all the query heads that share its kv head.
 // Parallel as flash-decoding: tasks are (kv head, query row, slice of the tokens); each keeps its own max, sum and
 // accumulator, merged at the end (exact softmax up to fp32 rounding).
+#ifdef RYZEN_AVX2
+// Elements e..e+15 of a row as two fp32 vectors: fp32 values, or int8/int4 codes (0..255 / 0..15) converted.
+static inline void load16(const uint8_t* codes, const float* values, int64_t e, bool four, __m256& x0, __m256& x1) {
+  if (values != nullptr) {
+    x0 = _mm256_loadu_ps(values + e);
+    x1 = _mm256_loadu_ps(values + e + 8);
+    return;
+  }
+  __m128i c;
+  if (four) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2));
+    c = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));  // 2i low, 2i+1 high
+  } else {
+    c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + e));
+  }
+  x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+  x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+}
+#endif
+
 static inline void unpack_codes(const uint8_t* row, int64_t d, bool four, float* out) {
   int64_t e = 0;
 #ifdef RYZEN_AVX2
-  if (four) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    for (; e + 16 <= d; e += 16) {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e / 2));
-      const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-      const __m128i codes = _mm_unpacklo_epi8(lo, hi);  // element 2i from the low nibble, 2i + 1 from the high
-      _mm256_storeu_ps(out + e, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)));
-      _mm256_storeu_ps(out + e + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))));
-    }
-  } else {
-    for (; e + 8 <= d; e += 8)
-      _mm256_storeu_ps(out + e, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e)))));
+  for (; e + 16 <= d; e += 16) {
+    __m256 x0, x1;
+    load16(row, nullptr, e, four, x0, x1);
+    _mm256_storeu_ps(out + e, x0);
+    _mm256_storeu_ps(out + e + 8, x1);
   }
 #endif
   for (; e < d; ++e)
@@ -653,22 +666,9 @@ static inline void group_scores(const uint8_t* codes, const float* keys, int64_t
   if (group <= 8 && d % 16 == 0) {
     __m256 acc[8];
     for (int64_t u = 0; u < group; ++u) acc[u] = _mm256_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0F);
     for (int64_t e = 0; e < d; e += 16) {
       __m256 x0, x1;
-      if (keys != nullptr) {
-        x0 = _mm256_loadu_ps(keys + e);
-        x1 = _mm256_loadu_ps(keys + e + 8);
-      } else if (four) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2));
-        const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
-        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
-        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
-      } else {
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + e));
-        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
-        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
-      }
+      load16(codes, keys, e, four, x0, x1);
       for (int64_t u = 0; u < group; ++u) {
         acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e), x0, acc[u]);
         acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e + 8), x1, acc[u]);
@@ -690,22 +690,9 @@ static inline void group_values(const uint8_t* codes, const float* values, int64
                                 const float* scales, int64_t gv, int64_t group, float* acc) {
 #ifdef RYZEN_AVX2
   if (d % 16 == 0 && gv % 16 == 0) {
-    const __m128i low = _mm_set1_epi8(0x0F);
     for (int64_t e = 0; e < d; e += 16) {
       __m256 x0, x1;
-      if (values != nullptr) {
-        x0 = _mm256_loadu_ps(values + e);
-        x1 = _mm256_loadu_ps(values + e + 8);
-      } else if (four) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2));
-        const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
-        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
-        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
-      } else {
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + e));
-        x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
-        x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
-      }
+      load16(codes, values, e, four, x0, x1);
       const float sc = scales != nullptr ? scales[e / gv] : 1.f;
       for (int64_t u = 0; u < group; ++u) {
         const __m256 a = _mm256_set1_ps(w[u] * sc);
