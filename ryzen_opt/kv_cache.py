@@ -118,10 +118,29 @@ class _Chunk:
     v_scale: torch.Tensor  # [B, H, G, D/gv, 1]
     v_lo: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.kq, self.k_scale, self.k_lo, self.vq, self.v_scale, self.v_lo)
+
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.kq, self.k_scale, self.k_lo, self.vq, self.v_scale, self.v_lo)
-        )
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+# Chunks merged into one native entry: a 2k-token cache then passes ``ryzen_native::kv_attend`` 4 entries of 6
+# tensors instead of 32 (converting each tensor of the list costs about as much as attending to a few tokens).
+_MERGE = 8
+
+
+def _merge(chunks: list[_Chunk]) -> list[torch.Tensor]:
+    """One native entry for ``chunks`` (batch 1): their tensors concatenated over tokens; each chunk's tensors become
+    views of the entry, so the memory is held once."""
+    entry = [torch.cat([c.tensors()[i][0] for c in chunks], dim=1) for i in range(6)]
+    for n, c in enumerate(chunks):
+        views = []
+        for t, e in zip(c.tensors(), entry, strict=True):
+            width = t.shape[2]
+            views.append(e[None, :, n * width : (n + 1) * width])
+        c.kq, c.k_scale, c.k_lo, c.vq, c.v_scale, c.v_lo = views
+    return entry
 
 
 class _GrowingLayer(CacheLayerMixin):
@@ -168,9 +187,12 @@ class QuantizedLayer(_GrowingLayer):
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.native = native
         self.chunks: list[_Chunk] = []
-        # Each chunk's six tensors without the batch dimension, flat: the native kernel's argument, kept in step with
-        # ``chunks`` (append, pop, reset) so that a decode step does not rebuild 6 views per chunk per layer.
+        # The native kernel's argument, kept in step with ``chunks`` (append, pop, reset) so that a decode step does not
+        # rebuild it: a merged entry of 6 tensors per _MERGE chunks (``_blocks``), then each later chunk's 6 tensors,
+        # batch dimension dropped. Empty unless the batch is 1.
+        self._blocks: list[list[torch.Tensor]] = []
         self._flat: list[torch.Tensor] = []
+        self._flat_chunks = 0
 
     # -- storage
 
@@ -202,9 +224,8 @@ class QuantizedLayer(_GrowingLayer):
         while self.keys.shape[-2] - g >= self.residual_length:
             chunk = self._quantize_chunk(self.keys[..., :g, :].float(), self.values[..., :g, :].float())
             self.chunks.append(chunk)
-            if chunk.kq.shape[0] == 1:
-                self._flat += [t[0].contiguous() for t in (chunk.kq, chunk.k_scale, chunk.k_lo, chunk.vq,
-                                                             chunk.v_scale, chunk.v_lo)]  # fmt: skip
+            if chunk.kq.shape[0] == 1 and len(self.chunks) == _MERGE * (len(self._blocks) + 1):
+                self._blocks.append(_merge(self.chunks[-_MERGE:]))
             self.keys = self.keys[..., g:, :]
             self.values = self.values[..., g:, :]
             moved = True
@@ -212,6 +233,18 @@ class QuantizedLayer(_GrowingLayer):
             # A slice keeps its whole base alive (a 4k-token prefill's fp32 keys, behind a 128-token window): copy the
             # window out so that what is counted as stored is what is held.
             self.keys, self.values = self.keys.clone(), self.values.clone()
+            self._native_entries()
+
+    def _native_entries(self) -> None:
+        """Rebuild the native argument from the merged blocks and the chunks after them."""
+        del self._blocks[len(self.chunks) // _MERGE :]
+        flat: list[torch.Tensor] = []
+        if self.chunks and self.chunks[0].kq.shape[0] == 1:
+            for block in self._blocks:
+                flat += block
+            for chunk in self.chunks[len(self._blocks) * _MERGE :]:
+                flat += [t[0] for t in chunk.tensors()]
+        self._flat, self._flat_chunks = flat, len(self.chunks) if flat else 0
 
     def stored_bytes(self) -> int:
         residual = 0 if not self.is_initialized else self.keys.numel() * self.keys.element_size() * 2
@@ -237,7 +270,7 @@ class QuantizedLayer(_GrowingLayer):
 
     def reset(self) -> None:
         self.chunks = []
-        self._flat = []
+        self._native_entries()
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -253,12 +286,12 @@ class QuantizedLayer(_GrowingLayer):
         # Cropping into quantized storage brings those chunks back to the residual (dequantized: lossy once).
         while len(self.chunks) * self.group_size > keep:
             k, v = self._dequantize_chunk(self.chunks.pop(), self.dtype)
-            del self._flat[len(self.chunks) * 6 :]
             self.keys = torch.cat([k, self.keys], dim=-2)
             self.values = torch.cat([v, self.values], dim=-2)
         cut = keep - len(self.chunks) * self.group_size
         self.keys = self.keys[..., :cut, :].clone()
         self.values = self.values[..., :cut, :].clone()
+        self._native_entries()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("QuantizedKVCache supports neither beam search nor batch expansion")
@@ -321,7 +354,7 @@ class QuantizedLayer(_GrowingLayer):
             and q.device.type == "cpu"
             and self.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and len(self._flat) == 6 * len(self.chunks)
+            and self._flat_chunks == len(self.chunks)
             and native.preferred()
         )
 

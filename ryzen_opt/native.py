@@ -616,9 +616,10 @@ static std::string built_isa() {
 
 // Attention of q [Hq, T, D] over a KIVI-quantized KV cache read in its stored form, plus full-precision rest keys
 // and values [Hk, R, D] (the residual window, then the T new tokens: new token i sees the rest up to R - T + i).
-// chunks: 6 tensors per chunk of G tokens, batch dimension dropped:
-//   kq [Hk, G, D] uint8 (int4: [Hk, G, D/2], two a byte, element 2i low), k_scale, k_lo [Hk, 1, D] (per channel);
-//   vq like kq, v_scale, v_lo [Hk, G, NG, 1] (per token, NG groups of D/NG channels).
+// chunks: 6 tensors per entry of G tokens (G may differ between entries), batch dimension dropped:
+//   kq [Hk, G, D] uint8 (int4: [Hk, G, D/2], two a byte, element 2i low), k_scale, k_lo [Hk, KG, D] (per channel,
+//   one row per key group of G / KG tokens, the same in every entry); vq like kq, v_scale, v_lo [Hk, G, NG, 1] (per
+//   token, NG groups of D/NG channels). Rows are contiguous; heads may be further apart (views into merged chunks).
 // A score is q . (kq * ks + kl) = (q * ks) . kq + q . kl, so keys are never dequantized; values accumulate as
 // p * vs * vq + p * vl per group. Each stored row is unpacked once for all the query heads that share its kv head.
 // Parallel as flash-decoding: tasks are (kv head, query row, slice of the tokens); each keeps its own max, sum and
@@ -658,24 +659,71 @@ static inline void unpack_codes(const uint8_t* row, int64_t d, bool four, float*
     out[e] = four ? static_cast<float>((row[e >> 1] >> ((e & 1) << 2)) & 15) : static_cast<float>(row[e]);
 }
 
-// Scores of one key row for the `group` query heads that share it: out[u] = qs[u] . row, with the row read once
-// (unpacked from its codes in registers) and one accumulator per head, so the FMA chains run side by side.
+#ifdef RYZEN_AVX2
+// acc[u] = sum over the slice's rows jj of w[(jj * ng + e / gv) * G + u] * row_jj (codes unpacked in registers, or
+// fp32 rows), for the G heads. Blocks of 16 channels outside, rows inside: the 2G accumulators stay in registers
+// for the whole slice and are stored once, where a row-by-row update would load and store every block every row.
+// Each element still sums its rows in order lo..hi, so a row's bits do not depend on the rows beside it.
+template <int G>
+static inline void slice_values_g(const uint8_t* const* codes, const float* const* rows, int64_t n, int64_t d,
+                                  bool four, const float* w, int64_t gv, float* acc) {
+  const int64_t ng = d / gv;
+  for (int64_t e = 0; e < d; e += 16) {
+    __m256 a0[G], a1[G];
+    for (int u = 0; u < G; ++u) a0[u] = a1[u] = _mm256_setzero_ps();
+    const int64_t v_ = e / gv;
+    for (int64_t jj = 0; jj < n; ++jj) {
+      __m256 x0, x1;
+      load16(codes[jj], rows[jj], e, four, x0, x1);
+      const float* wj = w + (jj * ng + v_) * G;
+      for (int u = 0; u < G; ++u) {
+        const __m256 a = _mm256_broadcast_ss(wj + u);
+        a0[u] = _mm256_fmadd_ps(a, x0, a0[u]);
+        a1[u] = _mm256_fmadd_ps(a, x1, a1[u]);
+      }
+    }
+    for (int u = 0; u < G; ++u) {
+      _mm256_storeu_ps(acc + u * d + e, a0[u]);
+      _mm256_storeu_ps(acc + u * d + e + 8, a1[u]);
+    }
+  }
+}
+
+// Scores of one key row for the G query heads that share it: out[u] = qs[u] . row, the row read once (unpacked from
+// its codes in registers). G is a compile-time constant, so the 2G accumulators stay in registers (a runtime count
+// spilled them to the stack, one store per FMA); two per head halve the FMA chain. (A tree of horizontal adds over
+// 8 rows in place of the per-row hsum measured no faster: out-of-order execution hides the hsum.)
+template <int G>
+static inline void group_scores_g(const uint8_t* codes, const float* keys, int64_t d, bool four, const float* qs,
+                                  float* out) {
+  __m256 a0[G], a1[G];
+  for (int u = 0; u < G; ++u) a0[u] = a1[u] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < d; e += 16) {
+    __m256 x0, x1;
+    load16(codes, keys, e, four, x0, x1);
+    for (int u = 0; u < G; ++u) {
+      a0[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e), x0, a0[u]);
+      a1[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e + 8), x1, a1[u]);
+    }
+  }
+  for (int u = 0; u < G; ++u) out[u] = hsum(_mm256_add_ps(a0[u], a1[u]));
+}
+#endif
+
+// out[u] = qs[u] . row for the group's heads (any group and shape; the scalar build).
 static inline void group_scores(const uint8_t* codes, const float* keys, int64_t d, bool four, const float* qs,
                                 int64_t group, float* out) {
 #ifdef RYZEN_AVX2
-  if (group <= 8 && d % 16 == 0) {
-    __m256 acc[8];
-    for (int64_t u = 0; u < group; ++u) acc[u] = _mm256_setzero_ps();
-    for (int64_t e = 0; e < d; e += 16) {
-      __m256 x0, x1;
-      load16(codes, keys, e, four, x0, x1);
-      for (int64_t u = 0; u < group; ++u) {
-        acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e), x0, acc[u]);
-        acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + u * d + e + 8), x1, acc[u]);
-      }
+  if (d % 16 == 0) {
+    switch (group) {
+      case 1: return group_scores_g<1>(codes, keys, d, four, qs, out);
+      case 2: return group_scores_g<2>(codes, keys, d, four, qs, out);
+      case 3: return group_scores_g<3>(codes, keys, d, four, qs, out);
+      case 4: return group_scores_g<4>(codes, keys, d, four, qs, out);
+      case 5: return group_scores_g<5>(codes, keys, d, four, qs, out);
+      case 6: return group_scores_g<6>(codes, keys, d, four, qs, out);
+      default: break;
     }
-    for (int64_t u = 0; u < group; ++u) out[u] = hsum(acc[u]);
-    return;
   }
 #endif
   std::vector<float> row(d);
@@ -684,26 +732,29 @@ static inline void group_scores(const uint8_t* codes, const float* keys, int64_t
   for (int64_t u = 0; u < group; ++u) out[u] = dot(qs + u * d, x, d);
 }
 
-// acc[u] += w[u] * scale_of(e) * row (codes unpacked in registers, or fp32 values), for the group's heads; the value
-// scale changes every gv channels (one per group of a token), gv a multiple of 8 on the vector path.
-static inline void group_values(const uint8_t* codes, const float* values, int64_t d, bool four, const float* w,
-                                const float* scales, int64_t gv, int64_t group, float* acc) {
+// acc = sum over rows of w * row as slice_values_g; false where no vector path fits (the caller goes row by row).
+static inline bool slice_values(const uint8_t* const* codes, const float* const* rows, int64_t n, int64_t d,
+                                bool four, const float* w, int64_t gv, int64_t group, float* acc) {
 #ifdef RYZEN_AVX2
   if (d % 16 == 0 && gv % 16 == 0) {
-    for (int64_t e = 0; e < d; e += 16) {
-      __m256 x0, x1;
-      load16(codes, values, e, four, x0, x1);
-      const float sc = scales != nullptr ? scales[e / gv] : 1.f;
-      for (int64_t u = 0; u < group; ++u) {
-        const __m256 a = _mm256_set1_ps(w[u] * sc);
-        float* o = acc + u * d + e;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(a, x0, _mm256_loadu_ps(o)));
-        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(a, x1, _mm256_loadu_ps(o + 8)));
-      }
+    switch (group) {
+      case 1: slice_values_g<1>(codes, rows, n, d, four, w, gv, acc); return true;
+      case 2: slice_values_g<2>(codes, rows, n, d, four, w, gv, acc); return true;
+      case 3: slice_values_g<3>(codes, rows, n, d, four, w, gv, acc); return true;
+      case 4: slice_values_g<4>(codes, rows, n, d, four, w, gv, acc); return true;
+      case 5: slice_values_g<5>(codes, rows, n, d, four, w, gv, acc); return true;
+      case 6: slice_values_g<6>(codes, rows, n, d, four, w, gv, acc); return true;
+      default: break;
     }
-    return;
   }
 #endif
+  (void)codes, (void)rows, (void)n, (void)d, (void)four, (void)w, (void)gv, (void)group, (void)acc;
+  return false;
+}
+
+// acc[u] += w[u] * scale_of(e) * row for one row (the generic path), the value scale changing every gv channels.
+static inline void group_values(const uint8_t* codes, const float* values, int64_t d, bool four, const float* w,
+                                const float* scales, int64_t gv, int64_t group, float* acc) {
   std::vector<float> row(d);
   if (values == nullptr) unpack_codes(codes, d, four, row.data());
   const float* x = values != nullptr ? values : row.data();
@@ -724,25 +775,46 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
   const int64_t hq = q.size(0), t = q.size(1), d = q.size(2), hk = rk.size(0), r = rk.size(1);
   TORCH_CHECK(hq % hk == 0 && r >= t && rk.size(2) == d, "kv_attend: shapes");
   const int64_t n_chunks = static_cast<int64_t>(chunks.size()) / 6;
-  const int64_t g = n_chunks ? chunks[0].size(1) : 0;
+  // An entry holds its tokens in key-scale groups of gk tokens (the same gk for all): one group per entry (a chunk
+  // list), or several (chunks merged into one buffer, so that a long cache passes a few tensors, not hundreds).
+  const int64_t gk = n_chunks ? chunks[0].size(1) / chunks[1].size(1) : 1;
   const int64_t ng = n_chunks ? chunks[4].size(2) : 1;
   const int64_t gv = d / ng;
   const bool four = bits == 4;
   const int64_t row_bytes = four ? d / 2 : d;
   std::vector<const uint8_t*> kq(n_chunks), vq(n_chunks);
   std::vector<const float*> ks(n_chunks), kl(n_chunks), vs(n_chunks), vl(n_chunks);
+  std::vector<int64_t> kq_hs(n_chunks), ks_hs(n_chunks), vq_hs(n_chunks), vs_hs(n_chunks), off(n_chunks + 1, 0);
+  std::vector<int32_t> entry_of;  // key group -> entry
   for (int64_t c = 0; c < n_chunks; ++c) {
-    for (int64_t i = 0; i < 6; ++i)
-      TORCH_CHECK(chunks[c * 6 + i].is_contiguous() && chunks[c * 6 + i].size(0) == hk, "kv_attend: chunk tensors");
-    TORCH_CHECK(chunks[c * 6].size(1) == g && chunks[c * 6].size(2) == row_bytes, "kv_attend: chunk shape");
-    kq[c] = chunks[c * 6].data_ptr<uint8_t>();
-    ks[c] = chunks[c * 6 + 1].data_ptr<float>();
+    const auto& cq = chunks[c * 6];
+    const auto& cs = chunks[c * 6 + 1];
+    const auto& cvq = chunks[c * 6 + 3];
+    const auto& cvs = chunks[c * 6 + 4];
+    for (int64_t i = 0; i < 6; ++i) TORCH_CHECK(chunks[c * 6 + i].size(0) == hk, "kv_attend: chunk tensors [Hk, ...]");
+    TORCH_CHECK(cq.scalar_type() == torch::kUInt8 && cvq.scalar_type() == torch::kUInt8 && cq.sizes() == cvq.sizes() &&
+                    cq.size(2) == row_bytes && cq.stride(2) == 1 && cq.stride(1) == row_bytes &&
+                    cvq.stride(2) == 1 && cvq.stride(1) == row_bytes,
+                "kv_attend: chunk codes [Hk, G, row bytes] uint8, rows contiguous");
+    TORCH_CHECK(cs.sizes() == chunks[c * 6 + 2].sizes() && cs.strides() == chunks[c * 6 + 2].strides() &&
+                    cs.size(1) * gk == cq.size(1) && cs.size(2) == d && cs.stride(2) == 1 && cs.stride(1) == d &&
+                    cs.scalar_type() == torch::kFloat,
+                "kv_attend: key scales/lows [Hk, key groups, D] fp32, the same tokens per key group in every entry");
+    TORCH_CHECK(cvs.sizes() == chunks[c * 6 + 5].sizes() && cvs.strides() == chunks[c * 6 + 5].strides() &&
+                    cvs.dim() == 4 && cvs.size(1) == cq.size(1) && cvs.size(2) == ng && cvs.size(3) == 1 &&
+                    cvs.stride(1) == ng && cvs.stride(2) == 1 && cvs.scalar_type() == torch::kFloat,
+                "kv_attend: value scales/lows [Hk, G, NG, 1] fp32");
+    kq[c] = cq.data_ptr<uint8_t>();
+    ks[c] = cs.data_ptr<float>();
     kl[c] = chunks[c * 6 + 2].data_ptr<float>();
-    vq[c] = chunks[c * 6 + 3].data_ptr<uint8_t>();
-    vs[c] = chunks[c * 6 + 4].data_ptr<float>();
+    vq[c] = cvq.data_ptr<uint8_t>();
+    vs[c] = cvs.data_ptr<float>();
     vl[c] = chunks[c * 6 + 5].data_ptr<float>();
+    kq_hs[c] = cq.stride(0), ks_hs[c] = cs.stride(0), vq_hs[c] = cvq.stride(0), vs_hs[c] = cvs.stride(0);
+    off[c + 1] = off[c] + cq.size(1);
+    entry_of.insert(entry_of.end(), cs.size(1), static_cast<int32_t>(c));
   }
-  const int64_t stored = n_chunks * g, group = hq / hk;
+  const int64_t stored = off[n_chunks], group = hq / hk;
   TORCH_CHECK(group <= 64, "kv_attend: at most 64 query heads per kv head");
   // Slices of kSlice tokens at fixed absolute positions (stored, then the fp32 rest); a query row's slices past what
   // it may see are empty. Fixed boundaries keep a row's sums in one order however many rows come with it, so a token
@@ -759,7 +831,9 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, tasks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> qs(group * d), base(group), p(group * kSlice), lsum(group * ng),
-        qall(group * d);
+        qall(group * d), wv(kSlice * ng * group);
+    std::vector<const uint8_t*> vcodes(kSlice);
+    std::vector<const float*> vrows(kSlice);
     for (int64_t task = b0; task < b1; ++task) {
       const int64_t kv = task / (t * slices), i = (task / slices) % t, slice = task % slices;
       const int64_t lo = slice * kSlice;
@@ -772,20 +846,21 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
       }
       float* ps = p.data();
       // scores
-      int64_t chunk = -1;
+      int64_t key_group = -1;
       float su[64];
       for (int64_t j = lo; j < hi; ++j) {
         if (j < stored) {
-          const int64_t c = j / g;
-          if (c != chunk) {  // q * k_scale and q . k_lo of this chunk
-            chunk = c;
+          const int64_t c = entry_of[j / gk], at_j = j - off[c];
+          if (j / gk != key_group) {  // q * k_scale and q . k_lo of this key group
+            key_group = j / gk;
+            const int64_t at = kv * ks_hs[c] + (at_j / gk) * d;
             for (int64_t u = 0; u < group; ++u) {
-              const float* s_ = ks[c] + kv * d;
+              const float* s_ = ks[c] + at;
               for (int64_t e = 0; e < d; ++e) qs[u * d + e] = qrow[u][e] * s_[e];
-              base[u] = dot(qrow[u], kl[c] + kv * d, d);
+              base[u] = dot(qrow[u], kl[c] + at, d);
             }
           }
-          group_scores(kq[c] + (kv * g + j % g) * row_bytes, nullptr, d, four, qs.data(), group, su);
+          group_scores(kq[c] + kv * kq_hs[c] + at_j * row_bytes, nullptr, d, four, qs.data(), group, su);
           for (int64_t u = 0; u < group; ++u) ps[u * n + j - lo] = (base[u] + su[u]) * sc;
         } else {
           group_scores(nullptr, rkp + kv * rs + (j - stored) * d, d, four, qall.data(), group, su);
@@ -800,22 +875,39 @@ torch::Tensor kv_attend(torch::Tensor q, at::TensorList chunks, int64_t bits, to
         part_m[task * group + u] = mx;
         part_l[task * group + u] = n ? exp_sum(pu, n, mx) : 0.f;
       }
-      // values
+      // values: the weights of each row (p, times the row's value scale of each channel group), then the sums
       float* acc = part_acc.data() + task * group * d;
-      std::fill(acc, acc + group * d, 0.f);
       std::fill(lsum.begin(), lsum.end(), 0.f);
-      float wu[64];
       for (int64_t j = lo; j < hi; ++j) {
-        for (int64_t u = 0; u < group; ++u) wu[u] = ps[u * n + j - lo];
+        const int64_t jj = j - lo;
+        float* wj = wv.data() + jj * ng * group;
         if (j < stored) {
-          const int64_t c = j / g, jj = j % g;
-          const float* s_ = vs[c] + (kv * g + jj) * ng;
-          const float* l_ = vl[c] + (kv * g + jj) * ng;
-          group_values(vq[c] + (kv * g + jj) * row_bytes, nullptr, d, four, wu, s_, gv, group, acc);
-          for (int64_t u = 0; u < group; ++u)
-            for (int64_t v_ = 0; v_ < ng; ++v_) lsum[u * ng + v_] += wu[u] * l_[v_];  // added once, below
+          const int64_t c = entry_of[j / gk], at_j = j - off[c];
+          const float* s_ = vs[c] + kv * vs_hs[c] + at_j * ng;
+          const float* l_ = vl[c] + kv * vs_hs[c] + at_j * ng;
+          vcodes[jj] = vq[c] + kv * vq_hs[c] + at_j * row_bytes;
+          vrows[jj] = nullptr;
+          for (int64_t v_ = 0; v_ < ng; ++v_)
+            for (int64_t u = 0; u < group; ++u) {
+              wj[v_ * group + u] = ps[u * n + jj] * s_[v_];
+              lsum[u * ng + v_] += ps[u * n + jj] * l_[v_];  // added once, below
+            }
         } else {
-          group_values(nullptr, rvp + kv * rs + (j - stored) * d, d, four, wu, nullptr, d, group, acc);
+          vcodes[jj] = nullptr;
+          vrows[jj] = rvp + kv * rs + (j - stored) * d;
+          for (int64_t v_ = 0; v_ < ng; ++v_)
+            for (int64_t u = 0; u < group; ++u) wj[v_ * group + u] = ps[u * n + jj];
+        }
+      }
+      if (!slice_values(vcodes.data(), vrows.data(), n, d, four, wv.data(), gv, group, acc)) {
+        std::fill(acc, acc + group * d, 0.f);
+        float wu[64];
+        for (int64_t jj = 0; jj < n; ++jj) {
+          for (int64_t u = 0; u < group; ++u) wu[u] = ps[u * n + jj];
+          const int64_t j = lo + jj;
+          const int64_t c = j < stored ? entry_of[j / gk] : 0;
+          const float* s_ = vcodes[jj] != nullptr ? vs[c] + kv * vs_hs[c] + (j - off[c]) * ng : nullptr;
+          group_values(vcodes[jj], vrows[jj], d, four, wu, s_, gv, group, acc);
         }
       }
       for (int64_t u = 0; u < group; ++u)

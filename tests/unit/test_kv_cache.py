@@ -165,7 +165,31 @@ def test_native_attention_on_the_stored_form_matches_the_dequantized_cache(
         got = layer.attend(q, k, v, dim**-0.5, chunk_tokens=16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert layer.get_seq_length() == past + new
-    assert len(layer._flat) == 6 * len(layer.chunks)  # the native views follow the chunks
+    native_tokens = sum(t.shape[1] for t in layer._flat[::6])  # the native entries follow the chunks
+    assert native_tokens == len(layer.chunks) * group
+
+
+@pytest.mark.skipif(not native.preferred(), reason="no native kernels on this machine (see the log)")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_attention_after_a_crop_into_merged_chunks(bits):
+    """Every 8 chunks merge into one native entry (their tensors become views of it); a crop into such a block
+    brings chunks back to the residual, and attention, native or dequantized, still sees exactly what is stored."""
+    layer = QuantizedLayer(bits, group_size=4, residual_length=4)
+    layer.update(*_kv(4 * 20, 5))  # 19 chunks: two merged blocks and three single chunks
+    assert len(layer._blocks) == 2
+    layer.crop(-30)
+    assert len(layer._blocks) == 1
+    assert layer.get_seq_length() == 50
+    for step in range(10):  # decode past the point where the second block forms again
+        stored_k, stored_v = layer.update(*(t[..., :0, :] for t in _kv(1, 6)))
+        q = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(step))
+        k, v = _kv(2, 7 + step)
+        want = sdpa_reference(q, torch.cat([stored_k, k], 2), torch.cat([stored_v, v], 2), 0.25)
+        with torch.no_grad():
+            got = layer.attend(q, k, v, 0.25, chunk_tokens=16)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(layer._blocks) == 2
+    assert layer.get_seq_length() == 70
 
 
 def test_stored_bytes_count_codes_scales_and_the_window():
