@@ -205,6 +205,37 @@ def cmd_report_merge(args: argparse.Namespace) -> int:
     return 0 if merged["status"] == "COMPLETE" else 1
 
 
+def cmd_draft_build(args: argparse.Namespace) -> int:
+    """Build (or find in the cache) a feature draft for a local model; print where it is and how it did."""
+    from pathlib import Path
+
+    from ryzen_opt import zoo
+    from ryzen_opt.draft import DraftConfig, build_draft
+
+    aliases = {"smollm2": zoo.smollm2_dir, "zoo": lambda: zoo.build() / "target"}
+    model_dir = aliases[args.model]() if args.model in aliases else Path(args.model)
+    given = {"budget_seconds": args.budget, "chat_tokens": args.chat_tokens, "seed": args.seed}
+    config = DraftConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: DraftConfig's defaults
+    path = build_draft(model_dir, config, force=args.force, progress=not args.json)
+    build = json.loads((path / "draft_config.json").read_text())["build"]
+    if args.json:
+        print(json.dumps({"path": str(path), **build}, indent=2))
+        return 0
+    print(f"draft for {model_dir}: {path}")
+    print_table(
+        [
+            ("held-out teacher-forced agreement", f"{build['heldout_agreement']:.3f}"),
+            ("training steps", str(build["steps"])),
+            ("blocks (train / held-out)", f"{build['blocks']['train']} / {build['blocks']['heldout']}"),
+            ("chat answers by the target", str(build["chat_answers"])),
+            ("draft vocabulary", f"{build['draft_vocab']} (covers {build['vocab_coverage']:.1%} of the corpus)"),
+            ("build seconds", f"{build['seconds']:.0f}"),
+        ],
+        header=("measure", "value"),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ryzen-opt",
@@ -261,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_zoo.add_argument("--force", action="store_true", help="retrain even if an intact cached copy exists")
     p_zoo.add_argument("--json", action="store_true", help="print JSON")
     p_zoo.set_defaults(func=cmd_zoo)
+
+    p_draft = sub.add_parser("draft", help="drafts for speculative decoding: `draft build MODEL`")
+    draft_sub = p_draft.add_subparsers(dest="draft_command", metavar="WHAT")
+    draft_sub.required = True
+    p_build = draft_sub.add_parser(
+        "build", help="train (or load from cache) a feature draft for a local model, within a time budget"
+    )
+    p_build.add_argument("model", help="a local model directory (save_pretrained), or 'smollm2' or 'zoo'")
+    p_build.add_argument("--budget", type=float, help="seconds for the whole build (default: DraftConfig's, 1200)")
+    p_build.add_argument("--chat-tokens", type=int, help="tokens of chat answers the target writes for the corpus")
+    p_build.add_argument("--seed", type=int, help="data order and initialisation")
+    p_build.add_argument("--force", action="store_true", help="rebuild even if an intact cached draft exists")
+    p_build.add_argument("--json", action="store_true", help="print JSON")
+    p_build.set_defaults(func=cmd_draft_build)
     return parser
 
 

@@ -159,6 +159,8 @@ class _Runner(Protocol):
 
     def extend(self, ids: torch.Tensor) -> torch.Tensor: ...
 
+    def extend_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def rollback(self, length: int) -> None: ...
 
 
@@ -184,6 +186,11 @@ class _LeanRunner:
             # A compiled one-token step (KernelConfig(compile=True)): about half an eager step on small models.
             return self.decoder.step(ids).float()
         return self.decoder.forward(ids, all_logits=True)[0].float()
+
+    def extend_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[T, V]`` and the hidden states the head read ``[T, d]`` (eager: the compiled step has none)."""
+        logits, features = self.decoder.forward(ids, all_logits=True, features=True)
+        return logits[0].float(), features[0].float()
 
     def rollback(self, length: int) -> None:
         self.decoder.crop(length)
@@ -213,6 +220,13 @@ class _HFRunner:
         self.length += ids.shape[1]
         return out.logits[0].float()
 
+    def extend_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the decoder's last hidden state (after its final norm: what the LM head reads)."""
+        out = self.model.get_decoder()(ids, **cache_kwargs(self.cache), use_cache=True)
+        self.length += ids.shape[1]
+        hidden = out.last_hidden_state[0]
+        return self.model.get_output_embeddings()(hidden).float(), hidden.float()
+
     def rollback(self, length: int) -> None:
         if length < self.length:
             self.cache.crop(length - self.length)
@@ -233,6 +247,11 @@ def _runner(model: Any, cache_factory: Callable[[], Any] | None) -> _LeanRunner 
 
 
 class Drafter(Protocol):
+    """What :class:`SpeculativeDecoder` drafts with. A drafter that sets ``needs_features = True`` also gets
+    ``observe(features [n, d], next_tokens)``: the target's hidden states (after its final norm) of positions whose
+    following tokens are committed, from the prefill and from each verification (a feature draft, ``ryzen_opt.draft``).
+    """
+
     def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``k`` draft tokens after ``sequence``, and their draft distributions ``[n, V]`` (``None``: the
         proposal is deterministic, a point mass)."""
@@ -347,6 +366,8 @@ class SpeculativeDecoder:
         self.config = config or SpecConfig()
         if hasattr(drafter, "propose"):
             self.drafter = drafter
+        elif hasattr(drafter, "as_drafter"):  # a feature draft: it drafts from the target's hidden states
+            self.drafter = drafter.as_drafter(target, confidence=self.config.draft_confidence)
         else:
             self.drafter = ModelDrafter(drafter, confidence=self.config.draft_confidence)
         self.runner = _runner(target, target_cache_factory)
@@ -401,8 +422,13 @@ class SpeculativeDecoder:
         self.drafter.start(prompt, max_len)
         try:
             # The target processes everything but the last committed token, which opens the next verification.
+            features = bool(getattr(self.drafter, "needs_features", False))
             if len(prompt) > 1:
-                self.runner.extend(torch.tensor([prompt[:-1]], device=device))
+                if features:
+                    _, hidden = self.runner.extend_features(torch.tensor([prompt[:-1]], device=device))
+                    self.drafter.observe(hidden, prompt[1:])  # type: ignore[attr-defined]
+                else:
+                    self.runner.extend(torch.tensor([prompt[:-1]], device=device))
             k = self.config.num_draft_tokens
             while len(sequence) - len(prompt) < max_new_tokens:
                 remaining = max_new_tokens - (len(sequence) - len(prompt))
@@ -412,7 +438,11 @@ class SpeculativeDecoder:
                 stats.draft_seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 committed = len(sequence)
-                logits = self.runner.extend(torch.tensor([[sequence[-1], *drafts]], device=device))
+                verify_ids = torch.tensor([[sequence[-1], *drafts]], device=device)
+                if features:
+                    logits, hidden = self.runner.extend_features(verify_ids)
+                else:
+                    logits = self.runner.extend(verify_ids)
                 stats.target_forwards += 1
                 new, accepted = self._verify(logits, drafts, dists, sampling, stats)
                 self.runner.rollback(committed + accepted)  # keep what the target processed of the kept tokens
@@ -428,6 +458,8 @@ class SpeculativeDecoder:
                 if stop is not None:
                     new = new[: stop + 1]
                 sequence.extend(new)
+                if features:
+                    self.drafter.observe(hidden[: len(new)], new)  # type: ignore[attr-defined]
                 if stop is not None:
                     break
                 if self.config.adaptive and drafts:

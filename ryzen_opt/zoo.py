@@ -471,8 +471,10 @@ def reference_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``"smollm2"`` (SmolLM2-135M-Instruct, the real reference; converted on first use)
-    or the zoo's ``"target"`` or ``"draft"`` (tiny models trained here on first use; ``recipe`` picks which zoo).
+    """``(model, tokenizer)`` for ``"smollm2"`` (SmolLM2-135M-Instruct, the real reference; converted on first use),
+    ``"smollm2-draft"`` (its feature draft, :mod:`ryzen_opt.draft`: built on first use within ``DraftConfig``'s
+    default budget of 20 minutes, then cached; pass it to ``SpeculativeDecoder(target, draft)``), or the zoo's
+    ``"target"`` or ``"draft"`` (tiny models trained here on first use; ``recipe`` picks which zoo).
 
     The model is loaded through :func:`ryzen_opt.models.load_model` (real ``from_pretrained`` on the cached
     directory), so every call returns a fresh, independent copy.
@@ -481,8 +483,17 @@ def reference_model(
 
     if kind == "smollm2":
         return load_model(smollm2_dir(), device=device, dtype=dtype)
+    if kind == "smollm2-draft":
+        from transformers import AutoTokenizer
+
+        from ryzen_opt.draft import build_draft, load_draft
+
+        root = smollm2_dir()
+        return load_draft(build_draft(root, progress=True)).to(device), AutoTokenizer.from_pretrained(root)
     if kind not in ("target", "draft"):
-        raise ConfigError(f"unknown reference model {kind!r}: choose 'smollm2', or the zoo's 'target' or 'draft'")
+        raise ConfigError(
+            f"unknown reference model {kind!r}: choose 'smollm2', 'smollm2-draft', or the zoo's 'target' or 'draft'"
+        )
     root = build(recipe)
     return load_model(root / kind, device=device, dtype=dtype)
 

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -420,9 +420,20 @@ class StaticDecoder:
             rows = torch.ops.ryzen_native.layer_out(rows, attn_rows, nl.weights, nl.kinds, nl.groups, nl.norm2, nl.eps2)
         return rows
 
-    def forward(self, ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+    @overload
+    def forward(self, ids: torch.Tensor, *, all_logits: bool = ..., features: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, ids: torch.Tensor, *, all_logits: bool = ..., features: Literal[True]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(
+        self, ids: torch.Tensor, *, all_logits: bool = False, features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Append ``ids`` ``[1, T]`` at the current position; logits of the last position ``[1, V]``, or of all
-        positions ``[1, T, V]`` with ``all_logits``."""
+        positions ``[1, T, V]`` with ``all_logits``. With ``features``, also the hidden states the LM head read (after
+        the final norm, ``[1, T, d]`` or ``[1, d]`` like the logits): a feature draft drafts from them."""
         if self.k_cache is None and self.external is None:
             raise RuntimeError("StaticDecoder.forward before allocate()")
         pos, t = self.pos, ids.shape[1]
@@ -443,8 +454,11 @@ class StaticDecoder:
                 mask = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(diagonal=pos)
             h = self._layers(h, rope, functools.partial(self._attend_prefix, pos, mask))
         self.pos = end
-        logits = self._head(h if all_logits else h[:, -1:])
-        return logits if all_logits else logits[:, -1]
+        normed = _norm(self.arch.final_norm, h if all_logits else h[:, -1:])
+        logits = self.arch.lm_head(normed)
+        if not all_logits:
+            logits, normed = logits[:, -1], normed[:, -1]
+        return (logits, normed) if features else logits
 
     # -- compiled step (static shapes)
 
