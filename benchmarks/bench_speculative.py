@@ -2,13 +2,20 @@
 
     python benchmarks/bench_speculative.py                  # SmolLM2-135M-Instruct, n-gram drafting
     python benchmarks/bench_speculative.py --model zoo      # the zoo target and its early-exit draft
+    python benchmarks/bench_speculative.py --drafter feature  # SmolLM2 and its trained feature draft
+
+``--drafter feature``: SmolLM2 with the feature draft of ``ryzen_opt.draft`` (``--draft DIR``, or
+``zoo.reference_model("smollm2-draft")``, built on first use) on held-out prompts of three kinds: prose to continue
+(the ``test`` split of CPython's documentation, which the draft never saw), held-out Python sources to continue, and
+chat instructions unlike the builder's. Per kind and kernel setting: acceptance, per-position acceptance, tokens per
+target forward, greedy equality with the target's ``generate``, and the speedup against the same optimized target
+alone (paired, 95% CI). Then n-gram drafting on the same prompts, next to it.
 
 ``--model smollm2`` (the default): prompts ask the model to repeat a held-out prose passage word for word
 (``zoo.copy_prompts``: an edit or a quotation, where the context repeats); for each kernel setting (``none`` and
 ``int8``, SystemConfig's), n-gram drafting's acceptance, tokens per target forward, greedy equality with the target's
 own ``generate``, and speedup against the target alone with the same kernels; then HF's own prompt lookup
-(``prompt_lookup_num_tokens=10``) on the plain fp32 model against HF ``generate``, next to ours. A trained draft for
-SmolLM2 does not exist yet.
+(``prompt_lookup_num_tokens=10``) on the plain fp32 model against HF ``generate``, next to ours.
 
 ``--model zoo``:
 For each kernel setting (the KernelOptimizer's ``weights``: none, int8, int4) and each drafter (the draft model,
@@ -114,10 +121,80 @@ def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+CHAT = (
+    "Write a haiku about the sea in autumn.",
+    "How do I reverse a string in Python? Show two ways.",
+    "Explain recursion to a ten-year-old.",
+    "List five healthy breakfast ideas, one line each.",
+    "What should I check before buying a used bicycle?",
+    "Write a polite email asking a colleague to review my report.",
+    "Why is the sky blue? Answer in one paragraph.",
+    "Give me a plan to learn to play the guitar in three months.",
+)
+
+
+def feature_prompts(tokenizer: Any, per_kind: int) -> dict[str, list[torch.Tensor]]:
+    """Held-out prompts of three kinds (``[1, T]`` ids): prose, Python code, chat."""
+    prose = zoo.prose_blocks(tokenizer, "test", blocks=per_kind)[:, :96]
+    code_files = [path for rel, path in zoo.corpus_files() if zoo.is_heldout(rel, 10)]
+    code = []
+    for path in code_files[:: max(1, len(code_files) // per_kind)][:per_kind]:
+        ids = tokenizer(path.read_text(errors="replace")[:2000], add_special_tokens=False)["input_ids"][:96]
+        code.append(torch.tensor([ids]))
+    chat = []
+    for text in CHAT[:per_kind]:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)  # fmt: skip
+        chat.append(tokenizer(rendered, return_tensors="pt", add_special_tokens=False).input_ids)
+    return {"prose": [row[None] for row in prose], "code": code, "chat": chat}
+
+
+@torch.no_grad()
+def bench_smollm2_feature(args: argparse.Namespace) -> dict[str, Any]:
+    from ryzen_opt.draft import load_draft
+
+    target, tokenizer = zoo.reference_model("smollm2")
+    target.generation_config.eos_token_id = None
+    head = load_draft(args.draft) if args.draft else zoo.reference_model("smollm2-draft")[0]
+    kinds = feature_prompts(tokenizer, args.prompts)
+    results: dict[str, Any] = {"benchmark": "SpeculativeDecoder, SmolLM2, feature draft", "args": vars(args)}
+    results["rows"] = []
+    print(f"== SmolLM2-135M + feature draft, {args.prompts} prompts per kind, {NEW} tokens, {args.threads} thread(s)")
+    for weights in args.weights or ["int8"]:
+        t = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(target))
+        for kind, prompts in kinds.items():
+            for name, drafter in (("feature", head), ("n-gram", NGramDrafter())):
+                decoder = SpeculativeDecoder(t, drafter, SpecConfig())
+                stats, equal, m = _measure(
+                    t, decoder, prompts, prompts[:2], pairs=args.pairs, drafter=name, weights=weights
+                )
+                results["rows"].append(
+                    {
+                        "weights": weights,
+                        "kind": kind,
+                        "drafter": name,
+                        "stats": stats.to_dict(),
+                        "greedy_equal": equal,
+                        "speedup": m.to_dict(),
+                    }
+                )
+                print(
+                    f"weights={weights:5s} {kind:5s} {name:8s} acceptance {stats.acceptance_rate:.3f}, "
+                    f"{stats.tokens_per_target_forward:.2f} tokens/forward, per position "
+                    f"{[round(x, 2) for x in stats.per_position_acceptance[:6]]}, greedy equal "
+                    f"{equal}/{len(prompts)}, near-ties {stats.near_ties}; vs target alone {m.describe()} "
+                    f"({m.baseline_median_s / (2 * NEW) * 1e3:.2f} -> {m.candidate_median_s / (2 * NEW) * 1e3:.2f} "
+                    "ms/token)"
+                )
+    return results
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["smollm2", "zoo"], default="smollm2")
+    parser.add_argument("--drafter", choices=["ngram", "feature"], default="ngram", help="SmolLM2's drafter")
+    parser.add_argument("--draft", help="a feature draft directory (default: zoo.reference_model('smollm2-draft'))")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=8)
@@ -126,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model == "smollm2":
-        results = bench_smollm2(args)
+        results = bench_smollm2_feature(args) if args.drafter == "feature" else bench_smollm2(args)
         results["environment"] = environment()
         atomic_write_json(Path(args.out), results)
         print(f"\nwritten {args.out}")
