@@ -50,6 +50,7 @@ from ryzen_opt.errors import ConfigError, ModelLoadError
 from ryzen_opt.locking import file_lock
 from ryzen_opt.reports import atomic_write_json
 from ryzen_opt.runtime import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_type
+from ryzen_opt.speculative import draft_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -311,29 +312,21 @@ class FeatureDrafter:
             self.last = out[-1]
         if self.last is None or k < 1:
             return [], None
-        feature, position = self.last, self.length
-        drafts: list[int] = []
-        dists = []
-        vocab_ids = self.draft.vocab_ids
-        for i in range(k):
-            logits = self.draft.logits(feature)
-            if sampling.greedy:
-                if i and self.confidence and float(logits.softmax(-1).max()) < self.confidence:
-                    break
-                token = int(vocab_ids[int(logits.argmax())])
-            else:
-                full = torch.full((self.draft.shape.vocab_size,), -math.inf)
-                full[vocab_ids] = logits.float()
-                p = sampling.probs(full)
-                if i and self.confidence and float(p.max()) < self.confidence:
-                    break
-                token = sampling.draw(p)
-                dists.append(p)
-            drafts.append(token)
-            if i + 1 < k:
-                feature = self._run(feature[None], [token], position)[-1]
-                position += 1
-        return drafts, (torch.stack(dists) if dists else None)
+        state = {"feature": self.last, "position": self.length}
+
+        def full_logits(feature: torch.Tensor) -> torch.Tensor:
+            # The draft vocabulary's logits in the full vocabulary (-inf elsewhere: probability 0, never the argmax;
+            # vocab_ids ascend, so a tie resolves to the same token as in the draft's own order).
+            full = torch.full((self.draft.shape.vocab_size,), -math.inf)
+            full[self.draft.vocab_ids] = self.draft.logits(feature).float()
+            return full
+
+        def step(token: int) -> torch.Tensor:
+            state["feature"] = self._run(state["feature"][None], [token], state["position"])[-1]
+            state["position"] += 1
+            return full_logits(state["feature"])
+
+        return draft_tokens(full_logits(self.last), k, sampling, self.confidence, step)
 
     def close(self) -> None:
         self.keys = self.values = None

@@ -262,6 +262,35 @@ class Drafter(Protocol):
     def close(self) -> None: ...
 
 
+def draft_tokens(
+    logits: torch.Tensor,
+    k: int,
+    sampling: Sampler,
+    confidence: float,
+    step: Callable[[int], torch.Tensor],
+) -> tuple[list[int], torch.Tensor | None]:
+    """Up to ``k`` draft tokens from a model's next-token ``logits`` ``[V]``, ``step(token)`` giving the logits after
+    each one: greedy argmax, or a draw from ``sampling`` (whose distributions are returned for the rejection rule).
+    Drafting stops early, after the first token, where the draft's top probability is below ``confidence``."""
+    drafts: list[int] = []
+    dists = []
+    for i in range(k):
+        if sampling.greedy:
+            if i and confidence and float(logits.softmax(-1).max()) < confidence:
+                break
+            token = int(logits.argmax())
+        else:
+            p = sampling.probs(logits)
+            if i and confidence and float(p.max()) < confidence:
+                break
+            token = sampling.draw(p)
+            dists.append(p)
+        drafts.append(token)
+        if i + 1 < k:
+            logits = step(token)
+    return drafts, (torch.stack(dists) if dists else None)
+
+
 class ModelDrafter:
     """A draft language model (for the zoo: the target's first layers, an early exit), run through its own cache."""
 
@@ -289,24 +318,12 @@ class ModelDrafter:
         device = _device(self.model)
         logits = self.runner.extend(torch.tensor([sequence[common:]], device=device))[-1]
         self.tokens = list(sequence)
-        drafts: list[int] = []
-        dists = []
-        for i in range(k):
-            if sampling.greedy:
-                if i and self.confidence and float(logits.softmax(-1).max()) < self.confidence:
-                    break
-                token = int(logits.argmax())
-            else:
-                p = sampling.probs(logits)
-                if i and self.confidence and float(p.max()) < self.confidence:
-                    break
-                token = sampling.draw(p)
-                dists.append(p)
-            drafts.append(token)
-            if i + 1 < k:
-                logits = self.runner.extend(torch.tensor([[token]], device=device))[-1]
-                self.tokens.append(token)
-        return drafts, (torch.stack(dists) if dists else None)
+
+        def step(token: int) -> torch.Tensor:
+            self.tokens.append(token)
+            return self.runner.extend(torch.tensor([[token]], device=device))[-1]
+
+        return draft_tokens(logits, k, sampling, self.confidence, step)
 
     def close(self) -> None:
         self.runner.close()
