@@ -49,6 +49,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ryzen_opt import distributed
     from ryzen_opt.pipeline import RunConfig, StageResult, run_pipeline
     from ryzen_opt.summary import gate_rows
 
@@ -58,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, **overrides)  # __post_init__ checks the values again
     stages = ("setup", "training", "validation", "testing")
     done = {"n": 0}
+    try:
+        main_rank = distributed.env_info().is_main  # under torchrun only rank 0 prints
+    except RyzenOptError:
+        main_rank = True  # the run's setup stage reports the bad environment
 
     def progress(result: StageResult) -> None:
         done["n"] += 1
@@ -69,6 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"      {message}", flush=True)
 
+    if not main_rank:
+        report = run_pipeline(config)
+        return 1 if report["failed"] or report["status"] == "FAILED" else 0
     print(f"ryzen-opt run: device={config.device} output_dir={config.output_dir}")
     report = run_pipeline(config, progress=progress, say=say)
     rows = gate_rows(report)

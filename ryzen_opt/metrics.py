@@ -117,12 +117,18 @@ class BatchMetric:
     duration_s: float
     step: int | None = None
     tokens: int | None = None
+    rank_step_s: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values; NaN and Inf become ``None`` (the collector's anomaly list says which they were)."""
+        """Plain JSON values; NaN and Inf become ``None`` (the collector's anomaly list says which they were).
+        ``rank_step_s`` (each rank's own step seconds, distributed runs only) is left out when there is none."""
         out = {name: getattr(self, name) for name in _BATCH_FIELDS}
         for name in ("loss", "samples_per_s", "tokens_per_s", "learning_rate", "grad_norm", "duration_s"):
             out[name] = _json_float(out[name])
+        if self.rank_step_s is None:
+            del out["rank_step_s"]
+        else:
+            out["rank_step_s"] = [_json_float(v) for v in self.rank_step_s]
         return out
 
     @classmethod
@@ -152,6 +158,7 @@ class BatchMetric:
             duration_s=_float_or_nan(data.get("duration_s", 0.0)),
             step=None if step is None else int(step),
             tokens=None if tokens is None else int(tokens),
+            rank_step_s=None if data.get("rank_step_s") is None else tuple(map(_float_or_nan, data["rank_step_s"])),
         )
 
 
@@ -330,6 +337,18 @@ def _detect(batches: list[BatchMetric], cfg: AnomalyConfig, source: str | None) 
     return [Anomaly(step, kind, v, t, f"step {step}: {why}", source) for step, kind, v, t, why in hits]
 
 
+def _rank_statistics(batches: list[BatchMetric]) -> dict[str, Any]:
+    """Stragglers: each rank's mean step seconds over the steps that timed every rank, and the slowest rank's mean
+    over the fastest's (1.0 is perfectly even). ``None`` for a single process."""
+    timed = [m.rank_step_s for m in batches if m.rank_step_s and all(math.isfinite(v) for v in m.rank_step_s)]
+    widths = {len(t) for t in timed}
+    if not timed or len(widths) != 1:
+        return {"rank_step_s": None, "straggler_ratio": None}
+    means = [math.fsum(column) / len(timed) for column in zip(*timed, strict=True)]
+    ratio = max(means) / min(means) if min(means) > 0 else None
+    return {"rank_step_s": means, "straggler_ratio": ratio}
+
+
 def _summary(values: list[float]) -> dict[str, float] | None:
     """mean, p50, p90, p99 (linear interpolation), min and max; ``None`` with no values."""
     if not values:
@@ -380,6 +399,8 @@ class TrainingMetricsCollector:
         self._lazy: list[int] = []  # indices of batches whose loss / grad_norm are not Python floats yet
         self._segments: list[_Segment] = [_Segment(experiment_id, model, batch_size, 0, 0)]
         self._foreign_tail = False  # the last segment came from merge(): own records need a new one
+        self.world_size = 1
+        self.backend: str | None = None
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -393,6 +414,13 @@ class TrainingMetricsCollector:
     @property
     def epoch_metrics(self) -> tuple[EpochMetric, ...]:
         return tuple(self._epochs)
+
+    def set_distributed(self, world_size: int, backend: str | None) -> None:
+        """Say that the records come from ``world_size`` ranks (losses already averaged over them, throughput
+        global): the report's metadata carries both, and its statistics each rank's mean step time."""
+        if world_size < 1:
+            raise ValueError(f"world_size {world_size}: at least 1")
+        self.world_size, self.backend = int(world_size), backend
 
     # -- recording: the hot path, append only ------------------------------------------------------------------
 
@@ -498,6 +526,7 @@ class TrainingMetricsCollector:
             "best_val_loss": min(val) if val else None,
             "best_accuracy": max(acc) if acc else None,
             "final_perplexity": _json_float(self._epochs[-1].perplexity) if self._epochs else None,
+            **_rank_statistics(self._batches),
         }
 
     def _segment_ranges(self) -> Iterator[tuple[_Segment, int, int, int, int]]:
@@ -545,6 +574,8 @@ class TrainingMetricsCollector:
                 "batch_size": self.batch_size,
                 "sources": self._sources(),
                 "anomaly_config": self.anomaly_config.to_dict(),
+                "world_size": self.world_size,
+                "backend": self.backend,
             },
             "statistics": stats,
             "epoch_metrics": [e.to_dict() for e in self._epochs],
@@ -563,6 +594,7 @@ class TrainingMetricsCollector:
         config = meta.get("anomaly_config")
         config = AnomalyConfig.from_dict(config) if config else None
         collector = cls(meta.get("experiment_id"), meta.get("model"), meta.get("batch_size"), anomaly_config=config)
+        collector.set_distributed(int(meta.get("world_size") or 1), meta.get("backend"))
         if meta.get("timestamp"):
             collector.created_at = datetime.fromisoformat(meta["timestamp"])
         nonfinite = {(a.get("source"), a["step"], a["kind"]): a.get("message", "") for a in data.get("anomalies", [])}

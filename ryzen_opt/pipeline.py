@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzen_opt.configs import ConfigMixin
+from ryzen_opt.distributed import SINGLE, DistInfo
 from ryzen_opt.embeddings import CompressionConfig
 from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.kernels import KernelConfig
@@ -116,6 +117,10 @@ class TrainingSection(ConfigMixin):
     machine, with another benchmark sharing both cores, the stage took 350 s). Measured on SmolLM2 and the built-in
     corpus: these defaults (6 steps, lr 1e-4) took the held-out loss from 2.492 to 2.353 (twice: 2.359 in the run); 8
     steps of 4 blocks at lr 5e-5, from 2.455 to 2.298 (on 16 held-out blocks).
+
+    Under ``torchrun`` (docs/distributed.md) ``batch_size`` is the global batch, split over the ranks, and
+    ``accumulation_steps`` splits each rank's share into micro-batches (DDP syncs on the last one); ``bucket_cap_mb``
+    is DDP's gradient bucket size.
     """
 
     text_files: tuple[str, ...] = ()
@@ -124,6 +129,8 @@ class TrainingSection(ConfigMixin):
     block_size: int = 256
     lr: float = 1e-4
     heldout_blocks: int = 4
+    accumulation_steps: int = 1
+    bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_files", tuple(self.text_files))
@@ -369,6 +376,7 @@ class RunContext:
     validator: Any = None
     results: dict[str, StageResult] = field(default_factory=dict)
     progress: Callable[[str], None] | None = None
+    dist: DistInfo = SINGLE  # this process's rank under torchrun (one process: rank 0 of 1)
 
     @property
     def out(self) -> Path:
@@ -383,27 +391,34 @@ class RunContext:
 def _setup(ctx: RunContext) -> dict[str, Any]:
     """Resolve the device, load the models, and build all four optimizers (each alone and together) to check each
     initializes. What is built is kept for validation unless training changes the target."""
-    from ryzen_opt import zoo
+    from ryzen_opt import distributed, zoo
     from ryzen_opt.device import resolve_device
     from ryzen_opt.models import load_model
     from ryzen_opt.system import build_variants
 
     cfg = ctx.config
-    ctx.device = resolve_device(cfg.device)
+    # Under torchrun: join the process group (each rank on its own GPU, if any); one process: nothing happens.
+    ctx.dist, ctx.device = distributed.start(resolve_device(cfg.device))
+    if ctx.dist.active:
+        ctx.say(f"distributed: rank {ctx.dist.rank} of {ctx.dist.world_size} ({ctx.dist.backend})")
     target = cfg.model.target
-    if target == "zoo":
-        ctx.say(f"zoo {cfg.zoo_recipe!r}: loading (trains on first use, ~10 min for 'default' on 2 cores)")
-        ctx.target, ctx.tokenizer = zoo.reference_model("target", cfg.zoo_recipe, device=ctx.device)
-    elif target == "smollm2":
-        ctx.say("SmolLM2-135M-Instruct: loading (converted from its GGUF once, ~45 s; then a few seconds)")
-        ctx.target, ctx.tokenizer = zoo.reference_model("smollm2", device=ctx.device)
-    else:
-        ctx.target, ctx.tokenizer = load_model(target, device=ctx.device)
+    # Rank 0 converts or trains a missing model into the cache; the others load what it wrote.
+    with distributed.main_first(ctx.dist, "fill the model cache"):
+        if target == "zoo":
+            ctx.say(f"zoo {cfg.zoo_recipe!r}: loading (trains on first use, ~10 min for 'default' on 2 cores)")
+            ctx.target, ctx.tokenizer = zoo.reference_model("target", cfg.zoo_recipe, device=ctx.device)
+        elif target == "smollm2":
+            ctx.say("SmolLM2-135M-Instruct: loading (converted from its GGUF once, ~45 s; then a few seconds)")
+            ctx.target, ctx.tokenizer = zoo.reference_model("smollm2", device=ctx.device)
+        else:
+            ctx.target, ctx.tokenizer = load_model(target, device=ctx.device)
     if ctx.tokenizer is None:
         raise ConfigError(
             f"[model] target = {target!r} has no tokenizer files: training and validation tokenize text. Save the "
             "tokenizer beside the weights (tokenizer.save_pretrained(dir))"
         )
+    if not ctx.dist.is_main:  # ranks 1.. only train: the draft and the optimizers are rank 0's
+        return {"device": str(ctx.device), "target": target, "rank": ctx.dist.rank}
     drafter = cfg.model.drafter
     if drafter == "zoo":
         ctx.draft, _ = zoo.reference_model("draft", cfg.zoo_recipe, device=ctx.device)
@@ -428,6 +443,7 @@ def _setup(ctx: RunContext) -> dict[str, Any]:
         "draft": drafter,
         "parameters": sum(p.numel() for p in ctx.target.parameters()),
         "applied": applied,
+        "distributed": ctx.dist.to_dict(),
     }
 
 
@@ -450,7 +466,8 @@ def _training(ctx: RunContext) -> dict[str, Any]:
 
     path = zoo.build(cfg.zoo_recipe)
     report = json.loads((path / "training_metrics_report.json").read_text())
-    atomic_write_json(out / "training_metrics_report.json", report)
+    if ctx.dist.is_main:
+        atomic_write_json(out / "training_metrics_report.json", report)
     build = json.loads((path / "build.json").read_text())
     return {"mode": "zoo recipe", "zoo": str(path), "recipe": cfg.zoo_recipe, "build": build}
 
@@ -498,6 +515,8 @@ def _fine_tune(ctx: RunContext) -> dict[str, Any]:
         eval_every=cfg.steps,  # one evaluation, at the end, of every held-out block
         eval_batches=math.ceil(n_heldout / cfg.batch_size),
         progress=True,
+        accumulation_steps=cfg.accumulation_steps,
+        bucket_cap_mb=cfg.bucket_cap_mb,
     )
     label = ctx.config.model.target
     collector = TrainingMetricsCollector(
@@ -521,10 +540,15 @@ def _fine_tune(ctx: RunContext) -> dict[str, Any]:
             extra={"step": 0.0},  # before training: the baseline the fine-tune must improve on
         )
     )
-    summary = train(ctx.target, train_blocks, config, collector, heldout=heldout, device=ctx.device)
+    try:
+        summary = train(ctx.target, train_blocks, config, collector, heldout=heldout, device=ctx.device)
+    finally:
+        # Written on failure too (a NaN is then the report's anomaly), by rank 0 only: it holds every rank's
+        # reduced losses and step times.
+        if ctx.dist.is_main:
+            collector.export_metrics(ctx.out / "training_metrics_report.json")
     ctx.target.zero_grad(set_to_none=True)
     ctx.target.eval()
-    collector.export_metrics(ctx.out / "training_metrics_report.json")
     after = summary["final_eval"]
     data = {
         "mode": "fine-tune",
@@ -536,6 +560,8 @@ def _fine_tune(ctx: RunContext) -> dict[str, Any]:
         "seconds": summary["seconds"],
         "heldout_before": before,
         "heldout_after": after,
+        "world_size": summary.get("world_size", 1),
+        "backend": summary.get("backend"),
     }
     if not after["loss"] < before["loss"]:
         raise RyzenOptError(
@@ -789,7 +815,8 @@ def _testing(ctx: RunContext) -> dict[str, Any]:
     if not t.enabled:
         return {"skipped": "[testing] enabled = false"}
     report_dir = (ctx.out / "testing").absolute()
-    env = dict(os.environ)
+    # pytest runs as one process of its own: torchrun's variables would make it think it is a rank.
+    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
     if t.paths:
         missing = [p for p in t.paths if not Path(p).exists()]
         if missing:
@@ -848,6 +875,10 @@ def _testing(ctx: RunContext) -> dict[str, Any]:
     }
 
 
+_TORCHRUN_ENV = frozenset(
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
+)
+
 StageFn = Callable[[RunContext], dict[str, Any]]
 STAGES: list[tuple[str, StageFn]] = [
     ("setup", _setup),
@@ -868,33 +899,100 @@ def run_pipeline(
     validated gate passed. A KeyboardInterrupt is recorded as the running stage's failure, the report is written,
     and the interrupt is re-raised.
     """
+    from ryzen_opt import distributed
+
     ctx = RunContext(config=config, progress=say)
+    try:
+        ctx.dist = distributed.env_info()  # the rank is known before the group is joined: rank 0 alone writes
+    except ConfigError:
+        pass  # setup's distributed.start raises it again, as that stage's failure
     failed = False
     interrupted: KeyboardInterrupt | None = None
-    for name, fn in STAGES:
-        start = time.perf_counter()
-        if failed or interrupted is not None:
-            result = StageResult(name, StageStatus.SKIPPED, reason="an earlier stage failed or was interrupted")
-        else:
+    outcome: dict[str, Any] = {"status": "FAILED", "reason": "rank 0 stopped before its final report"}
+    try:
+        for name, fn in STAGES:
+            start = time.perf_counter()
+            if failed or interrupted is not None:
+                result = StageResult(name, StageStatus.SKIPPED, reason="an earlier stage failed or was interrupted")
+            elif name in _MAIN_ONLY and not ctx.dist.is_main:
+                result = StageResult(name, StageStatus.SKIPPED, reason=f"rank {ctx.dist.rank}: rank 0 runs {name}")
+            else:
+                try:
+                    data = fn(ctx)
+                    result = StageResult(name, StageStatus.DONE, time.perf_counter() - start, data=data)
+                except RyzenOptError as exc:
+                    failed = True
+                    result = StageResult(name, StageStatus.FAILED, time.perf_counter() - start, reason=str(exc))
+                    logger.error("stage %s failed: %s", name, exc)
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
+                    result = StageResult(
+                        name, StageStatus.FAILED, time.perf_counter() - start, reason="interrupted (Ctrl-C)"
+                    )
+                if ctx.dist.active and name not in _MAIN_ONLY and interrupted is None:
+                    # Every rank joins training's collectives: all must have got through this stage, or none goes on.
+                    failed = _ranks_disagree(ctx, name, result) or failed
+            ctx.results[name] = result
+            if progress is not None and ctx.dist.is_main:
+                progress(result)
+        if not ctx.dist.is_main:
+            return _wait_for_main(ctx)
+        report = write_final_report(ctx)
+        outcome = {
+            "status": report["status"],
+            "failed": [s["name"] for s in report["stages"] if s["status"] == "FAILED"],
+        }
+    finally:
+        if ctx.dist.active and ctx.dist.is_main and distributed.joined():
             try:
-                data = fn(ctx)
-                result = StageResult(name, StageStatus.DONE, time.perf_counter() - start, data=data)
-            except RyzenOptError as exc:
-                failed = True
-                result = StageResult(name, StageStatus.FAILED, time.perf_counter() - start, reason=str(exc))
-                logger.error("stage %s failed: %s", name, exc)
-            except KeyboardInterrupt as exc:
-                interrupted = exc
-                result = StageResult(
-                    name, StageStatus.FAILED, time.perf_counter() - start, reason="interrupted (Ctrl-C)"
-                )
-        ctx.results[name] = result
-        if progress is not None:
-            progress(result)
-    report = write_final_report(ctx)
+                distributed.release(ctx.dist, outcome)
+            except distributed.RankFailedError as exc:  # a rank that died is not waiting any more
+                logger.warning("%s", exc)
+        distributed.shutdown()
     if interrupted is not None:
         raise interrupted
     return report
+
+
+# Stages rank 0 runs alone under torchrun; the other ranks wait for its outcome.
+_MAIN_ONLY = frozenset(("validation", "testing"))
+
+
+def _ranks_disagree(ctx: RunContext, name: str, result: StageResult) -> bool:
+    """Whether any rank failed ``name`` (then this one fails it too, with the reason), after one collective."""
+    from ryzen_opt import distributed
+
+    ok = result.status is StageStatus.DONE
+    try:
+        every = distributed.agree(ctx.dist, ok, f"checking that every rank finished {name}")
+    except distributed.RankFailedError as exc:
+        every, reason = False, str(exc)
+    else:
+        reason = f"another rank failed its {name} (its log says why)"
+    if ok and not every:
+        result.status, result.reason = StageStatus.FAILED, reason
+    return not every
+
+
+def _wait_for_main(ctx: RunContext) -> dict[str, Any]:
+    """Ranks 1..: wait while rank 0 validates, tests and writes the final report; return its outcome (no files)."""
+    from ryzen_opt import distributed
+
+    logger.info("rank %d: waiting for rank 0's validation and testing", ctx.dist.rank)
+    try:
+        outcome = distributed.wait_for_main(ctx.dist)
+    except distributed.RankFailedError as exc:
+        outcome = {"status": "FAILED", "reason": str(exc)}
+    stages = [r.to_dict() for r in ctx.results.values()]
+    failed = [s["name"] for s in stages if s["status"] == "FAILED"] + list(outcome.get("failed", []))
+    return {
+        "status": outcome.get("status", "FAILED"),
+        "rank": ctx.dist.rank,
+        "stages": stages,
+        "failed": failed,
+        "path": None,
+        "incomplete_reasons": [outcome["reason"]] if outcome.get("reason") else [],
+    }
 
 
 def _entries(validator: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -9,6 +9,7 @@ machine and software, while a time budget varies with load.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,6 +28,9 @@ from ryzen_opt.errors import ConfigError, RyzenOptError
 logger = logging.getLogger(__name__)
 
 _AUTOCAST_CHOICES = ("auto", "bf16", "off")
+_GRAD_SYNC_CHOICES = ("last", "every")
+# The profiler label around each backward (DDP's gradient all-reduce runs inside it): benchmarks measure overlap by it.
+BACKWARD_LABEL = "ryzen_opt.train.backward"
 
 
 class TrainingDivergedError(RyzenOptError, FloatingPointError):
@@ -58,6 +62,16 @@ class TrainConfig:
             ``checkpoint_every`` steps if set); ``None`` saves nothing.
         checkpoint_every: steps between checkpoints; ``None`` saves only at the end.
         progress: show a tqdm progress bar.
+        accumulation_steps: micro-batches per optimizer step: ``batch_size`` rows are split into this many forwards
+            and backwards whose gradients add up before one step (memory, not maths: the step is the same).
+        grad_sync: under DistributedDataParallel, ``"last"`` all-reduces gradients only on the last micro-batch of a
+            step (``no_sync`` on the others, DDP's own advice); ``"every"`` syncs each micro-batch (the same
+            gradients, more traffic: kept to measure what ``no_sync`` saves).
+        bucket_cap_mb: DDP's gradient bucket size. Smaller buckets start all-reducing earlier in the backward (more
+            overlap) but each costs a collective's latency.
+
+    Under ``torchrun`` (see :mod:`ryzen_opt.distributed`) ``batch_size`` is the *global* batch: each of the
+    ``world_size`` ranks takes ``batch_size / world_size`` of its rows, so 2 ranks train on the batches 1 rank would.
     """
 
     steps: int = 1000
@@ -77,11 +91,15 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
     progress: bool = True
+    accumulation_steps: int = 1
+    grad_sync: str = "last"
+    bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
         positive = {
             "steps": self.steps,
             "batch_size": self.batch_size,
+            "accumulation_steps": self.accumulation_steps,
             "eval_every": self.eval_every,
             "eval_batches": self.eval_batches,
             "log_every": self.log_every,
@@ -101,6 +119,15 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.autocast = {self.autocast!r}: allowed values are {_AUTOCAST_CHOICES}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"TrainConfig.threads = {self.threads!r}: must be >= 1 or None")
+        if self.grad_sync not in _GRAD_SYNC_CHOICES:
+            raise ConfigError(f"TrainConfig.grad_sync = {self.grad_sync!r}: allowed values are {_GRAD_SYNC_CHOICES}")
+        if not (math.isfinite(self.bucket_cap_mb) and self.bucket_cap_mb > 0):
+            raise ConfigError(f"TrainConfig.bucket_cap_mb = {self.bucket_cap_mb!r}: a positive number of MB")
+        if self.batch_size % self.accumulation_steps:
+            raise ConfigError(
+                f"TrainConfig.batch_size = {self.batch_size} does not split into accumulation_steps = "
+                f"{self.accumulation_steps} equal micro-batches: make batch_size a multiple of it"
+            )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"TrainConfig.betas = {self.betas!r}: two numbers in [0, 1)")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -203,13 +230,19 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out loss, perplexity and next-token top-1 accuracy of the model's main head.
 
+    Under torchrun the ranks split the batches (rank ``r`` takes batches ``r, r + world, ...``) and add up their sums,
+    so every rank returns the same numbers, computed once.
+
     Returns:
         ``{"loss", "perplexity", "accuracy", "tokens"}``; the loss is the token-weighted mean cross-entropy.
     """
+    from ryzen_opt import distributed
+
+    info = distributed.current()
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for batch in batches:
+    for batch in list(batches)[info.rank :: info.world_size]:
         ids = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids).logits
@@ -220,6 +253,9 @@ def evaluate(
         count += target.numel()
     if was_training:
         model.train()
+    if info.active:
+        total_loss, correct, count = distributed.all_sum(info, [total_loss, correct, count], "evaluation")
+        correct, count = int(correct), int(count)
     loss = total_loss / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(count, 1), "tokens": count}
 
@@ -232,6 +268,7 @@ def train(
     *,
     heldout: TokenBlocks | None = None,
     device: torch.device | str | None = None,
+    step_callback: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` and record every step in ``collector``.
 
@@ -245,6 +282,7 @@ def train(
         collector: a ``TrainingMetricsCollector``; ``None`` records nothing.
         heldout: held-out blocks for evaluation; ``None`` skips evaluation.
         device: where batches go; defaults to the model's device.
+        step_callback: called after every optimizer step (a ``torch.profiler`` schedule's ``step``, for one).
 
     Returns:
         A summary: steps, tokens, seconds, tokens/s, whether bf16 autocast was used, and the last evaluation.
@@ -254,12 +292,36 @@ def train(
     """
     if collector is not None:
         from ryzen_opt.metrics import BatchMetric, EpochMetric
+    from ryzen_opt import distributed
 
+    info = distributed.current()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    rows = config.batch_size // config.accumulation_steps // info.world_size
+    if rows < 1 or config.batch_size % (config.accumulation_steps * info.world_size):
+        raise ConfigError(
+            f"TrainConfig.batch_size = {config.batch_size} cannot be split into {info.world_size} rank(s) x "
+            f"{config.accumulation_steps} micro-batch(es) of equal rows: make it a multiple of "
+            f"{info.world_size * config.accumulation_steps}"
+        )
     torch.manual_seed(config.seed)
     bf16 = use_bf16_autocast(config, dev)
+    forward: nn.Module = model
+    if info.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        with distributed.collective(info, "DistributedDataParallel's start (broadcast of rank 0's weights)"):
+            forward = DistributedDataParallel(
+                model,
+                device_ids=[dev.index] if dev.type == "cuda" else None,
+                bucket_cap_mb=config.bucket_cap_mb,
+                # The models' buffers (RoPE frequencies) are constants: broadcasting them each forward is a wasted
+                # collective, and one that a rank-0-only evaluation would wait on forever.
+                broadcast_buffers=False,
+            )
+        if collector is not None:
+            collector.set_distributed(info.world_size, info.backend)
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, fused=False, foreach=True
     )
@@ -269,7 +331,7 @@ def train(
     steps_per_data_epoch = max(1, len(data) // config.batch_size)
 
     bar = None
-    if config.progress:
+    if config.progress and info.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)
@@ -282,36 +344,60 @@ def train(
         period_start = time.perf_counter()
         run_start = period_start
         logger.info(
-            "training %d steps, batch %d x %d tokens, bf16 autocast=%s",
+            "training %d steps, batch %d x %d tokens (%d rank(s) x %d micro-batch(es) of %d), bf16 autocast=%s",
             config.steps,
             config.batch_size,
             data.block_size,
+            info.world_size,
+            config.accumulation_steps,
+            rows,
             bf16,
         )
+        step = 0
         try:
             for step in range(config.steps):
                 t0 = time.perf_counter()
                 lr = lr_at(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                ids = next(batches).to(dev)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = model(input_ids=ids, labels=ids)
-                loss = out.loss
-                loss_value = loss.item()  # one host sync per step: needed to stop at the first NaN, not later
-                if not math.isfinite(loss_value):
-                    raise TrainingDivergedError(
-                        f"loss became {loss_value} at step {step} (lr {lr:.3g}). Lower TrainConfig.lr, keep "
-                        "grad_clip > 0, or check the data for empty or corrupt batches."
-                    )
+                mine = distributed.shard_batch(next(batches), info).to(dev)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_value = _forward_backward(forward, mine, config, bf16, info)
+                # One host sync per step: needed to stop at the first NaN, not later. Every rank's loss is gathered,
+                # so a NaN on any rank stops all of them at this step (and is the anomaly in every rank's record).
+                losses = [v[0] for v in distributed.all_gather_floats(info, [loss_value], f"step {step}'s loss")]
+                loss_value = math.fsum(losses) / len(losses)
+                bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
+                if bad:
+                    if collector is not None:
+                        collector.record_batch_metric(
+                            BatchMetric(
+                                step // config.eval_every,
+                                step % config.eval_every,
+                                loss_value,
+                                0.0,
+                                0.0,
+                                lr,
+                                None,
+                                time.perf_counter() - t0,
+                                step=step,
+                                tokens=tokens_per_step,
+                            )
+                        )
+                    where = f" on rank(s) {bad}" if info.active else ""
+                    raise TrainingDivergedError(
+                        f"loss became {losses[bad[0]]} at step {step}{where} (lr {lr:.3g}). Lower TrainConfig.lr, "
+                        "keep grad_clip > 0, or check the data for empty or corrupt batches."
+                    )
                 if config.grad_clip > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
                 else:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
                 optimizer.step()
-                duration = time.perf_counter() - t0
+                own = time.perf_counter() - t0
+                # Each rank's step time: the slowest sets the pace (stragglers show in rank_step_s).
+                durations = [v[0] for v in distributed.all_gather_floats(info, [own], f"step {step}'s timing")]
+                duration = max(durations)
                 period_losses.append(loss_value)
                 epoch_index = step // config.eval_every
                 if collector is not None:
@@ -327,12 +413,15 @@ def train(
                             grad_norm=grad_norm,
                             duration_s=duration,
                             tokens=tokens_per_step,
+                            rank_step_s=tuple(durations) if info.active else None,
                         )
                     )
                 if bar is not None and (step % config.log_every == 0 or step == config.steps - 1):
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", tok_s=f"{tokens_per_step / duration:.0f}")
                 if bar is not None:
                     bar.update(1)
+                if step_callback is not None:
+                    step_callback()
                 last_step = step == config.steps - 1
                 if (step + 1) % config.eval_every == 0 or last_step:
                     if eval_data:
@@ -353,13 +442,28 @@ def train(
                         )
                     period_losses = []
                     period_start = time.perf_counter()
-                if config.checkpoint_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                if (
+                    info.is_main
+                    and config.checkpoint_dir
+                    and config.checkpoint_every
+                    and (step + 1) % config.checkpoint_every == 0
+                ):
                     save_checkpoint(model, Path(config.checkpoint_dir) / f"step-{step + 1}")
+        except RuntimeError as exc:
+            if not info.active or isinstance(exc, RyzenOptError):
+                raise
+            # A peer died mid-step: DDP's gradient all-reduce (inside backward) is where the others notice.
+            raise distributed.RankFailedError(
+                f"rank {info.rank} of {info.world_size}: training failed at step {step} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Another rank has probably "
+                "died or stopped with an error: its own log (torchrun prefixes each line with the rank) says why"
+            ) from exc
         finally:
             if bar is not None:
                 bar.close()
+            del forward  # DDP's hooks go with it; the model is the caller's again
     model.eval()
-    if config.checkpoint_dir:
+    if config.checkpoint_dir and info.is_main:
         save_checkpoint(model, Path(config.checkpoint_dir) / "final")
     seconds = time.perf_counter() - run_start
     return {
@@ -370,7 +474,33 @@ def train(
         "bf16_autocast": bf16,
         "data_epochs": config.steps / steps_per_data_epoch,
         "final_eval": last_eval,
+        "world_size": info.world_size,
+        "backend": info.backend,
     }
+
+
+def _forward_backward(forward: nn.Module, rows: torch.Tensor, config: TrainConfig, bf16: bool, info: Any) -> float:
+    """Forward and backward over this rank's rows, in ``accumulation_steps`` micro-batches; the mean loss.
+
+    Under DDP the gradient all-reduce runs inside the last micro-batch's backward (``grad_sync="last"``, the others
+    under ``no_sync``) or inside every one (``"every"``). The loss is not checked here: every rank must reach the
+    same collectives, so the NaN check comes after, on all ranks' losses at once.
+    """
+    parts = rows.chunk(config.accumulation_steps)
+    total = 0.0
+    for i, ids in enumerate(parts):
+        last = i == len(parts) - 1
+        skip_sync = info.active and not last and config.grad_sync == "last"
+        sync_context = forward.no_sync() if skip_sync else contextlib.nullcontext()  # type: ignore[operator]
+        with sync_context:
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(input_ids=ids, labels=ids).loss
+            if len(parts) > 1:
+                loss = loss / len(parts)
+            with torch.profiler.record_function(BACKWARD_LABEL):  # where the profile finds the backward
+                loss.backward()
+        total += loss.item()
+    return total
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> None:
