@@ -47,10 +47,11 @@ class SystemConfig:
     kv_cache: KVCacheConfig = field(default_factory=lambda: KVCacheConfig(bits=8))
     speculative: SpecConfig = field(default_factory=SpecConfig)
     compile_draft: bool = True
-    # The KernelOptimizer measured alone has its decode step compiled (as its perf gate claims it: on SmolLM2 eager
-    # int8 decodes 2.6x HF generate, compiled 4.2-4.6x, for ~90 s of compile). The whole system's target stays
-    # eager: the KV cache it reads through runs in the eager loop.
-    compile_kernels: bool = True
+    # Whether the KernelOptimizer measured alone has its decode step compiled. Not by default: since the fused native
+    # layers, the eager step is the faster one on CPU (SmolLM2 int8, 64 tokens after a 32-token prompt, 5 interleaved
+    # rounds: eager 0.89 s, compiled 1.05 s, and the compile costs ~16 s more). The compiled step pays on GPUs, where
+    # it fuses the dequantization into the matmul: set it there. The whole system's target stays eager either way.
+    compile_kernels: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
