@@ -25,7 +25,7 @@ run: setup
 
 # The default zoo's own quality tests need it trained (10-30 min on 2 cores): `make test-zoo` runs them.
 test: setup
-	$(PYTHON) -m pytest tests -m "not default_zoo and not signals" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -m "not default_zoo and not signals" --durations=25 $(PYTEST_ARGS)
 
 test-signals: setup
 	$(PYTHON) -m pytest tests -m signals $(PYTEST_ARGS)

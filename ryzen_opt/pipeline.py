@@ -429,8 +429,8 @@ def _setup(ctx: RunContext) -> dict[str, Any]:
             model.generation_config.eos_token_id = None  # measured runs generate exactly the tokens asked for
     if _fine_tunes(cfg):
         # Training changes the weights, so validation builds the variants again: here they are only built to check
-        # that each optimizer initializes on this model, without the compiles (~90 s each) validation will do.
-        ctx.say("setup: building the four optimizers, each alone and all together (a check; compiled in validation)")
+        # that each optimizer initializes on this model, without any compile validation may do.
+        ctx.say("setup: building the four optimizers, each alone and all together (a check; rebuilt after training)")
         unc = dataclasses.replace(cfg.system, compile_kernels=False, compile_draft=False)
         applied = build_variants(ctx.target, ctx.draft, unc).system.applied
     else:
