@@ -91,9 +91,15 @@ def env_info() -> DistInfo:
     return DistInfo(rank, world, local, None)
 
 
+# Depth of main_first blocks this process is in: their code runs on one rank at a time, so it must not join a
+# collective (a zoo trained into the cache by rank 0 while the others wait trains as one process).
+_local_depth = 0
+
+
 def current() -> DistInfo:
-    """This process's place in the initialised process group, or :data:`SINGLE` when there is none."""
-    if not joined():
+    """This process's place in the initialised process group, or :data:`SINGLE` when there is none, or inside a
+    :func:`main_first` block (which runs on one rank at a time)."""
+    if not joined() or _local_depth:
         return SINGLE
     world = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()
@@ -223,17 +229,23 @@ def agree(info: DistInfo, ok: bool, what: str) -> bool:
 
 @contextlib.contextmanager
 def main_first(info: DistInfo, what: str) -> Iterator[None]:
-    """Rank 0 runs the block first (filling a cache), the other ranks after it (reading what it wrote)."""
+    """Rank 0 runs the block first (filling a cache), the other ranks after it (reading what it wrote). Inside the
+    block :func:`current` is :data:`SINGLE`: code there (a cache build that trains, say) runs as one process."""
+    global _local_depth
     if not info.active:
         yield
         return
     if not info.is_main:
         with collective(info, f"waiting for rank 0 to {what}"):
             torch.distributed.barrier()
-    yield
-    if info.is_main:
-        with collective(info, f"releasing the ranks after {what}"):
-            torch.distributed.barrier()
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
+        if info.is_main:  # released even when the block failed: the others then fail it themselves, not hang
+            with collective(info, f"releasing the ranks after {what}"):
+                torch.distributed.barrier()
 
 
 def release(info: DistInfo, outcome: dict[str, Any]) -> None:

@@ -316,9 +316,9 @@ def train(
                 model,
                 device_ids=[dev.index] if dev.type == "cuda" else None,
                 bucket_cap_mb=config.bucket_cap_mb,
-                # The models' buffers (RoPE frequencies) are constants: broadcasting them each forward is a wasted
+                # The models' buffers (RoPE frequencies) are constants: syncing them each forward is a wasted
                 # collective, and one that a rank-0-only evaluation would wait on forever.
-                broadcast_buffers=False,
+                forward_sync_buffers=False,
             )
         if collector is not None:
             collector.set_distributed(info.world_size, info.backend)

@@ -344,8 +344,14 @@ def recipe_hash(recipe: Recipe) -> str:
         "transformers_major": transformers.__version__.split(".")[0],
         "tokenizers_major": tokenizers.__version__.split(".")[0],
     }
-    # ``progress`` changes nothing about the weights.
-    payload["recipe"]["train"].pop("progress", None)
+    # ``progress`` changes nothing about the weights; neither do the DDP settings, and one micro-batch per step is how
+    # every zoo was trained before accumulation existed (so adding those fields kept every cached zoo valid).
+    train = payload["recipe"]["train"]
+    train.pop("progress", None)
+    train.pop("grad_sync", None)
+    train.pop("bucket_cap_mb", None)
+    if train.get("accumulation_steps") == 1:
+        train.pop("accumulation_steps")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -161,3 +161,33 @@ def test_ctrl_c_leaves_a_complete_report_and_no_temp_files(tmp_path: Path) -> No
     assert report["status"] == "INCOMPLETE"
     assert any("interrupted" in reason for reason in report["incomplete_reasons"])
     assert not [p for p in results.rglob("*") if p.name.endswith(".tmp")], "a temp file was left behind"
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_trains_on_both_ranks_and_reports_once(tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node=2 -m ryzen_opt run``: both ranks fine-tune (gloo), rank 0 alone validates and
+    writes, rank 1 waits for its outcome, and both exit 0."""
+    text = "\n\n".join(p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py")))  # any real prose/code
+    (tmp_path / "corpus.txt").write_text(text)
+    (tmp_path / "tiny.toml").write_text(
+        'zoo_recipe = "tiny"\n[model]\ntarget = "zoo"\n'
+        '[training]\ntext_files = ["corpus.txt"]\nsteps = 4\nbatch_size = 4\nblock_size = 64\nlr = 1e-3\n'
+        "[validation]\nprompts = 1\npairs = 3\nnew_tokens = 16\naccuracy_blocks = 8\ncontext_len = 256\n"
+        "[testing]\nenabled = false\n"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RYZEN_OPT_DIST_TIMEOUT": "600"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "ryzen_opt", "run", "tiny.toml", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.stdout.count("final report:") == 1  # only rank 0 prints
+    results = tmp_path / "ryzen_results"
+    report = json.loads((results / "phase2_final_report.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert stages["training"]["status"] == "DONE"
+    assert stages["training"]["data"]["world_size"] == 2
+    assert stages["training"]["data"]["backend"] == "gloo"
+    training = json.loads((results / "training_metrics_report.json").read_text())
+    assert training["metadata"]["world_size"] == 2
+    assert all(len(m["rank_step_s"]) == 2 for m in training["batch_metrics"])
+    assert not [p for p in results.rglob("*") if p.name.endswith(".tmp")], "a temp file was left behind"
