@@ -158,3 +158,20 @@ def test_the_report_carries_ranks_and_stragglers() -> None:
     assert stats["straggler_ratio"] is None
     assert "rank_step_s" not in single.to_dict()["batch_metrics"][0]
     assert math.isfinite(report["statistics"]["avg_loss"])
+
+
+def test_main_first_runs_its_block_as_one_process(tmp_path, no_torchrun: pytest.MonkeyPatch) -> None:
+    """Inside main_first (rank 0 filling a cache while the others wait) nothing may join a collective: a zoo trained
+    there must train as one process, so ``current()`` says SINGLE inside and the group again after."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert distributed.current().backend == "gloo"
+        with distributed.main_first(DistInfo(0, 2, 0, "gloo"), "fill a cache"):
+            assert distributed.current() == SINGLE
+        assert distributed.current().backend == "gloo"
+        with pytest.raises(RuntimeError, match="boom"), distributed.main_first(DistInfo(0, 2, 0, "gloo"), "x"):
+            raise RuntimeError("boom")  # rank 0 still releases the others
+        assert distributed.current().backend == "gloo"
+    finally:
+        distributed.shutdown()
