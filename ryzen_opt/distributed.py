@@ -37,6 +37,22 @@ logger = logging.getLogger(__name__)
 TIMEOUT_ENV = "RYZEN_OPT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 3600.0
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Every variable torchrun gives its workers: a subprocess that must run as a plain single process drops them.
+TORCHRUN_ENV = frozenset(
+    (
+        *_ENV,
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "GROUP_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS",
+    )
+)
 
 
 class RankFailedError(RyzenOptError, RuntimeError):

@@ -26,8 +26,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ryzen_opt import distributed
 from ryzen_opt.configs import ConfigMixin
-from ryzen_opt.distributed import SINGLE, DistInfo
 from ryzen_opt.embeddings import CompressionConfig
 from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.kernels import KernelConfig
@@ -376,7 +376,7 @@ class RunContext:
     validator: Any = None
     results: dict[str, StageResult] = field(default_factory=dict)
     progress: Callable[[str], None] | None = None
-    dist: DistInfo = SINGLE  # this process's rank under torchrun (one process: rank 0 of 1)
+    dist: distributed.DistInfo = distributed.SINGLE  # this process's rank under torchrun (one process: rank 0 of 1)
 
     @property
     def out(self) -> Path:
@@ -391,7 +391,7 @@ class RunContext:
 def _setup(ctx: RunContext) -> dict[str, Any]:
     """Resolve the device, load the models, and build all four optimizers (each alone and together) to check each
     initializes. What is built is kept for validation unless training changes the target."""
-    from ryzen_opt import distributed, zoo
+    from ryzen_opt import zoo
     from ryzen_opt.device import resolve_device
     from ryzen_opt.models import load_model
     from ryzen_opt.system import build_variants
@@ -816,7 +816,7 @@ def _testing(ctx: RunContext) -> dict[str, Any]:
         return {"skipped": "[testing] enabled = false"}
     report_dir = (ctx.out / "testing").absolute()
     # pytest runs as one process of its own: torchrun's variables would make it think it is a rank.
-    env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_ENV}
     if t.paths:
         missing = [p for p in t.paths if not Path(p).exists()]
         if missing:
@@ -875,10 +875,6 @@ def _testing(ctx: RunContext) -> dict[str, Any]:
     }
 
 
-_TORCHRUN_ENV = frozenset(
-    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
-)
-
 StageFn = Callable[[RunContext], dict[str, Any]]
 STAGES: list[tuple[str, StageFn]] = [
     ("setup", _setup),
@@ -899,8 +895,6 @@ def run_pipeline(
     validated gate passed. A KeyboardInterrupt is recorded as the running stage's failure, the report is written,
     and the interrupt is re-raised.
     """
-    from ryzen_opt import distributed
-
     ctx = RunContext(config=config, progress=say)
     try:
         ctx.dist = distributed.env_info()  # the rank is known before the group is joined: rank 0 alone writes
@@ -960,8 +954,6 @@ _MAIN_ONLY = frozenset(("validation", "testing"))
 
 def _ranks_disagree(ctx: RunContext, name: str, result: StageResult) -> bool:
     """Whether any rank failed ``name`` (then this one fails it too, with the reason), after one collective."""
-    from ryzen_opt import distributed
-
     ok = result.status is StageStatus.DONE
     try:
         every = distributed.agree(ctx.dist, ok, f"checking that every rank finished {name}")
@@ -976,8 +968,6 @@ def _ranks_disagree(ctx: RunContext, name: str, result: StageResult) -> bool:
 
 def _wait_for_main(ctx: RunContext) -> dict[str, Any]:
     """Ranks 1..: wait while rank 0 validates, tests and writes the final report; return its outcome (no files)."""
-    from ryzen_opt import distributed
-
     logger.info("rank %d: waiting for rank 0's validation and testing", ctx.dist.rank)
     try:
         outcome = distributed.wait_for_main(ctx.dist)
