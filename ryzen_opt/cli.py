@@ -48,6 +48,22 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_exit_code(report: dict[str, Any]) -> int:
+    """``ryzen-opt run``'s exit code for its final report: 0 only when COMPLETE, 1 otherwise (a failed or
+    inconclusive gate, a failed stage). Bad input (a bad config, an unknown device) exits 2 before anything runs."""
+    failed = report.get("failed") or [s for s in report["stages"] if s["status"] == "FAILED"]
+    return 0 if report["status"] == "COMPLETE" and not failed else 1
+
+
+def _first_reason(report: dict[str, Any]) -> str:
+    """`` (the first incomplete reason; N more)`` for the last line, or nothing for a COMPLETE report."""
+    reasons = report["incomplete_reasons"]
+    if not reasons:
+        return ""
+    more = f"; {len(reasons) - 1} more" if len(reasons) > 1 else ""
+    return f" ({reasons[0]}{more})"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ryzen_opt import distributed
     from ryzen_opt.pipeline import RunConfig, StageResult, run_pipeline
@@ -75,8 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"      {message}", flush=True)
 
     if not main_rank:
-        report = run_pipeline(config)
-        return 1 if report["failed"] or report["status"] == "FAILED" else 0
+        return run_exit_code(run_pipeline(config))  # the same code as rank 0's: its outcome is broadcast
     print(f"ryzen-opt run: device={config.device} output_dir={config.output_dir}")
     report = run_pipeline(config, progress=progress, say=say)
     rows = gate_rows(report)
@@ -88,8 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"summary with plots: {report['summary_path']}")
     for reason in report["incomplete_reasons"]:
         print(f"  incomplete: {reason}")
-    failed = [s for s in report["stages"] if s["status"] == "FAILED"]
-    return 1 if failed else 0
+    code = run_exit_code(report)
+    print(f"ryzen-opt run: final report {report['status']}{_first_reason(report)}: exit {code}")
+    return code
 
 
 # The quality bars of the reference models (issue #3): what `ryzen-opt zoo --eval` compares against.
@@ -258,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_env.add_argument("--device", default=None, help="also describe this device (auto|cpu|cuda|rocm|mps)")
     p_env.set_defaults(func=cmd_env)
 
-    p_run = sub.add_parser("run", help="run the pipeline: setup, training, validation, testing, final report")
+    p_run = sub.add_parser(
+        "run",
+        help="run the pipeline: setup, training, validation, testing, final report",
+        epilog="exit status: 0 when the final report is COMPLETE, 1 when it is not (a failed or inconclusive gate, "
+        "a failed stage), 2 on bad input (config, device), 130 on Ctrl-C",
+    )
     p_run.add_argument("config", nargs="?", help="TOML config file (default: the embedded default)")
     p_run.add_argument("--device", default=None, help="override the config's device (auto|cpu|cuda|rocm|mps)")
     p_run.add_argument("--output-dir", default=None, help="override the report directory (default ryzen_results/)")

@@ -50,13 +50,18 @@ from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.device import cpu_info
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.quant import (
+    PANEL,
     dequantize_int4,
     gptq_int4,
-    pack_int4_runs,
+    pack_group_panels,
+    pack_int4_panels,
+    pack_int8_panels,
     pack_nibbles,
     quantize_int4,
     quantize_int8,
-    unpack_int4_runs,
+    unpack_group_panels,
+    unpack_int4_panels,
+    unpack_int8_panels,
     unpack_nibbles,
 )
 from ryzen_opt.runtime import (  # noqa: F401  (this module's API too)
@@ -81,16 +86,19 @@ DECODE_MODES = ("static", "hf")
 
 # Which int8 kernel "auto" picks, by device type, and why (accuracy on SmolLM2-135M, prose held out from tuning;
 # speed from ``python benchmarks/bench_gemv.py --model smollm2`` and ``bench_kernels.py``):
-#   cpu:  "native", ryzen_opt.native's weight-only GEMV: fp32 activations times int8 weights, fp32 scales, the exact
-#         dequantized product. fbgemm's dynamic kernel quantizes activations per tensor: real LLMs have outlier
-#         activation channels, and SmolLM2 lost 36% of its top-1 accuracy with it (7-bit activations on this AVX2
+#   cpu:  "native-a8", ryzen_opt.native's integer GEMV: int8 weights in panels of 16 rows times activations rounded
+#         to int8 per block of 32 (llama.cpp's Q8_0 x Q8_0), for decode, verification and prompts alike. It reads
+#         each weight once for all the rows of a call, so verifying 8 tokens costs little more than one step, and
+#         the rounding is per block, not per tensor (docs/native.md). "native" (fp32 activations, the exact
+#         dequantized product) is the choice where every bit of the product matters. fbgemm's dynamic kernel
+#         quantizes activations per tensor: real LLMs have outlier activation channels, and SmolLM2 lost 36% of its top-1 accuracy with it (7-bit activations on this AVX2
 #         CPU without VNNI; 16-18% with 8 bits on an AVX-512 VNNI one). ATen's weight-only _weight_int8pack_mm keeps
 #         accuracy (-0.3%) but takes bf16 activations and runs slowly without AVX-512 BF16. Where the native
 #         extension cannot be built (no compiler), "int8pack".
 #   cuda: gpt-fast's weight-only form, F.linear(x, w.to(x.dtype)) * scales, which inductor fuses into one
 #         kernel under compile=True; fbgemm is CPU-only.
-KERNEL_TABLE: dict[str, str] = {"cpu": "native", "cuda": "dequant", "mps": "int8pack"}
-# int4: on the CPU, ryzen_opt.native's fp32-activation kernel (K and the group a multiple of 32), else ATen's
+KERNEL_TABLE: dict[str, str] = {"cpu": "native-a8", "cuda": "dequant", "mps": "int8pack"}
+# int4: on the CPU, ryzen_opt.native's integer kernel (K and the group a multiple of 32), else ATen's
 # _weight_int4pack_mm_for_cpu (bf16 activations; N a multiple of 16), else the layer stays int8 (logged). On CUDA
 # the tinygemm kernel (_weight_int4pack_mm) when its probe matches the dequantized reference, else dequantize on
 # the fly.
@@ -293,9 +301,10 @@ class Int8Linear(_KernelLinear):
     - ``fbgemm``: fbgemm's dynamic int8 linear: activations are quantized per tensor at each call, the product
       runs in int8 with int32 accumulation. Fastest here; adds activation rounding (measured in the accuracy
       loss, not assumed away).
-    - ``native``: :mod:`ryzen_opt.native`'s weight-only kernel, fp32 activations (the default on CPU).
-    - ``native-a8``: the same weights; up to ``native.SMALL_M`` rows (decode, verification) round their activations
-      to int8 per block of 32 and multiply in integers (llama.cpp's Q8_0 x Q8_0); longer inputs as ``native``.
+    - ``native``: :mod:`ryzen_opt.native`'s weight-only kernel, fp32 activations: the exact dequantized product.
+    - ``native-a8`` (the default on CPU): the weights in panels of 16 rows (:func:`ryzen_opt.quant.pack_int8_panels`);
+      every call rounds its activations to int8 per block of 32 and multiplies in integers (llama.cpp's Q8_0 x Q8_0).
+      An input width that is not a multiple of 32 takes ``native``.
     - ``int8pack``: ATen's weight-only ``_weight_int8pack_mm`` with bf16 activations.
     - ``dequant``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``: correct everywhere, fast under compile.
     """
@@ -304,8 +313,12 @@ class Int8Linear(_KernelLinear):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_int8(weight)
+        if kernel == "native-a8" and self.in_features % 32:
+            logger.info("int8 %dx%d: input width not a multiple of 32, kernel 'native'", *weight.shape)
+            kernel = "native"
         self.kernel = kernel
-        self.register_buffer("qweight", q.to(weight.device))
+        stored = pack_int8_panels(q) if kernel == "native-a8" else q  # native-a8 reads panels of 16 rows
+        self.register_buffer("qweight", stored.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._handle = -1
@@ -336,8 +349,14 @@ class Int8Linear(_KernelLinear):
         n = self.qweight.numel() + self.scale.numel() * 4
         return n + (self.bias.numel() * 4 if self.bias is not None else 0)
 
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 codes ``[out, in]`` in row-major order, whatever layout the kernel reads."""
+        if self.kernel == "native-a8":
+            return unpack_int8_panels(self.qweight, self.out_features)
+        return self.qweight
+
     def dequantized_weight(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        return self.int8_weight().float() * self.scale[:, None]
 
     def native_spec(self) -> NativeSpec | None:
         if self.bias is not None or self.kernel not in ("native", "native-a8"):
@@ -351,8 +370,8 @@ class Int8Linear(_KernelLinear):
             else:
                 y = torch.ops.quantized.linear_dynamic(x2d.float(), self._packed, fbgemm_reduce_range())
             return y.to(x2d.dtype)
-        if self.kernel in ("native", "native-a8") and x2d.shape[0] > NATIVE_MAX_ROWS:
-            # A prompt pass: the weight dequantized once and one BLAS GEMM beats the row-tiled GEMV (256 rows of
+        if self.kernel == "native" and x2d.shape[0] > NATIVE_MAX_ROWS:
+            # A prompt pass: the weight dequantized once and one BLAS GEMM beats the row-tiled fp32 GEMV (256 rows of
             # SmolLM2's 576 -> 1536: 3.7 ms against 9.0; 64 rows: 1.2 against 1.9; 16 rows: 0.66 against 0.45).
             y = (F.linear(x2d.float(), self.qweight.float()) * self.scale).to(x2d.dtype)
         elif self.kernel == "native":
@@ -370,8 +389,9 @@ class Int8Linear(_KernelLinear):
 class Int4Linear(_KernelLinear):
     """Group-wise asymmetric int4 weights (``w ≈ q * scale + min`` per group of ``group_size`` inputs).
 
-    CPU: :mod:`ryzen_opt.native`'s kernel (fp32 activations and scales: the exact dequantized product) when the
-    input width and the group are multiples of 32, else ATen's ``_weight_int4pack_mm_for_cpu`` (bf16 activations).
+    CPU: :mod:`ryzen_opt.native`'s kernel (weights in panels of 16 rows, activations rounded to int8 per block of 32,
+    fp32 scales: llama.cpp's Q4_1 x Q8_1) when the input width and the group are multiples of 32, else ATen's
+    ``_weight_int4pack_mm_for_cpu`` (bf16 activations).
     CUDA: ATen's tinygemm ``_weight_int4pack_mm`` when a probe matches the dequantized reference, else
     dequantize on the fly. The packed layouts use ATen's convention ``w = (q - 8) * scale + zero``, so the zero
     handed to the kernel is ``min + 8 * scale``.
@@ -397,11 +417,14 @@ class Int4Linear(_KernelLinear):
         self.native = device.type == "cpu" and self.in_features % 32 == 0 and group_size % 32 == 0
         self.native = self.native and native.preferred()
         # Nibbles, two per byte, are what counts as storage (and what dequantized_weight reads): in the native
-        # kernel's layout when it runs them, else plain pairs.
-        packed = pack_int4_runs(q) if self.native else pack_nibbles(q)
+        # kernel's panels of 16 rows when it runs them (scales and minimums too), else plain pairs.
+        if self.native:
+            packed, scale_kept, lo_kept = pack_int4_panels(q), pack_group_panels(scale), pack_group_panels(lo)
+        else:
+            packed, scale_kept, lo_kept = pack_nibbles(q), scale, lo
         self.register_buffer("qweight", packed.to(device))
-        self.register_buffer("scale", scale.to(device))
-        self.register_buffer("minimum", lo.to(device))
+        self.register_buffer("scale", scale_kept.to(device))
+        self.register_buffer("minimum", lo_kept.to(device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         zero = lo + 8 * scale
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
@@ -436,17 +459,24 @@ class Int4Linear(_KernelLinear):
         return n + (self.bias.numel() * 4 if self.bias is not None else 0)
 
     def dequantized_weight(self) -> torch.Tensor:
-        q = unpack_int4_runs(self.qweight) if self.native else unpack_nibbles(self.qweight)
-        return dequantize_int4(q, self.scale, self.minimum, self.group_size)
+        if self.native:
+            n = self.out_features
+            q = unpack_int4_panels(self.qweight, n)
+            scale, lo = unpack_group_panels(self.scale, n), unpack_group_panels(self.minimum, n)
+            return dequantize_int4(q, scale, lo, self.group_size)
+        return dequantize_int4(unpack_nibbles(self.qweight), self.scale, self.minimum, self.group_size)
 
     def native_spec(self) -> NativeSpec | None:
-        if self.bias is not None or self.kernel != "native-int4":
+        # The fused layer takes the outputs from the panels' count: whole panels only.
+        if self.bias is not None or self.kernel != "native-int4" or self.out_features % PANEL:
             return None
         return NativeSpec(2, (self.qweight, self.scale, self.minimum), self.group_size)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native-int4":
-            y = torch.ops.ryzen_native.w4_linear(x2d.float(), self.qweight, self.scale, self.minimum, self.group_size)
+            y = torch.ops.ryzen_native.w4_linear(
+                x2d.float(), self.qweight, self.scale, self.minimum, self.group_size, self.out_features
+            )
         elif self.kernel == "int4pack-cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16), self._packed, self.group_size, self._sz)
         elif self.kernel == "tinygemm":
@@ -604,12 +634,8 @@ class KernelOptimizer:
         kernel = self.config.int8_kernel
         if kernel == "auto":
             kernel = KERNEL_TABLE.get(device.type, "dequant")
-            if kernel == "native" and not native.preferred():
+            if kernel.startswith("native") and not native.preferred():
                 kernel = "int8pack"  # no compiler, or only the plain-loop path: ATen's weight-only kernel (logged)
-            elif kernel == "native" and self.config.weights == "int4":
-                # The int8 LM head of an int4 model: its int4 GEMVs round activations to int8 per block already,
-                # and the head is a fifth of SmolLM2's weights: the integer kernel for it too.
-                kernel = "native-a8"
             return kernel
         if kernel in ("native", "native-a8") and device.type != "cpu":
             raise ConfigError(f"KernelConfig.int8_kernel={kernel!r} is CPU-only; the model is on {device}")

@@ -150,20 +150,67 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
-def pack_int4_runs(q: torch.Tensor) -> torch.Tensor:
-    """``q`` (values 0..15, ``[N, K]``, ``K % 32 == 0``) in the native kernel's layout (:mod:`ryzen_opt.native`):
-    ``uint8 [N, K/2]``; in each run of 32 inputs, byte ``j`` holds input ``j`` (low nibble) and input ``j + 16`` (high
-    nibble), so that both halves of a loaded vector unpack to contiguous lanes."""
+# The native kernels' weight layout (ryzen_opt/csrc, docs/native.md): panels of PANEL output rows. Inside a panel the
+# inputs come in steps of 4 (int8) or 8 (int4), and each step holds those inputs of the panel's 16 rows side by side:
+# 64 bytes, one 32-bit lane a row. One vector load then feeds 16 outputs at once (vpdpbusd against 4 activations
+# broadcast), so no horizontal sums are left, and every row of activations is computed from the weights read once.
+PANEL = 16
+
+
+def _panel_rows(n: int) -> int:
+    return -(-n // PANEL) * PANEL
+
+
+def pack_int8_panels(q: torch.Tensor) -> torch.Tensor:
+    """int8 ``q [N, K]`` (``K % 4 == 0``) as ``uint8 [ceil(N/16), K/4, 64]``: byte ``4 j + i`` of step ``s`` in
+    panel ``p`` is row ``16 p + j``, input ``4 s + i``, stored as ``q + 128`` (the unsigned operand of vpdpbusd; the
+    kernels subtract ``128 * sum(x)``). Rows past ``N`` are zero weights (stored 128)."""
     n, k = q.shape
-    runs = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
-    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    padded = torch.zeros(_panel_rows(n), k, dtype=torch.int16)
+    padded[:n] = q.to(torch.int16)
+    u = (padded + 128).to(torch.uint8)
+    return u.view(-1, PANEL, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1, k // 4, 4 * PANEL)
 
 
-def unpack_int4_runs(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_runs`: values 0..15 ``uint8 [N, K]``."""
-    n, half = packed.shape
-    b = packed.reshape(n, half // 16, 16)
-    return torch.stack([b & 15, b >> 4], dim=2).reshape(n, half * 2)
+def unpack_int8_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int8_panels`: int8 ``[n, K]``."""
+    p, steps, _ = panels.shape
+    rows = panels.view(p, steps, PANEL, 4).permute(0, 2, 1, 3).reshape(p * PANEL, steps * 4)
+    return (rows[:n].to(torch.int16) - 128).to(torch.int8)
+
+
+def pack_int4_panels(q: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``q [N, K]`` (values 0..15, ``K % 8 == 0``) as ``uint8 [ceil(N/16), K/8, 64]``: byte ``4 j + i``
+    of step ``s`` in panel ``p`` holds row ``16 p + j``'s input ``8 s + i`` in its low nibble and input
+    ``8 s + 4 + i`` in its high one. Rows past ``N`` are zero codes."""
+    n, k = q.shape
+    padded = torch.zeros(_panel_rows(n), k, dtype=torch.uint8)
+    padded[:n] = q.to(torch.uint8)
+    v = padded.view(-1, PANEL, k // 8, 2, 4)
+    b = v[:, :, :, 0] | (v[:, :, :, 1] << 4)  # [P, 16, K/8, 4]
+    return b.permute(0, 2, 1, 3).contiguous().view(-1, k // 8, 4 * PANEL)
+
+
+def unpack_int4_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_panels`: codes 0..15, ``uint8 [n, K]``."""
+    p, steps, _ = panels.shape
+    b = panels.view(p, steps, PANEL, 4).permute(0, 2, 1, 3)  # [P, 16, K/8, 4]
+    codes = torch.stack([b & 15, b >> 4], dim=3)  # [P, 16, K/8, 2, 4]
+    return codes.reshape(p * PANEL, steps * 8)[:n]
+
+
+def pack_group_panels(t: torch.Tensor) -> torch.Tensor:
+    """Per-group values ``[N, G]`` (int4 scales, minimums) as ``float32 [ceil(N/16), G, 16]``: a group's 16 values
+    of a panel side by side, one vector load. Rows past ``N`` are zero."""
+    n, g = t.shape
+    padded = torch.zeros(_panel_rows(n), g, dtype=torch.float32)
+    padded[:n] = t.float()
+    return padded.view(-1, PANEL, g).transpose(1, 2).contiguous()
+
+
+def unpack_group_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_group_panels`: ``[n, G]``."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:n]
 
 
 # ATen's CPU int4 layout differs with the CPU capability torch dispatches to. Read off the kernel (pack one-hot

@@ -1,5 +1,5 @@
 """KernelOptimizer on SmolLM2-135M (and the compiled step on the tiny zoo, whose compile takes seconds): the fp32 mode
-reproduces the reference's tokens, compiled or not; quantized greedy output stays close.
+reproduces the reference's tokens, compiled or not; the quantized modes' next-token predictions stay close to it.
 
 Exact token equality is the contract in fp32 (docs/definitions.md, "correct before fast"): the lean loop runs the same
 operations on the same weights, in another memory layout. A divergence is accepted only at a near-tie (a top-2
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from ryzen_opt import zoo
-from ryzen_opt.bench import greedy_agreement
+from ryzen_opt.bench import accuracy, bootstrap_ci, greedy_agreement
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
 
 pytestmark = pytest.mark.slow
@@ -55,10 +56,29 @@ def test_fp32_tokens_equal_the_reference(request, compile_step: bool) -> None:
             assert agreement["near_tie_divergences"] == 1, (got, want, agreement)
 
 
+# Floors on the lower end of the 95% interval of teacher-forced top-1 agreement with the fp32 reference, over the 16
+# held-out blocks (4080 positions). Measured with the current code (2-core CPU, AVX-512): int8 0.953 [0.947, 0.959],
+# int4 0.968 [0.964, 0.973] (per-channel int8 moves more argmaxes than int4 in groups of 32; the "dequant" int8 kernel
+# reads the same 0.953, so that is the rounding of the weights, not a kernel). Another CPU's kernels round differently
+# by far less than the 5 points of margin, while a broken or coarser quantizer lands well under the floor: int4 in
+# groups of 256 (where the shapes allow, int8 elsewhere) reads 0.768 [0.751, 0.787].
+AGREEMENT_FLOOR = {"int8": 0.90, "int4": 0.90}
+
+
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_greedy_output_stays_close(target, weights: str) -> None:
+def test_quantized_predictions_stay_close(target, weights: str) -> None:
+    """Teacher-forced, every position of every block: the quantized model's argmax agrees with the fp32 reference's.
+
+    Replaces a floor on greedy continuations' shared-prefix fraction (4 continuations: one early flip changed a whole
+    continuation, so it read 0.234 on one CPU against a floor of 0.25): agreement over thousands of positions, each
+    scored on the reference's context, has an interval, and the blocks are its resampling unit (positions inside a
+    block are correlated, blocks roughly independent), as in ``ryzen_opt.accuracy``.
+    """
     reference, blocks = target
     optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
-    agreement = greedy_agreement(reference, optimized, _prompts(blocks, 4), max_new_tokens=32)
-    # A floor, not an expected value: one early flip changes a whole continuation, so prefixes are short-tailed.
-    assert agreement["mean_prefix_fraction"] >= 0.25, agreement
+    per_block = [accuracy(reference, optimized, blocks[i : i + 1]) for i in range(len(blocks))]
+    agreement = np.array([m.top1_agreement for m in per_block])  # equal-length blocks: their mean is the pooled one
+    ci_low, ci_high = bootstrap_ci(agreement, statistic=np.mean)
+    measured = f"{weights} top-1 agreement {agreement.mean():.4f} [95% CI {ci_low:.4f}, {ci_high:.4f}]"
+    measured += f" over {sum(m.tokens for m in per_block)} positions; per block {np.round(agreement, 3).tolist()}"
+    assert ci_low >= AGREEMENT_FLOOR[weights], measured

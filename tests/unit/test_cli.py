@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ryzen_opt import pipeline
 from ryzen_opt.cli import main
-from ryzen_opt.errors import ConfigError
+from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.pipeline import RunConfig
 
 
@@ -65,7 +66,7 @@ def test_run_on_the_tiny_zoo_measures_every_stage(
     report = json.loads((out / "phase2_final_report.json").read_text())
     statuses = {s["name"]: s["status"] for s in report["stages"]}
     assert statuses == {"setup": "DONE", "training": "DONE", "validation": "DONE", "testing": "DONE"}
-    assert code == 0
+    assert code == (0 if report["status"] == "COMPLETE" else 1)  # a tiny model may well miss a gate: then exit 1
     training = json.loads((out / "training_metrics_report.json").read_text())
     assert training["statistics"]["total_batches"] == 3  # the fine-tune's own steps, measured now
     stage = {s["name"]: s for s in report["stages"]}
@@ -83,6 +84,106 @@ def test_run_on_the_tiny_zoo_measures_every_stage(
     printed = capsys.readouterr().out
     assert "[4/4]" in printed
     assert "final report" in printed
+    assert printed.splitlines()[-1].startswith(f"ryzen-opt run: final report {report['status']}")
+    assert printed.splitlines()[-1].endswith(f": exit {code}")
+
+
+def _final_report(tmp_path: Path, status: str, reasons: list[str]) -> dict[str, object]:
+    """What run_pipeline returns, for a run whose stages all finished and whose one gate has ``status``."""
+    gate = "PASS" if status == "COMPLETE" else "INCONCLUSIVE"
+    entry = {"value": 0.004, "target": 0.01, "comparison": "max", "status": gate, "ci_low": -0.002, "ci_high": 0.012}
+    return {
+        "status": status,
+        "incomplete_reasons": reasons,
+        "stages": [{"name": name, "status": "DONE"} for name in ("setup", "training", "validation", "testing")],
+        "optimization_results": {"kernels": {"accuracy_loss": [entry | {"model": "target"}]}},
+        "e2e_results": {},
+        "path": str(tmp_path / "phase2_final_report.json"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "reasons", "code", "last_line"),
+    [
+        ("COMPLETE", [], 0, "ryzen-opt run: final report COMPLETE: exit 0"),
+        (
+            "INCOMPLETE",
+            ["gate correctness (target): INCONCLUSIVE"],
+            1,
+            "ryzen-opt run: final report INCOMPLETE (gate correctness (target): INCONCLUSIVE): exit 1",
+        ),
+        (
+            "INCOMPLETE",
+            ["gate correctness (target): FAIL", "gate kernel_performance (target): INCONCLUSIVE"],
+            1,
+            "ryzen-opt run: final report INCOMPLETE (gate correctness (target): FAIL; 1 more): exit 1",
+        ),
+    ],
+    ids=["complete", "inconclusive gate", "failed gate and more"],
+)
+def test_run_exits_0_only_for_a_complete_report_and_says_so_last(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    status: str,
+    reasons: list[str],
+    code: int,
+    last_line: str,
+) -> None:
+    def fake_run_pipeline(config, progress=None, say=None):
+        assert config.output_dir == str(tmp_path)
+        return _final_report(tmp_path, status, reasons)
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run_pipeline)
+    assert main(["run", "--device", "cpu", "--output-dir", str(tmp_path)]) == code
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == last_line
+    assert "kernels" in printed  # the gate table is still printed above it
+    for reason in reasons:
+        assert f"  incomplete: {reason}" in printed
+
+
+def test_run_with_a_failed_stage_exits_1_and_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real run_pipeline (its stages faked): a stage's failure is the first reason on the last line."""
+
+    def broken(ctx):
+        raise RyzenOptError("the disk is full")
+
+    monkeypatch.setattr(pipeline, "STAGES", [("setup", lambda ctx: {}), ("validation", broken), ("testing", dict)])
+    assert main(["run", "--device", "cpu", "--output-dir", str(tmp_path)]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "ryzen-opt run: final report INCOMPLETE (validation: FAILED: the disk is full; 1 more): exit 1"
+    assert json.loads((tmp_path / "phase2_final_report.json").read_text())["status"] == "INCOMPLETE"
+
+
+@pytest.mark.parametrize(("status", "code"), [("COMPLETE", 0), ("INCOMPLETE", 1), ("FAILED", 1)])
+def test_a_torchrun_rank_other_than_0_exits_with_rank_0s_outcome_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, status: str, code: int
+) -> None:
+    from ryzen_opt import distributed
+
+    monkeypatch.setattr(distributed, "env_info", lambda: distributed.DistInfo(rank=1, world_size=2))
+    outcome = {"status": status, "stages": [], "failed": [], "path": None, "incomplete_reasons": []}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config: outcome)
+    assert main(["run", "--device", "cpu", "--output-dir", str(tmp_path)]) == code
+    assert capsys.readouterr().out == ""  # only rank 0 prints
+
+
+def test_run_bad_input_exits_2_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the pipeline ran on bad input")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", must_not_run)
+    assert main(["run", "--device", "tpu", "--output-dir", str(tmp_path)]) == 2
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    printed = capsys.readouterr()
+    assert "'device' = 'tpu': allowed values" in printed.err
+    assert "does not exist" in printed.err
+    assert "exit" not in printed.out
 
 
 def test_run_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

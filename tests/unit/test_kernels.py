@@ -49,7 +49,17 @@ from ryzen_opt.kernels import (
     quantize_int4,
     quantize_int8,
 )
-from ryzen_opt.quant import gptq_int4, pack_int4_runs, pack_nibbles, unpack_int4_runs, unpack_nibbles
+from ryzen_opt.quant import (
+    gptq_int4,
+    pack_group_panels,
+    pack_int4_panels,
+    pack_int8_panels,
+    pack_nibbles,
+    unpack_group_panels,
+    unpack_int4_panels,
+    unpack_int8_panels,
+    unpack_nibbles,
+)
 from ryzen_opt.runtime import decoder_of
 
 VOCAB = 512
@@ -230,10 +240,10 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     ("kernel", "tolerance"),
     [("native", 1e-5), ("native-a8", 1e-5), ("fbgemm", 2e-2), ("int8pack", 2e-2), ("dequant", 1e-5)],
 )
-@pytest.mark.parametrize("rows", [1, 3, 20])  # the native kernel's GEMV path (<= 8 rows) and its GEMM path
+@pytest.mark.parametrize("rows", [1, 3, 20])  # decode and verification (<= 8 rows), and a prompt pass
 def test_int8_linear_matches_its_dequantized_weight(kernel, tolerance, rows):
-    if kernel == "native-a8" and rows * 5 <= native.SMALL_M:
-        # The GEMV path rounds activations to int8 per block of 32 (max|x| / 127): an input moves by at most
+    if kernel == "native-a8":
+        # The integer kernel rounds activations to int8 per block of 32 (max|x| / 127): an input moves by at most
         # max|x| / 254, ~0.5% RMS of a Gaussian block, and the output's relative error is of that order.
         tolerance = 1e-2
     torch.manual_seed(0)
@@ -266,7 +276,7 @@ def test_int4_linear_matches_its_dequantized_weight(monkeypatch, use_native, gro
 def test_native_int4_layout_round_trips_and_decoding_a_row_is_independent_of_the_batch():
     torch.manual_seed(0)
     q = torch.randint(0, 16, (8, 96))
-    assert torch.equal(unpack_int4_runs(pack_int4_runs(q)).long(), q)
+    assert torch.equal(unpack_int4_panels(pack_int4_panels(q), 8).long(), q)
     module = Int4Linear(torch.randn(40, 96), None, 32)
     x = torch.randn(6, 96)
     alone = torch.cat([module(x[i : i + 1]) for i in range(6)])
@@ -309,7 +319,7 @@ def test_lean_loop_runs_the_same_modules_as_hf_forward(arch, weights):
         decoder = decoder_of(opt)
         decoder.allocate(64)
         torch.testing.assert_close(decoder.forward(ids, all_logits=True), opt(ids).logits, rtol=1e-5, atol=1e-5)
-    want = {"native"} if weights == "int8" else {"native-int4", "native-a8"}  # int4 keeps an int8 LM head
+    want = {"native-a8"} if weights == "int8" else {"native-int4", "native-a8"}  # int4 keeps an int8 LM head
     assert set(kernel_report(opt).kernels) == want
 
 
@@ -432,7 +442,7 @@ def test_report_counts_bytes_and_keeps_the_lm_head_when_asked():
     r32, r8, rkeep = kernel_report(fp32), kernel_report(int8), kernel_report(keep_head)
     assert r32.bytes_per_token == r32.weight_bytes_before  # same bytes, only the layout changed
     assert 0.25 < r8.bytes_per_token / r32.bytes_per_token < 0.28  # 1 byte + per-row fp32 scales of 4 bytes
-    assert rkeep.kernels == {"native": 8, "dense-float32": 1}
+    assert rkeep.kernels == {"native-a8": 8, "dense-float32": 1}
     assert rkeep.to_dict()["config"]["lm_head"] == "none"
     assert r8.attention == "sdpa"
     assert r8.decode.startswith("static")
@@ -493,8 +503,9 @@ def test_int4_keeps_an_int8_lm_head_unless_told_otherwise():
     seed=st.integers(0, 2**16),
 )
 def test_nibble_layouts_round_trip_and_match_their_definition(rows: int, pairs: int, seed: int) -> None:
-    """The one definition of each int4 layout: plain pairs (any even width, any leading shape) and the native
-    kernel's runs of 32 (element j and j + 16 of a run share a byte)."""
+    """The one definition of each layout: plain int4 pairs (any even width, any leading shape), and the native
+    kernels' panels of 16 rows (int8: 4 inputs of each row side by side, stored + 128; int4: 8 inputs, i low and
+    i + 4 high; per-group values: the panel's 16 rows side by side)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (rows, 3, 2 * pairs), generator=g, dtype=torch.uint8)
     packed = pack_nibbles(q)
@@ -502,8 +513,17 @@ def test_nibble_layouts_round_trip_and_match_their_definition(rows: int, pairs: 
     assert torch.equal(packed[..., 0] & 15, q[..., 0])
     assert torch.equal(packed[..., 0] >> 4, q[..., 1])
     assert torch.equal(unpack_nibbles(packed), q)
-    runs = torch.randint(0, 16, (rows, 32 * (1 + pairs % 4)), generator=g)
-    packed_runs = pack_int4_runs(runs)
-    assert torch.equal(packed_runs[:, 3] & 15, runs[:, 3].to(torch.uint8))
-    assert torch.equal(packed_runs[:, 3] >> 4, runs[:, 19].to(torch.uint8))
-    assert torch.equal(unpack_int4_runs(packed_runs).long(), runs)
+    k = 32 * (1 + pairs % 4)
+    codes = torch.randint(0, 16, (rows, k), generator=g)
+    panels = pack_int4_panels(codes)
+    assert panels.shape == (-(-rows // 16), k // 8, 64)
+    # row j's inputs 8 s + i (low nibble) and 8 s + 4 + i (high) at byte 4 j + i of step s
+    assert int(panels[0, 1, 4 * (rows - 1) + 2]) & 15 == int(codes[rows - 1, 8 + 2])
+    assert int(panels[0, 1, 4 * (rows - 1) + 2]) >> 4 == int(codes[rows - 1, 8 + 6])
+    assert torch.equal(unpack_int4_panels(panels, rows).long(), codes)
+    q8 = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8)
+    p8 = pack_int8_panels(q8)
+    assert int(p8[0, 2, 4 * (rows - 1) + 3]) == int(q8[rows - 1, 8 + 3]) + 128
+    assert torch.equal(unpack_int8_panels(p8, rows), q8)
+    values = torch.randn(rows, 1 + pairs % 5, generator=g)
+    assert torch.equal(unpack_group_panels(pack_group_panels(values), rows), values)

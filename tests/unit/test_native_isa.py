@@ -1,6 +1,6 @@
 """The native kernels' instruction-set paths: chosen at run time from the CPU's flags, forced by
 ``RYZEN_OPT_NATIVE_ISA``, and reported. ``tests/integration/test_native_paths.py`` runs the kernel tests again with
-each path this CPU can run forced, in a fresh process (one process loads one build)."""
+each other path this CPU can run forced (natively, or under SIMDe's emulation), in a fresh process."""
 
 from __future__ import annotations
 
@@ -13,10 +13,22 @@ from ryzen_opt.errors import ConfigError
 
 ZEN3 = {"sse2", "avx", "avx2", "fma", "f16c"}
 OLD = {"sse2", "sse4_2"}
-ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+SKYLAKE_SP = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
+ZEN4 = SKYLAKE_SP | {"avx512_vnni", "avx512_bf16"}
+KNL = ZEN3 | {"avx512f", "avx512cd", "avx512er"}  # AVX-512 F without BW/VL: the AVX2 path
 
 
-@pytest.mark.parametrize(("flags", "best"), [(ZEN3, "avx2"), (ZEN4, "avx2"), (OLD, "scalar"), ({"avx2"}, "scalar")])
+@pytest.mark.parametrize(
+    ("flags", "best"),
+    [
+        (ZEN3, "avx2"),
+        (ZEN4, "avx512vnni"),
+        (SKYLAKE_SP, "avx512"),
+        (KNL, "avx2"),
+        (OLD, "scalar"),
+        ({"avx2"}, "scalar"),
+    ],
+)
 def test_the_best_path_the_cpu_supports_is_chosen(flags, best) -> None:
     assert native.select_isa(flags) == best
     assert native.select_isa(flags, "auto") == best
@@ -25,17 +37,26 @@ def test_the_best_path_the_cpu_supports_is_chosen(flags, best) -> None:
 def test_any_path_the_cpu_supports_can_be_forced() -> None:
     assert native.select_isa(ZEN3, "scalar") == "scalar"
     assert native.select_isa(ZEN3, "avx2") == "avx2"
+    assert native.select_isa(ZEN4, "avx2") == "avx2"
+    # SIMDe's emulations of the AVX-512 paths run on AVX2: how a Zen 3 tests them.
+    assert native.select_isa(ZEN3, "avx512vnni-simde") == "avx512vnni-simde"
+    assert native.select_isa(OLD, "avx2-simde") == "avx2-simde"
+
+
+def test_an_emulated_path_is_never_the_default() -> None:
+    for flags in (ZEN3, ZEN4, OLD):
+        assert not native.select_isa(flags).endswith("-simde")
 
 
 def test_a_path_the_cpu_lacks_is_refused_before_it_crashes() -> None:
-    with pytest.raises(ConfigError, match=r"needs CPU flags \['avx2', 'fma'\].*\['scalar'\]"):
+    with pytest.raises(ConfigError, match=r"needs CPU flags \['avx2', 'fma'\].*\['scalar', 'avx2-simde'\]"):
         native.select_isa(OLD, "avx2")
+    with pytest.raises(ConfigError, match=r"needs CPU flags \['avx512_vnni'\]"):
+        native.select_isa(SKYLAKE_SP, "avx512vnni")
 
 
 def test_an_unknown_path_names_the_ones_there_are() -> None:
-    with pytest.raises(ConfigError, match="paths avx2, scalar.*AVX-512 CPUs run the avx2 one"):
-        native.select_isa(ZEN4, "avx512")
-    with pytest.raises(ConfigError, match="paths avx2, scalar"):
+    with pytest.raises(ConfigError, match="paths avx512vnni, avx512, avx2, scalar, avx512vnni-simde"):
         native.select_isa(ZEN3, "neon")
 
 
@@ -46,7 +67,31 @@ def test_the_loaded_build_is_the_path_asked_for() -> None:
     assert native.isa() == wanted
     ops = native.ops()
     assert ops is not None
-    assert ops.built_isa() == wanted  # what the compiler actually targeted, from inside the extension
+    assert ops.isa() == wanted  # the table the extension dispatches to, from inside it
+
+
+@pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (see the log)")
+def test_one_build_holds_every_path_of_this_architecture() -> None:
+    built = set(native.built_isas())
+    if native._is_x86():
+        assert {"avx512vnni", "avx512", "avx2", "scalar"} <= built
+        emulated = {"avx512vnni-simde", "avx512-simde", "avx2-simde"}
+        assert (emulated <= built) is (native.simde_include() is not None)
+    assert set(native.runnable_isas()) <= built
+    assert native.isa() in native.runnable_isas()
+
+
+@pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (see the log)")
+def test_use_isa_switches_the_path_and_restores_it() -> None:
+    before = native.isa()
+    with native.use_isa("scalar"):
+        assert native.isa() == "scalar"
+    assert native.isa() == before
+    lacking = [name for name in native.ISA_NAMES if name not in native.runnable_isas()]
+    for name in lacking:
+        with pytest.raises(ConfigError, match="cannot run here"), native.use_isa(name):
+            pass
+    assert native.isa() == before
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ryzen_opt import native
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.kv_cache import KVCacheConfig, KVCacheOptimizer
-from ryzen_opt.quant import pack_int4_runs, quantize_int4, quantize_int8
+from ryzen_opt.quant import (
+    pack_group_panels,
+    pack_int4_panels,
+    pack_int8_panels,
+    quantize_int4,
+    quantize_int8,
+)
 from ryzen_opt.runtime import decoder_of
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (see the log)")
@@ -166,12 +172,12 @@ def test_decode_layer_matches_torch_on_any_shape(kind, head_dim, kv_heads, group
         w = torch.randn(n, k) / k**0.5
         if kind.startswith("int8"):
             q, s = quantize_int8(w)
-            tensors += [q, s, torch.empty(0)]
+            tensors += [q if kind == "int8" else pack_int8_panels(q), s, torch.empty(0)]
             kinds.append(1 if kind == "int8" else 3)
             dense.append(q.float() * s[:, None])
         elif kind == "int4":
             q, s, lo = quantize_int4(w, 32)
-            tensors += [pack_int4_runs(q), s, lo]
+            tensors += [pack_int4_panels(q), pack_group_panels(s), pack_group_panels(lo)]
             kinds.append(2)
             dense.append((q.float().view(n, -1, 32) * s[..., None] + lo[..., None]).view(n, k))
         else:
@@ -217,7 +223,7 @@ def test_activation_quantizer_is_bit_exact(rows: int, blocks: int, seed: int) ->
 
 @settings(max_examples=30, deadline=None)
 @given(
-    rows=st.integers(1, native.SMALL_M),
+    rows=st.integers(1, 3 * native.SMALL_M),  # decode and verification, and prompt passes in tiles of rows
     n=st.integers(1, 70),
     blocks=st.integers(1, 9),
     bits=st.sampled_from([8, 4]),
@@ -232,7 +238,7 @@ def test_integer_gemv_matches_a_float64_reference(rows, n, blocks, bits, group_b
     xq64 = xq.double().view(rows, -1, 32)
     if bits == 8:
         q, s = quantize_int8(w)
-        got = torch.ops.ryzen_native.w8a8_linear(x, q, s)
+        got = torch.ops.ryzen_native.w8a8_linear(x, pack_int8_panels(q), s)
         dots = torch.einsum("rbi,nbi->rnb", xq64, q.double().view(n, -1, 32))  # exact integer block dots
         terms = dots * xs.double()[:, None] * s.double()[None, :, None]
         magnitude = torch.einsum("rbi,nbi->rnb", xq64.abs(), q.double().abs().view(n, -1, 32))
@@ -240,7 +246,8 @@ def test_integer_gemv_matches_a_float64_reference(rows, n, blocks, bits, group_b
     else:
         group = 32 * group_blocks
         q, s, lo = quantize_int4(w, group)
-        got = torch.ops.ryzen_native.w4_linear(x, pack_int4_runs(q), s, lo, group)
+        panels, sp, lp = pack_int4_panels(q), pack_group_panels(s), pack_group_panels(lo)
+        got = torch.ops.ryzen_native.w4_linear(x, panels, sp, lp, group, n)
         dots = torch.einsum("rbi,nbi->rnb", xq64, q.double().view(n, -1, 32))
         block_scale = s.double().repeat_interleave(group_blocks, dim=1)  # [n, blocks]
         rounded_sums = (xq64.sum(-1) * xs.double()).view(rows, -1, group_blocks).sum(-1)  # of the rounded inputs
@@ -263,3 +270,59 @@ def test_decode_layer_rejects_more_rows_than_its_gemv_takes() -> None:
             h, [torch.empty(0)] * 12, [1] * 4, [0] * 4, torch.ones(64), torch.ones(64), 1e-5, 1e-5,
             cache, cache.clone(), 0, torch.ones(h.shape[0], 32), torch.zeros(h.shape[0], 32), 2, 1, 0.1,
         )  # fmt: skip
+
+
+@given(rows=st.integers(1, 2 * native.SMALL_M), seed=st.integers(0, 2**16))
+@settings(max_examples=20, deadline=None)
+def test_integer_gemv_rows_do_not_depend_on_the_rows_beside_them(rows: int, seed: int) -> None:
+    """Bit-exact: each row alone gives the bits it gets among others (row tiles of 8 and 4, panels of 16)."""
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, 96, generator=g), torch.randn(37, 96, generator=g)
+    q8, s8 = quantize_int8(w)
+    q4, s4, lo = quantize_int4(w, 32)
+    p8, p4, sp, lp = pack_int8_panels(q8), pack_int4_panels(q4), pack_group_panels(s4), pack_group_panels(lo)
+    together8 = torch.ops.ryzen_native.w8a8_linear(x, p8, s8)
+    together4 = torch.ops.ryzen_native.w4_linear(x, p4, sp, lp, 32, 37)
+    for r in range(rows):
+        assert torch.equal(torch.ops.ryzen_native.w8a8_linear(x[r : r + 1], p8, s8)[0], together8[r])
+        assert torch.equal(torch.ops.ryzen_native.w4_linear(x[r : r + 1], p4, sp, lp, 32, 37)[0], together4[r])
+
+
+def test_the_operators_pass_torch_library_opcheck() -> None:
+    """Schemas, fake kernels and dispatch as torch.compile relies on them (torch.library.opcheck)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=g), torch.randn(40, 64, generator=g)
+    q8, s8 = quantize_int8(w)
+    q4, s4, lo = quantize_int4(w, 32)
+    p4, sp, lp = pack_int4_panels(q4), pack_group_panels(s4), pack_group_panels(lo)
+    lib = torch.ops.ryzen_native
+    cases = [
+        (lib.w8_linear.default, (x, q8, s8)),
+        (lib.w8a8_linear.default, (x, pack_int8_panels(q8), s8)),
+        (lib.w4_linear.default, (x, p4, sp, lp, 32, 40)),
+        (lib.w4_dequantize.default, (p4, sp, lp, 32, 40)),
+        (lib.quantize_q8.default, (x,)),
+        (
+            lib.kv_attend.default,
+            (torch.randn(4, 2, 16, generator=g), [], 8, torch.randn(2, 5, 16), torch.randn(2, 5, 16), 0.25),
+        ),
+    ]
+    # one fused layer: hidden 64, 2 heads of 32 over 1 kv head, int8 panels, 2 new rows at position 3
+    hidden, hd, inter = 64, 32, 96
+    weights, kinds = [], []
+    for n, k in [(2 * hd + 2 * hd, hidden), (hidden, 2 * hd), (2 * inter, hidden), (hidden, inter)]:
+        q, s = quantize_int8(torch.randn(n, k, generator=g) / k**0.5)
+        weights += [pack_int8_panels(q), s, torch.empty(0)]
+        kinds.append(3)
+    caches = [torch.randn(1, 1, 8, hd, generator=g) for _ in range(2)]
+    cos, sin = torch.ones(2, hd), torch.zeros(2, hd)
+    h, norm = torch.randn(2, hidden, generator=g), torch.ones(hidden)
+    cases.append((lib.layer_qkv.default, (h, weights, kinds, [0] * 4, norm, 1e-5, cos, sin, 2, 1)))
+    cases.append(
+        (
+            lib.decode_layer.default,
+            (h, weights, kinds, [0] * 4, norm, norm, 1e-5, 1e-5, *caches, 3, cos, sin, 2, 1, 0.2),
+        )
+    )
+    for op, args in cases:
+        torch.library.opcheck(op, args)
