@@ -91,10 +91,11 @@ DECODE_MODES = ("static", "hf")
 #         each weight once for all the rows of a call, so verifying 8 tokens costs little more than one step, and
 #         the rounding is per block, not per tensor (docs/native.md). "native" (fp32 activations, the exact
 #         dequantized product) is the choice where every bit of the product matters. fbgemm's dynamic kernel
-#         quantizes activations per tensor: real LLMs have outlier activation channels, and SmolLM2 lost 36% of its top-1 accuracy with it (7-bit activations on this AVX2
-#         CPU without VNNI; 16-18% with 8 bits on an AVX-512 VNNI one). ATen's weight-only _weight_int8pack_mm keeps
-#         accuracy (-0.3%) but takes bf16 activations and runs slowly without AVX-512 BF16. Where the native
-#         extension cannot be built (no compiler), "int8pack".
+#         quantizes activations per tensor: real LLMs have outlier activation channels, and SmolLM2 lost 36% of
+#         its top-1 accuracy with it (7-bit activations on an AVX2 CPU without VNNI; 16-18% with 8 bits on an
+#         AVX-512 VNNI one). ATen's weight-only _weight_int8pack_mm keeps accuracy (-0.3%) but takes bf16
+#         activations and runs slowly without AVX-512 BF16. Where the native extension cannot be built (no
+#         compiler), "int8pack".
 #   cuda: gpt-fast's weight-only form, F.linear(x, w.to(x.dtype)) * scales, which inductor fuses into one
 #         kernel under compile=True; fbgemm is CPU-only.
 KERNEL_TABLE: dict[str, str] = {"cpu": "native-a8", "cuda": "dequant", "mps": "int8pack"}
