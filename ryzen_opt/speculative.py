@@ -185,6 +185,14 @@ class _LeanRunner:
         if ids.shape[1] == 1 and self.decoder.is_compiled:
             # A compiled one-token step (KernelConfig(compile=True)): about half an eager step on small models.
             return self.decoder.step(ids).float()
+        rows = getattr(self.decoder, "native_rows", 0)
+        if self.decoder.pos > 0 and rows and ids.shape[1] > rows and self.decoder.native_layers() is not None:
+            # A verification longer than the fused layer takes would run ATen's layers, whose attention sums in
+            # another order than a one-token step's: in pieces it gets the steps' bits (greedy stays lossless).
+            parts = [
+                self.decoder.forward(ids[:, i : i + rows], all_logits=True)[0] for i in range(0, ids.shape[1], rows)
+            ]
+            return torch.cat(parts).float()
         return self.decoder.forward(ids, all_logits=True)[0].float()
 
     def extend_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

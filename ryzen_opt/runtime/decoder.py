@@ -265,6 +265,11 @@ class StaticDecoder:
             self.external.crop(length - self.pos)
         self.pos = length
 
+    @property
+    def native_rows(self) -> int:
+        """The most new tokens one forward runs through the fused native layers (``native.SMALL_M``)."""
+        return native.SMALL_M
+
     def native_layers(self) -> list[NativeLayer] | None:
         """The fused native layer plan (one ``ryzen_native::decode_layer`` call per layer for up to
         ``native.SMALL_M`` new tokens), or ``None`` when this model's layers run in ATen ops. Built on first use."""
