@@ -38,6 +38,10 @@ namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Software prefetch distance in weight bytes: the panel stream is regular, but with 8 rows of integer products per
+// 64-byte load the loop issues few loads and the hardware prefetcher fell behind (measured below in docs/native.md).
+constexpr int64_t kAhead = 2048;
+
 inline float hsum(__m512 v) {
   const __m256 lo = _mm512_castps512_ps256(v);
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
@@ -134,6 +138,7 @@ void w8a8_panel(const A8& a, int64_t r0, const uint8_t* panel, const float* scal
     for (int r = 0; r < R; ++r) dots[r] = _mm512_setzero_si512();
     const uint8_t* wb = panel + b * 8 * 64;
     for (int j = 0; j < 8; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + j * 64 + kAhead), _MM_HINT_T0);
       const __m512i w = _mm512_loadu_si512(wb + j * 64);  // q + 128
 #ifdef RYZEN_VNNI
       for (int r = 0; r < R; ++r)
@@ -172,6 +177,10 @@ void w4a8_panel(const A8& a, int64_t r0, const uint8_t* panel, const float* sp, 
     __m512i dots[R];
     for (int r = 0; r < R; ++r) dots[r] = _mm512_setzero_si512();
     const uint8_t* wb = panel + b * 4 * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 192), _MM_HINT_T0);
     for (int j = 0; j < 4; ++j) {
       const __m512i w = _mm512_loadu_si512(wb + j * 64);
       const __m512i lo = _mm512_and_si512(w, low);                         // inputs 8j .. 8j+3 of the block
