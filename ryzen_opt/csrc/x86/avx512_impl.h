@@ -127,32 +127,46 @@ inline void store_panel(float* y, int64_t ldy, int64_t r, int64_t n0, int64_t n_
   _mm512_mask_storeu_ps(y + r * ldy + n0, lanes(n_total - n0), v);
 }
 
+// Independent integer accumulators per row: with few rows the chain of vpdpbusd into one register is bound by its
+// latency (~4-5 cycles each), not by the weight stream; a block's int32 sum is exact in any order, so splitting it
+// keeps every row's result bit-identical whatever R is (row independence).
+template <int R>
+constexpr int chains() {
+  return R == 1 ? 4 : (R == 2 ? 2 : 1);
+}
+
 template <int R>
 void w8a8_panel(const A8& a, int64_t r0, const uint8_t* panel, const float* scale, float* y, int64_t ldy, int64_t n0,
                 int64_t n_total) {
+  constexpr int C = chains<R>();
   const int64_t k = a.k, blocks = k / 32;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512i dots[R];
-    for (int r = 0; r < R; ++r) dots[r] = _mm512_setzero_si512();
+    __m512i dots[C][R];
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) dots[c][r] = _mm512_setzero_si512();
     const uint8_t* wb = panel + b * 8 * 64;
     for (int j = 0; j < 8; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(wb + j * 64 + kAhead), _MM_HINT_T0);
+      const int c = j % C;
       const __m512i w = _mm512_loadu_si512(wb + j * 64);  // q + 128
 #ifdef RYZEN_VNNI
       for (int r = 0; r < R; ++r)
-        dots[r] = _mm512_dpbusd_epi32(dots[r], w, bcast4(a.q + (r0 + r) * k + b * 32 + 4 * j));
+        dots[c][r] = _mm512_dpbusd_epi32(dots[c][r], w, bcast4(a.q + (r0 + r) * k + b * 32 + 4 * j));
 #else
       const __m512i ws = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // q
       const __m512i aw = _mm512_abs_epi8(ws);
       const __mmask64 neg = _mm512_movepi8_mask(ws);
       for (int r = 0; r < R; ++r)
-        dots[r] = _mm512_add_epi32(dots[r], dot4_signed(aw, neg, bcast4(a.q + (r0 + r) * k + b * 32 + 4 * j)));
+        dots[c][r] = _mm512_add_epi32(dots[c][r], dot4_signed(aw, neg, bcast4(a.q + (r0 + r) * k + b * 32 + 4 * j)));
 #endif
     }
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_set1_ps(a.s[(r0 + r) * blocks + b]), acc[r]);
+    for (int r = 0; r < R; ++r) {
+      __m512i d = dots[0][r];
+      for (int c = 1; c < C; ++c) d = _mm512_add_epi32(d, dots[c][r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.s[(r0 + r) * blocks + b]), acc[r]);
+    }
   }
   const __m512 sc = _mm512_maskz_loadu_ps(lanes(n_total - n0), scale + n0);
   for (int r = 0; r < R; ++r) {
@@ -169,13 +183,15 @@ void w8a8_panel(const A8& a, int64_t r0, const uint8_t* panel, const float* scal
 template <int R>
 void w4a8_panel(const A8& a, int64_t r0, const uint8_t* panel, const float* sp, const float* mp, int64_t group,
                 float* y, int64_t ldy, int64_t n0, int64_t n_total) {
+  constexpr int C = chains<R>();
   const int64_t k = a.k, blocks = k / 32, groups = k / group, per = group / 32;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512i dots[R];
-    for (int r = 0; r < R; ++r) dots[r] = _mm512_setzero_si512();
+    __m512i dots[C][R];
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) dots[c][r] = _mm512_setzero_si512();
     const uint8_t* wb = panel + b * 4 * 64;
     _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 64), _MM_HINT_T0);
@@ -183,21 +199,26 @@ void w4a8_panel(const A8& a, int64_t r0, const uint8_t* panel, const float* sp, 
     _mm_prefetch(reinterpret_cast<const char*>(wb + kAhead + 192), _MM_HINT_T0);
     for (int j = 0; j < 4; ++j) {
       const __m512i w = _mm512_loadu_si512(wb + j * 64);
-      const __m512i lo = _mm512_and_si512(w, low);                         // inputs 8j .. 8j+3 of the block
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);   // inputs 8j+4 .. 8j+7
+      const __m512i lo = _mm512_and_si512(w, low);                        // inputs 8j .. 8j+3 of the block
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);  // inputs 8j+4 .. 8j+7
+      const int c0 = (2 * j) % C, c1 = (2 * j + 1) % C;
       for (int r = 0; r < R; ++r) {
         const int8_t* xr = a.q + (r0 + r) * k + b * 32 + 8 * j;
 #ifdef RYZEN_VNNI
-        dots[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dots[r], lo, bcast4(xr)), hi, bcast4(xr + 4));
+        dots[c0][r] = _mm512_dpbusd_epi32(dots[c0][r], lo, bcast4(xr));
+        dots[c1][r] = _mm512_dpbusd_epi32(dots[c1][r], hi, bcast4(xr + 4));
 #else
-        dots[r] = _mm512_add_epi32(dots[r], _mm512_add_epi32(dot4_unsigned(lo, bcast4(xr)), dot4_unsigned(hi, bcast4(xr + 4))));
+        dots[c0][r] = _mm512_add_epi32(dots[c0][r], dot4_unsigned(lo, bcast4(xr)));
+        dots[c1][r] = _mm512_add_epi32(dots[c1][r], dot4_unsigned(hi, bcast4(xr + 4)));
 #endif
       }
     }
     const __m512 sv = _mm512_loadu_ps(sp + (b / per) * kPanel);
     for (int r = 0; r < R; ++r) {
+      __m512i d = dots[0][r];
+      for (int c = 1; c < C; ++c) d = _mm512_add_epi32(d, dots[c][r]);
       const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(a.s[(r0 + r) * blocks + b]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), s, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r]);
     }
   }
   for (int64_t g = 0; g < groups; ++g) {  // the minimum times the sum of the rounded inputs of its group
