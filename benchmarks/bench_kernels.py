@@ -38,24 +38,12 @@ import torch
 
 from ryzen_opt import zoo
 from ryzen_opt.accuracy import MemoLogits
-from ryzen_opt.bench import accuracy, compare, generate_workload, greedy_agreement
+from ryzen_opt.bench import accuracy, compare, generate_workload, greedy_agreement, read_bandwidth_gbs
 from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
 from ryzen_opt.reports import run_sections
 from ryzen_opt.runtime import decoder_of
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 64
-
-
-def read_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:
-    """This machine's read bandwidth now, with the current thread count: a float32 sum over ``mib`` MiB."""
-    data = torch.ones(mib * 2**20 // 4)
-    data.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / statistics.median(times) / 1e9
 
 
 @torch.no_grad()

@@ -66,6 +66,7 @@ from typing import Any, Protocol
 import torch
 
 from ryzen_opt import zoo
+from ryzen_opt.bench import read_bandwidth_gbs
 from ryzen_opt.reports import atomic_write_json, environment
 
 logger = logging.getLogger("bench_peers")
@@ -427,7 +428,7 @@ class RyzenRunner:
     def __init__(self, model_dir: Path, precision: str, threads: int) -> None:
         from transformers import AutoModelForCausalLM
 
-        from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+        from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
         from ryzen_opt.runtime import decoder_of
 
         self.precision = precision
@@ -438,6 +439,7 @@ class RyzenRunner:
         kernel = "native-a8" if precision == "int8-a8" else "auto"
         self.model = KernelOptimizer(KernelConfig(weights=weights, int8_kernel=kernel)).apply_to_model(model)
         self.decoder = decoder_of(self.model)
+        self.weight_bytes = kernel_report(self.model).bytes_per_token
 
     def generate(self, prompt: list[int], new_tokens: int) -> Run:
         # The same steps as the optimized model's generate (prefill, then one step per token), with a timestamp
@@ -587,6 +589,7 @@ class Entry:
     errors: dict[int, str] = field(default_factory=dict)
     quality: dict[str, Any] | None = None
     quality_error: str | None = None
+    weight_bytes: int | None = None  # read per decode step: ryzen's kernel_report; llama.cpp's GGUF file size
 
 
 def prepare(engines: list[str], model_dir: Path, art_dir: Path, threads: int, model_name: str) -> list[Entry]:
@@ -629,8 +632,9 @@ def make_runner(entry: Entry, threads: int, n_ctx: int, logits_all: bool = False
     return OrtGenAIRunner(entry.artifact, entry.precision, threads)
 
 
-def measure(entries: list[Entry], threads: int, prompt: list[int], new_tokens: int, runs: int) -> None:
-    """One warm-up each, then ``runs`` rounds, each running every engine once (round-robin)."""
+def measure(entries: list[Entry], threads: int, prompt: list[int], new_tokens: int, runs: int) -> float:
+    """One warm-up each, then ``runs`` rounds, each running every engine once (round-robin); returns the machine's
+    read bandwidth in GB/s at ``threads``, measured just before the rounds (the denominator of each row's share)."""
     n_ctx = len(prompt) + new_tokens + 8
     live: list[tuple[Entry, Runner]] = []
     for entry in entries:
@@ -641,14 +645,22 @@ def measure(entries: list[Entry], threads: int, prompt: list[int], new_tokens: i
             runner.generate(prompt, new_tokens)  # warm-up
             live.append((entry, runner))
             entry.runs[threads] = []
+            if isinstance(runner, RyzenRunner):
+                entry.weight_bytes = runner.weight_bytes
+            elif entry.engine == "llamacpp" and entry.artifact is not None:
+                entry.weight_bytes = entry.artifact.stat().st_size  # the tied table is the output head: all read
         except Exception as exc:
             entry.errors[threads] = f"{type(exc).__name__}: {exc}"
             logger.warning("%s %s failed at %d threads: %s", entry.engine, entry.precision, threads, exc)
+    torch.set_num_threads(threads)
+    bandwidth = read_bandwidth_gbs()
+    logger.info("threads %d: read bandwidth %.1f GB/s", threads, bandwidth)
     for round_ in range(runs):
         logger.info("threads %d: round %d/%d", threads, round_ + 1, runs)
         for entry, runner in live:
             entry.runs[threads].append(runner.generate(prompt, new_tokens))
     del live
+    return bandwidth
 
 
 class _Logits(torch.nn.Module):
@@ -706,7 +718,9 @@ def _prefix_match(a: list[int], b: list[int]) -> int:
     return n
 
 
-def rows_for(entries: list[Entry], thread_counts: list[int], new_tokens: int) -> list[dict[str, Any]]:
+def rows_for(
+    entries: list[Entry], thread_counts: list[int], new_tokens: int, bandwidth: dict[int, float] | None = None
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     hf = next((e for e in entries if e.engine == "hf"), None)
     for threads in thread_counts:
@@ -747,6 +761,14 @@ def rows_for(entries: list[Entry], thread_counts: list[int], new_tokens: int) ->
                 match_vs_hf=_prefix_match(tokens, hf_runs[-1].tokens) if hf_runs else None,
                 tokens=tokens,
             )
+            if entry.weight_bytes and bandwidth and threads in bandwidth:
+                gbs = entry.weight_bytes / (median_ms / 1e3) / 1e9
+                row.update(
+                    weight_bytes=entry.weight_bytes,
+                    weight_gbs=gbs,
+                    read_bandwidth_gbs=bandwidth[threads],
+                    bandwidth_share=gbs / bandwidth[threads],
+                )
             if threads == max(thread_counts):
                 row["quality"] = entry.quality
                 row["quality_error"] = entry.quality_error
@@ -889,8 +911,7 @@ def main() -> None:
     prompt_ids = prompt.tolist()
 
     entries = prepare(engines, model_dir, art_dir, max(args.threads), model_name)
-    for threads in args.threads:
-        measure(entries, threads, prompt_ids, args.new_tokens, args.runs)
+    bandwidth = {threads: measure(entries, threads, prompt_ids, args.new_tokens, args.runs) for threads in args.threads}
     quality_threads = max(args.threads)
     blocks = heldout_blocks(model_name, model_dir, args.quality_blocks, args.block_size)
     if isinstance(blocks, str):
@@ -898,21 +919,22 @@ def main() -> None:
             entry.quality_error = blocks
     else:
         measure_quality(entries, quality_threads, blocks)
-    rows = rows_for(entries, args.threads, args.new_tokens)
+    rows = rows_for(entries, args.threads, args.new_tokens, bandwidth)
 
     print(f"\nmodel {model_name} ({model_dir}), prompt {args.prompt_tokens}, new {args.new_tokens}, runs {args.runs}")
     header = f"{'engine':<9} {'prec':<7} {'thr':>3} {'decode ms/tok':>13} {'tok/s':>8} {'vs HF fp32':>10}"
-    print(header + f" {'prefill ms':>10} {'match':>5}  status")
+    print(header + f" {'prefill ms':>10} {'match':>5} {'bw':>4}  status")
     for row in rows:
         lead = f"{row['engine']:<9} {row['precision']:<7} {row['threads']:>3}"
         if row["status"] != "ok":
-            print(f"{lead} {'':>13} {'':>8} {'':>10} {'':>10} {'':>5}  SKIPPED: {row['reason']}")
+            print(f"{lead} {'':>13} {'':>8} {'':>10} {'':>10} {'':>5} {'':>4}  SKIPPED: {row['reason']}")
             continue
         speedup = f"{row['speedup_vs_hf']:.2f}x" if row["speedup_vs_hf"] else "n/a"
         match = "n/a" if row["match_vs_hf"] is None else f"{row['match_vs_hf']}"
+        share = f"{row['bandwidth_share']:.0%}" if row.get("bandwidth_share") else ""
         print(
             f"{lead} {row['decode_ms_per_token']:13.3f} {row['tokens_per_s']:8.1f} {speedup:>10}"
-            f" {row['prefill_ms']:10.2f} {match:>5}  ok"
+            f" {row['prefill_ms']:10.2f} {match:>5} {share:>4}  ok"
         )
     print_quality(rows, quality_threads, blocks)
     skipped_installs = sorted({row["install"] for row in rows if row["status"] != "ok"})

@@ -722,3 +722,23 @@ def generate_workload(model: Any, prompt: torch.Tensor, new_tokens: int) -> Call
         return out
 
     return run
+
+
+def read_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:
+    """This machine's read bandwidth now, at torch's current thread count: the median of ``repeats`` float32 sums
+    over ``mib`` MiB (far larger than any last-level cache), in GB/s.
+
+    Why a sum: it reads every byte once and does almost nothing with it, the access pattern of a memory-bound decode
+    step, so "weight bytes per token / seconds per token" over this is the share of the bandwidth a kernel reaches.
+    """
+    if mib <= 0 or repeats <= 0:
+        raise ConfigError(f"read_bandwidth_gbs needs mib > 0 and repeats > 0, got mib={mib}, repeats={repeats}")
+    data = torch.ones(mib * 2**20 // 4)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / float(np.median(times)) / 1e9
+
