@@ -741,4 +741,3 @@ def read_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:
         data.sum()
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / float(np.median(times)) / 1e9
-
