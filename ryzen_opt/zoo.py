@@ -702,3 +702,130 @@ def copy_prompts(tokenizer: Any, passages: torch.Tensor) -> list[torch.Tensor]:
         text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         prompts.append(tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids)
     return prompts
+
+
+# ------------------------------------------------------------------------------------------------ chat workloads
+# What users ask a small instruct model, by how much of the answer the prompt already holds: "repeat" a passage,
+# correct its "spelling", rewrite a "code" snippet (the answer copies most of the prompt: prompt lookup has
+# something to find), and "open" questions (it has not). Every source ships with CPython and is split in two disjoint
+# halves like the prose: "tune" chooses defaults (a drafter's stopping rule), "test" gates them.
+CHAT_TASKS = ("repeat", "spelling", "code", "open")
+COPY_TASKS = ("repeat", "spelling", "code")
+
+# Pure-Python standard-library functions of 8-24 lines with a docstring (inspect.getsource reads their files).
+_CODE_FUNCTIONS = (
+    ("textwrap", "indent"),
+    ("textwrap", "shorten"),
+    ("string", "capwords"),
+    ("shlex", "quote"),
+    ("statistics", "mean"),
+    ("statistics", "median"),
+    ("statistics", "stdev"),
+    ("statistics", "multimode"),
+    ("html", "escape"),
+    ("fnmatch", "filter"),
+    ("base64", "b64encode"),
+    ("base64", "urlsafe_b64decode"),
+    ("glob", "escape"),
+    ("urllib.parse", "urldefrag"),
+    ("urllib.parse", "urlunsplit"),
+    ("email.utils", "format_datetime"),
+    ("colorsys", "rgb_to_hsv"),
+    ("colorsys", "hsv_to_rgb"),
+    ("calendar", "monthrange"),
+    ("mimetypes", "add_type"),
+)
+
+_OPEN_QUESTIONS = (
+    "Why do leaves change colour in autumn?",
+    "What are three good habits for learning a new language?",
+    "How does a refrigerator keep food cold?",
+    "What should I pack for a weekend hiking trip?",
+    "Why is the ocean salty?",
+    "Give me some ideas for a birthday party for a ten-year-old.",
+    "What is the difference between weather and climate?",
+    "How can I sleep better at night?",
+    "What makes a good cup of coffee?",
+    "Why do cats purr?",
+    "How do airplanes stay in the air?",
+    "What are the benefits of regular exercise?",
+    "How do vaccines work?",
+    "What is a good way to start saving money?",
+    "Why do we have seasons?",
+    "Suggest a simple recipe for dinner tonight.",
+)
+
+TASK_INSTRUCTIONS = {
+    "repeat": "Repeat the following text exactly, word for word:\n\n{text}",
+    "spelling": "Correct the spelling mistakes in the following text. Reply with the corrected text only.\n\n{text}",
+    "code": (
+        "Rewrite this Python function with type hints added. Keep everything else unchanged.\n\n```python\n{text}```"
+    ),
+    "open": "{text}",
+}
+
+
+def _passages(split: str, words: int) -> list[str]:
+    """Paragraphs of the prose split with at least ``words`` words, cut to their first ``words``, in order."""
+    out = []
+    for text in prose_texts(split):
+        for paragraph in text.split("\n\n"):
+            tokens = paragraph.split()
+            if len(tokens) >= words and not paragraph.startswith(" "):  # prose, not an indented code example
+                out.append(" ".join(tokens[:words]))
+    return out
+
+
+def misspell(text: str, every: int = 6) -> str:
+    """``text`` with a typo in every ``every``-th word of five or more letters: its second and third letters swapped
+    (deterministic, so a task's prompts are the same on every machine)."""
+    words = text.split(" ")
+    seen = 0
+    for i, word in enumerate(words):
+        if len(word) >= 5 and word.isalpha():
+            seen += 1
+            if seen % every == 0 and word[1] != word[2]:
+                words[i] = word[0] + word[2] + word[1] + word[3:]
+    return " ".join(words)
+
+
+def task_texts(task: str, split: str = "test", *, n: int = 8, words: int = 90) -> list[str]:
+    """The first ``n`` texts of ``task`` (one of :data:`CHAT_TASKS`) in ``split``, before the instruction."""
+    import importlib
+    import inspect
+
+    if task not in CHAT_TASKS:
+        raise ConfigError(f"chat task {task!r}: choose one of {CHAT_TASKS}")
+    if split not in PROSE_SPLITS:
+        raise ConfigError(f"split {split!r}: choose one of {PROSE_SPLITS}")
+    half = PROSE_SPLITS.index(split)
+    if task in ("repeat", "spelling"):
+        texts = _passages(split, words)
+        texts = texts[0::2] if task == "repeat" else texts[1::2]  # disjoint passages for the two tasks
+        if task == "spelling":
+            texts = [misspell(t) for t in texts]
+    elif task == "code":
+        texts = []
+        for module, name in _CODE_FUNCTIONS[half::2]:
+            try:
+                texts.append(inspect.getsource(getattr(importlib.import_module(module), name)))
+            except (OSError, TypeError, AttributeError):  # a CPython without the module's source files
+                continue
+    else:
+        texts = list(_OPEN_QUESTIONS[half::2])
+    if len(texts) < n:
+        raise ConfigError(f"chat task {task!r} has {len(texts)} texts in split {split!r}, not {n}")
+    return texts[:n]
+
+
+def chat_prompts(tokenizer: Any, task: str, split: str = "test", *, n: int = 8, words: int = 90) -> list[torch.Tensor]:
+    """``[1, T]`` chat prompts of ``task`` (see :data:`CHAT_TASKS`) through the tokenizer's chat template, ending where
+    the assistant's answer starts: the workloads speculative decoding is measured on."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("chat_prompts needs a tokenizer with a chat template (an instruct model's)")
+    prompts = []
+    for text in task_texts(task, split, n=n, words=words):
+        chat = [{"role": "user", "content": TASK_INSTRUCTIONS[task].format(text=text)}]
+        rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(rendered, return_tensors="pt", add_special_tokens=False).input_ids)
+    return prompts

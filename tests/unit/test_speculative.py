@@ -224,3 +224,70 @@ def test_stats_merge_adds_position_by_position():
     assert m.per_position_proposed == [3, 1, 1]
     assert m.per_position_accepted == [3, 0, 0]
     assert m.to_dict()["acceptance_rate"] == pytest.approx(0.6)
+
+
+class _WrongDrafter:
+    """Proposes k tokens the target never emits next (the target's own choice plus one, mod the vocabulary)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def start(self, prompt, max_len) -> None:
+        pass
+
+    def propose(self, sequence, k, sampling):
+        with torch.no_grad():
+            nxt = int(self.target(torch.tensor([sequence])).logits[0, -1].argmax())
+        return [(nxt + 1) % VOCAB] * k, None
+
+    def close(self) -> None:
+        pass
+
+
+def test_drafting_stops_when_recent_drafts_are_rejected_and_output_stays_the_targets(models):
+    target, _ = models
+    ids = torch.tensor([[3, 5, 7, 9]])
+    config = SpecConfig(num_draft_tokens=2, stop_acceptance=0.2, stop_window=3, stop_pause=4)
+    out = SpeculativeDecoder(target, _WrongDrafter(target), config).generate(ids, max_new_tokens=30)
+    _assert_lossless(out, _greedy(target, ids, 30))
+    stats = out.stats
+    assert stats.accepted == 0
+    # 3 rejected rounds stop it for 4 tokens, 3 more for 8, 3 more for 16 (cut at 30 tokens)
+    assert stats.stops >= 2
+    assert stats.undrafted_tokens >= 4 + 8
+    assert stats.to_dict()["stops"] == stats.stops
+    # without the rule every round drafts
+    never = SpeculativeDecoder(target, _WrongDrafter(target), SpecConfig(num_draft_tokens=2, stop_acceptance=0.0))
+    stats_never = never.generate(ids, max_new_tokens=30).stats
+    assert stats_never.stops == 0
+    assert stats_never.undrafted_tokens == 0
+    assert stats_never.target_forwards == 30  # one token per forward, a wasted draft in each
+
+
+def test_a_drafter_that_is_right_never_stops(models):
+    target, _ = models
+    ids = torch.tensor([[3, 5, 7, 9]])
+    want = _greedy(target, ids, 24)
+    future = want[0].tolist()
+
+    class Oracle:
+        def start(self, prompt, max_len):
+            pass
+
+        def propose(self, sequence, k, sampling):
+            return future[len(sequence) : len(sequence) + k], None
+
+        def close(self):
+            pass
+
+    out = SpeculativeDecoder(target, Oracle(), SpecConfig(stop_window=2)).generate(ids, max_new_tokens=24)
+    _assert_lossless(out, want)
+    assert out.stats.stops == 0
+    assert out.stats.acceptance_rate == 1.0
+
+
+def test_stopping_rule_settings_are_checked():
+    with pytest.raises(ConfigError, match="stop_acceptance"):
+        SpecConfig(stop_acceptance=1.0)
+    with pytest.raises(ConfigError, match="stop_window"):
+        SpecConfig(stop_window=0)
