@@ -1,19 +1,23 @@
-"""Perf gates of the SpeculativeDecoder on SmolLM2-135M-Instruct with n-gram drafting (prompt lookup), on prompts
-that repeat their context: the model is asked to copy a held-out prose passage, as an edit or a quotation would.
+"""Perf gates of the SpeculativeDecoder on SmolLM2-135M-Instruct with n-gram drafting (prompt lookup), on the chat
+tasks of ``zoo.chat_prompts`` (held-out "test" halves; the drafter's defaults were chosen on "tune" with
+``benchmarks/bench_spec_tasks.py --split tune``):
 
-Both arms run the same kernels (KernelOptimizer, SystemConfig's int8: its rows are computed the same way whatever the
-batch, so verification sees the logits decoding would); the baseline is the target alone. Lossless: greedy output
-equals the target's own, token for token (asserted). Acceptance is recorded, not gated: the seed's 0.60 is a bar
-for a trained draft model (a later issue); prompt lookup proposes only where the text repeats, and SmolLM2 accepted
-0.51 of its proposals here.
+- prompts whose answer copies the prompt: repeat a prose passage, correct its spelling, add type hints to a Python
+  function (two of each). Gate: 1.1x the same optimized target alone, a claim CI's sample budget decides on both
+  x86 paths. Measured on a Zen 4: 1.62x (95% CI 1.49-1.73) and 1.57x (1.35-1.72) with the native AVX-512 VNNI
+  kernels, 1.36x (1.22-1.60) with the AVX2 path forced (``RYZEN_OPT_NATIVE_ISA=avx2``); on "tune" per task: repeat
+  2.39x, spelling 1.84x, code 1.28x. The 1.5x that would make it the fourth optimizer's headline is not decided at
+  8 pairs, so it is not gated;
+- open questions, whose answers do not copy: prompt lookup still finds short matches and proposes wrong drafts, and
+  each costs its verification, so drafting stops when recent acceptance is low (``SpecConfig.stop_acceptance``).
+  Gate 0.75x, a cost guard: the paired intervals of a few 96-token answers on this 2-core machine are +-10-15% wide
+  (1.00x-1.04x measured with the rule, 0.96x on the AVX2 path, 0.96x without the rule), too wide to decide a 5% bound
+  in CI's time.
 
-Speed is gated at 0.8x: a guard that speculation costs at most a fifth of the target's own speed, not a claim that
-it pays. It was gated at 1.1x (measured 1.22-1.30x) while a decode step carried ~6 ms of per-op overhead that a
-verification pass shares among its tokens. With the fused native layers (docs/native.md) the step is lean and the
-GEMVs of a verification grow with its rows (one token 9.8 ms, four 24 ms, six 29 ms), so n-gram drafting no longer
-pays on this 2-core CPU: 0.97x (95% CI 0.94-0.97) alone on the machine, 0.92x (0.82-0.99) beside the other xdist
-worker, and 0.88-0.96x for every drafter setting tried (min n-gram 1-3, 2-4 or 4-12 draft tokens). Cheaper
-multi-row verification is open work (issue 16).
+Both arms run the same kernels (KernelOptimizer, SystemConfig's int8) and stop at the end of the answer (EOS).
+Lossless: greedy output equals the target's own ``generate``, token for token, on every prompt (asserted). The
+decoder prefills the whole prompt as ``generate`` does: a prompt token computed inside a verification gets other
+bits where activations are rounded to int8, and the outputs left each other on 1 of 3 prompts before.
 """
 
 from __future__ import annotations
@@ -31,25 +35,20 @@ from ryzen_opt.system import SystemConfig
 
 pytestmark = pytest.mark.perf
 
-PROMPTS, PASSAGE_TOKENS, NEW_TOKENS = 3, 120, 64
+NEW_TOKENS = 96
 
 
 @pytest.fixture(scope="module")
-def setup(smollm2, prose):
-    model, tokenizer = smollm2
-    target = KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
-    prompts = [ids.to(prose.device) for ids in zoo.copy_prompts(tokenizer, prose[:PROMPTS, :PASSAGE_TOKENS].cpu())]
-    return target, prompts
+def target(smollm2):
+    model, _ = smollm2
+    return KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
 
 
-def test_ngram_drafting_is_lossless_and_accepted_on_repeated_context(ryzen, setup) -> None:
-    target, prompts = setup
+def _check_and_time(ryzen, target, tokenizer, prompts, label: str) -> None:
+    eos = tokenizer.eos_token_id  # the perf fixture turns the model's own EOS off; answers end at <|im_end|>
     decoder = SpeculativeDecoder(target, NGramDrafter(), SpecConfig())
     stats = None
-    eos = target.generation_config.eos_token_id
     for ids in prompts:
-        # Both stop at the end of the answer: with EOS held off (min_new_tokens) the target would continue on its
-        # second choice while the speculative decoder continues after the EOS it emitted, two different texts.
         out = decoder.generate(ids, NEW_TOKENS, eos_token_id=eos)
         want = target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos)
         assert torch.equal(out.sequences, want) or out.stats.near_ties > 0, "speculative greedy output changed"
@@ -60,31 +59,43 @@ def test_ngram_drafting_is_lossless_and_accepted_on_repeated_context(ryzen, setu
         stats.proposed,
         optimizer="speculative_decoder",
         tokens_per_target_forward=stats.tokens_per_target_forward,
-        near_ties=stats.near_ties,
+        per_position_acceptance=stats.per_position_acceptance[:12],
+        stops=stats.stops,
+        undrafted_tokens=stats.undrafted_tokens,
+        new_tokens=stats.new_tokens,
+        workload=label,
     )
-
-
-@speedup(0.8)
-def test_ngram_drafting_costs_at_most_a_fifth_of_the_targets_speed(ryzen, setup) -> None:
-    target, prompts = setup
-    decoder = SpeculativeDecoder(target, NGramDrafter(), SpecConfig())
 
     def alone() -> None:
         for ids in prompts:
-            target.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            target.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos)
 
     def speculative() -> None:
         for ids in prompts:
-            decoder.generate(ids, NEW_TOKENS)
+            decoder.generate(ids, NEW_TOKENS, eos_token_id=eos)
 
     ryzen.compare(
         alone,
         speculative,
-        baseline_name=f"SmolLM2 alone, KernelOptimizer int8 lean loop, greedy ({PROMPTS} copy prompts x 64 tokens)",
+        baseline_name=f"SmolLM2 alone, KernelOptimizer int8 lean loop, greedy ({label}, up to {NEW_TOKENS} tokens)",
         candidate_name="SpeculativeDecoder, n-gram drafting, same kernels",
         optimizer="speculative_decoder",
-        min_pairs=5,
-        max_pairs=12,
+        min_pairs=4,
+        max_pairs=10,
         warmup=1,
-        max_time=90.0,
+        max_time=50.0,
     )
+
+
+@speedup(1.1)
+def test_ngram_drafting_pays_where_the_answer_copies_the_prompt(ryzen, target, smollm2) -> None:
+    _, tokenizer = smollm2
+    prompts = [ids for task in zoo.COPY_TASKS for ids in zoo.chat_prompts(tokenizer, task, "test", n=2)]
+    _check_and_time(ryzen, target, tokenizer, prompts, "repeat, spelling, code: 2 prompts each")
+
+
+@speedup(0.75)
+def test_ngram_drafting_costs_little_on_open_questions(ryzen, target, smollm2) -> None:
+    _, tokenizer = smollm2
+    prompts = zoo.chat_prompts(tokenizer, "open", "test", n=3)
+    _check_and_time(ryzen, target, tokenizer, prompts, "open questions: 3 prompts")

@@ -125,3 +125,25 @@ def test_cache_key_survives_minor_upgrades_but_not_major_ones(monkeypatch: pytes
     monkeypatch.setattr(transformers, "__version__", f"{major}.0.0")
     monkeypatch.setattr(tokenizers, "__version__", "999.0.0")
     assert zoo.recipe_hash(recipe) != key
+
+
+def test_chat_task_texts_split_into_disjoint_halves_and_bad_names_are_refused() -> None:
+    for task in zoo.CHAT_TASKS:
+        tune, test = zoo.task_texts(task, "tune", n=4), zoo.task_texts(task, "test", n=4)
+        assert len(tune) == len(test) == 4
+        assert not set(tune) & set(test), task
+    repeat, spelling = zoo.task_texts("repeat", n=4), zoo.task_texts("spelling", n=4)
+    assert not set(repeat) & {zoo.misspell(t) for t in spelling}
+    with pytest.raises(ConfigError, match="chat task 'poem'"):
+        zoo.task_texts("poem")
+    with pytest.raises(ConfigError, match="not 999"):
+        zoo.task_texts("open", n=999)
+
+
+def test_misspell_swaps_letters_in_every_sixth_long_word_and_nothing_else() -> None:
+    text = "alpha bravo charlie delta foxtrot hotel india juliet kilos lima mike"
+    out = zoo.misspell(text, every=2)
+    assert out.split()[1] == "barvo"  # the second word of five or more letters: 2nd and 3rd letters swapped
+    assert out.split()[3] == "dleta"
+    assert [len(w) for w in out.split()] == [len(w) for w in text.split()]
+    assert zoo.misspell(text, every=2) == out  # deterministic
