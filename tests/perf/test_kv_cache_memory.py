@@ -1,13 +1,14 @@
 """Perf gates of the KVCacheOptimizer (int8 KIVI cache) on SmolLM2-135M-Instruct (30 layers, 3 KV heads of 64).
 
-Memory: stored KV bytes at 2k and 8k tokens (SmolLM2's whole context) against HF's DynamicCache in fp32, every stored
+Memory: stored KV bytes at 2k and 4k tokens against HF's DynamicCache in fp32, every stored
 tensor counted (codes, scales, zeros, the 128-token full-precision window); the seed's gate 30%. The peak of live
 tensor bytes over the decode steps that follow must be 30% lower too, through HF's attention path, which dequantizes
 the whole cache at every step; the lean loop's chunked attention is measured in the benchmark.
 Accuracy: relative top-1 loss of next-token prediction read through the cache against the full cache, on held-out
 prose documents of 2,048 tokens fed 256 tokens at a time; gate 1%. Retrieval: a pass key planted in 2k and 4k tokens
 of prose, which the full cache retrieves, must be retrieved through the quantized cache too.
-``python benchmarks/bench_kv_cache.py`` adds the int4 and sink caches and the lean loop's peaks.
+``python benchmarks/bench_kv_cache.py`` adds the int4 and sink caches and the lean loop's peaks. 8k tokens (SmolLM2's
+whole context) measured 71% stored and 65% peak reduction; it took 143-164 s of CI's 30 minutes, 4k about 80 s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ CONFIG = KVCacheConfig(bits=8)
 
 
 @memory_reduction(0.30)
-@pytest.mark.parametrize("context", [2048, 8192])
+@pytest.mark.parametrize("context", [2048, 4096])
 def test_int8_cache_stores_less(ryzen, smollm2, context: int) -> None:
     model, _ = smollm2
     report = KVCacheOptimizer(CONFIG).memory_report(model, context_len=context, decode_steps=4)
@@ -41,7 +42,7 @@ def test_int8_cache_stores_less(ryzen, smollm2, context: int) -> None:
         decode_peak_reduction=report["peak_reduction"],
     )
     # The peak includes HF's attention dequantizing the whole cache, one layer at a time: it must still be well below
-    # the full cache's (measured 61% smaller at 2k, 65% at 8k).
+    # the full cache's (measured 61% smaller at 2k, 64% at 4k, 65% at 8k).
     assert report["peak_reduction"] >= 0.30, f"decode peak only {report['peak_reduction']:.0%} below DynamicCache's"
 
 
