@@ -690,18 +690,20 @@ def prose_blocks(
 COPY_INSTRUCTION = "Repeat the following text exactly, word for word:\n\n"
 
 
+def _chat_prompt(tokenizer: Any, content: str, caller: str) -> torch.Tensor:
+    """``[1, T]`` ids of one user turn through the tokenizer's chat template, ending where the answer starts."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(f"{caller} needs a tokenizer with a chat template (an instruct model's)")
+    chat = [{"role": "user", "content": content}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
 def copy_prompts(tokenizer: Any, passages: torch.Tensor) -> list[torch.Tensor]:
     """``[1, T]`` chat prompts asking an instruct model to repeat each row of ``passages`` (token ids) word for word:
     the repeated-context workload (an edit, a quotation) where n-gram drafting has something to look up. Through the
     tokenizer's chat template, ending where the assistant's answer starts."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError("copy_prompts needs a tokenizer with a chat template (an instruct model's)")
-    prompts = []
-    for row in passages:
-        chat = [{"role": "user", "content": COPY_INSTRUCTION + tokenizer.decode(row)}]
-        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        prompts.append(tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids)
-    return prompts
+    return [_chat_prompt(tokenizer, COPY_INSTRUCTION + tokenizer.decode(row), "copy_prompts") for row in passages]
 
 
 # ------------------------------------------------------------------------------------------------ chat workloads
@@ -756,7 +758,7 @@ _OPEN_QUESTIONS = (
 )
 
 TASK_INSTRUCTIONS = {
-    "repeat": "Repeat the following text exactly, word for word:\n\n{text}",
+    "repeat": COPY_INSTRUCTION + "{text}",
     "spelling": "Correct the spelling mistakes in the following text. Reply with the corrected text only.\n\n{text}",
     "code": (
         "Rewrite this Python function with type hints added. Keep everything else unchanged.\n\n```python\n{text}```"
@@ -821,11 +823,5 @@ def task_texts(task: str, split: str = "test", *, n: int = 8, words: int = 90) -
 def chat_prompts(tokenizer: Any, task: str, split: str = "test", *, n: int = 8, words: int = 90) -> list[torch.Tensor]:
     """``[1, T]`` chat prompts of ``task`` (see :data:`CHAT_TASKS`) through the tokenizer's chat template, ending where
     the assistant's answer starts: the workloads speculative decoding is measured on."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError("chat_prompts needs a tokenizer with a chat template (an instruct model's)")
-    prompts = []
-    for text in task_texts(task, split, n=n, words=words):
-        chat = [{"role": "user", "content": TASK_INSTRUCTIONS[task].format(text=text)}]
-        rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        prompts.append(tokenizer(rendered, return_tensors="pt", add_special_tokens=False).input_ids)
-    return prompts
+    texts = task_texts(task, split, n=n, words=words)
+    return [_chat_prompt(tokenizer, TASK_INSTRUCTIONS[task].format(text=text), "chat_prompts") for text in texts]
