@@ -238,7 +238,7 @@ def cmd_draft_build(args: argparse.Namespace) -> int:
 
     aliases = {"smollm2": zoo.smollm2_dir, "zoo": lambda: zoo.build() / "target"}
     model_dir = aliases[args.model]() if args.model in aliases else Path(args.model)
-    given = {"budget_seconds": args.budget, "chat_tokens": args.chat_tokens, "seed": args.seed}
+    given = {"budget_seconds": args.budget, "chat_tokens": args.chat_tokens, "seed": args.seed, "probes": args.probes}
     config = DraftConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: DraftConfig's defaults
     path = build_draft(model_dir, config, force=args.force, progress=not args.json)
     build = json.loads((path / "draft_config.json").read_text())["build"]
@@ -257,6 +257,12 @@ def cmd_draft_build(args: argparse.Namespace) -> int:
         ],
         header=("measure", "value"),
     )
+    if build.get("curve"):
+        print("\nlearning curve (held-out agreement during training, on up to 32 held-out blocks):")
+        print_table(
+            [(f"{p['train_seconds']:.0f}", str(p["steps"]), f"{p['agreement']:.3f}") for p in build["curve"]],
+            header=("training s", "steps", "agreement"),
+        )
     return 0
 
 
@@ -332,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--budget", type=float, help="seconds for the whole build (default: DraftConfig's, 1200)")
     p_build.add_argument("--chat-tokens", type=int, help="tokens of chat answers the target writes for the corpus")
     p_build.add_argument("--seed", type=int, help="data order and initialisation")
+    p_build.add_argument(
+        "--probes", type=int, help="measure held-out agreement this many times during training (the learning curve)"
+    )
     p_build.add_argument("--force", action="store_true", help="rebuild even if an intact cached draft exists")
     p_build.add_argument("--json", action="store_true", help="print JSON")
     p_build.set_defaults(func=cmd_draft_build)

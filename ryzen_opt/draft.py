@@ -78,6 +78,7 @@ class DraftConfig(ConfigMixin):
         feature_noise: uniform noise on the input features, as a fraction of their RMS (EAGLE's U(-0.1, 0.1)).
         max_tokens: at most this many corpus tokens get features (bounds memory: 4 bytes x hidden size each).
         seed: data order and initialisation.
+        probes: held-out agreement measured this many times during training (the build's learning curve; 0: none).
     """
 
     budget_seconds: float = 1200.0
@@ -92,6 +93,7 @@ class DraftConfig(ConfigMixin):
     feature_noise: float = 0.1
     max_tokens: int = 400_000
     seed: int = 0
+    probes: int = 0
 
     def __post_init__(self) -> None:
         if not self.budget_seconds > 0:
@@ -431,18 +433,32 @@ def _features(model: Any, blocks: torch.Tensor, deadline: float, batch: int = 8)
 
 
 @torch.no_grad()
-def agreement(draft: FeatureDraft, model: Any, ids: torch.Tensor, features: torch.Tensor) -> float:
+def target_argmax(model: Any, features: torch.Tensor) -> torch.Tensor:
+    """The target's next-token argmax (full vocabulary) at positions ``1..T-1`` of ``features`` ``[N, T, d]``:
+    computed once, so that :func:`agreement` can be taken during training without paying for the full head."""
+    head = model.get_output_embeddings()
+    return torch.stack([head(features[i, 1:]).argmax(-1) for i in range(len(features))])
+
+
+@torch.no_grad()
+def agreement(
+    draft: FeatureDraft, model: Any, ids: torch.Tensor, features: torch.Tensor, want: torch.Tensor | None = None
+) -> float:
     """Teacher-forced first-token agreement: how often the draft's token from ``(f_t, x_{t+1})`` equals the target's
-    argmax at ``t + 1`` (full vocabulary), over ``ids`` ``[N, T]`` with their ``features``. An upper-bound estimate of
-    the first draft position's acceptance; the speculative benchmark measures the real one."""
+    argmax at ``t + 1`` (full vocabulary), over ``ids`` ``[N, T]`` with their ``features`` (``want``: that argmax,
+    from :func:`target_argmax`, if already computed). An upper-bound estimate of the first draft position's
+    acceptance; the speculative benchmark measures the real one."""
+    was_training = draft.training
+    draft.eval()
+    want = target_argmax(model, features) if want is None else want
     positions = torch.arange(ids.shape[1] - 1)
     hits = total = 0
     for i in range(len(ids)):
         pred, _, _ = draft(features[i : i + 1, :-1], ids[i : i + 1, 1:], positions)
         tokens = draft.vocab_ids[draft.logits(pred).argmax(-1)]
-        want = model.get_output_embeddings()(features[i : i + 1, 1:]).argmax(-1)
-        hits += int((tokens == want).sum())
-        total += want.numel()
+        hits += int((tokens[0] == want[i]).sum())
+        total += want[i].numel()
+    draft.train(was_training)
     return hits / max(1, total)
 
 
@@ -454,11 +470,18 @@ def fit_head(
     deadline: float,
     *,
     progress: bool = False,
+    probe: Callable[[], float] | None = None,
+    probes: int = 0,
 ) -> dict[str, Any]:
     """Train ``draft`` on token blocks ``ids`` ``[N, T]`` and the target's ``features`` ``[N, T, d]`` until
     ``deadline`` (``time.perf_counter()``): smooth L1 on the next feature, plus ``cls_weight`` x the cross-entropy
     against the target's next-token distribution over the draft vocabulary; noisy input features; AdamW with a
-    warm-up and a cosine decay over the time left."""
+    warm-up and a cosine decay over the time left.
+
+    ``probe`` (a held-out agreement) is taken ``probes`` times at even steps of the training time: the learning
+    curve the build reports (``curve``). A point inside one build is not what a build with that smaller budget
+    gives (its learning rate has not decayed yet); it shows whether the head was still learning when time ran out.
+    """
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(config.seed)
@@ -470,8 +493,17 @@ def fit_head(
     bar = tqdm(total=round(budget), desc="draft: train", unit="s", dynamic_ncols=True, disable=not progress)
     started = time.perf_counter()
     steps, losses = 0, []
+    curve: list[dict[str, float]] = []
+    next_probe = 1
     draft.train()
     while time.perf_counter() < deadline:
+        if probe is not None and probes and (time.perf_counter() - started) >= next_probe * budget / (probes + 1):
+            t0 = time.perf_counter()
+            curve.append({"train_seconds": t0 - started, "steps": steps, "agreement": probe()})
+            deadline += time.perf_counter() - t0  # the probe's time is not the head's training time
+            logger.info("draft: step %d, %.0f s of training: held-out agreement %.3f", steps, t0 - started,
+                        curve[-1]["agreement"])  # fmt: skip
+            next_probe += 1
         pick = torch.randint(0, len(ids), (config.batch_size,), generator=gen)
         f, x = features[pick], ids[pick]
         noise = (torch.rand(f[:, :-1].shape, generator=gen) * 2 - 1) * (config.feature_noise * rms)
@@ -500,7 +532,12 @@ def fit_head(
         bar.refresh()
     bar.close()
     draft.eval()
-    return {"steps": steps, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    return {
+        "steps": steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "curve": curve,
+    }
 
 
 def _check_target(model: Any) -> None:
@@ -555,13 +592,22 @@ def train_draft(
         "draft: %d training and %d held-out blocks of %d tokens with target features (%.0f s); training %.0f s",
         n_train, n_held, config.block_size, data_s, train_s,
     )  # fmt: skip
-    summary = fit_head(draft, blocks[~held], features[~held], config, end, progress=progress)
+    held_ids, held_features = blocks[held], features[held]
+    want = target_argmax(model, held_features)
+    probe_n = min(32, len(held_ids))  # the probes' share of the held-out blocks: a few seconds each
+
+    def probe() -> float:
+        return agreement(draft, model, held_ids[:probe_n], held_features[:probe_n], want[:probe_n])
+
+    summary = fit_head(
+        draft, blocks[~held], features[~held], config, end, progress=progress, probe=probe, probes=config.probes
+    )
     if summary["steps"] < MIN_STEPS:
         raise ConfigError(
             f"budget too small to reach a useful draft: {config.budget_seconds:g} s left time for "
             f"{summary['steps']} training steps, fewer than {MIN_STEPS}; raise budget_seconds (or lower data_share)"
         )
-    summary["heldout_agreement"] = agreement(draft, model, blocks[held], features[held])
+    summary["heldout_agreement"] = agreement(draft, model, held_ids, held_features, want)
     summary["blocks"] = {"train": int((~held).sum()), "heldout": int(held.sum()), "size": config.block_size}
     summary["chat_answers"] = len(chat)
     summary["draft_vocab"] = vocab
@@ -614,7 +660,8 @@ def _model_digest(model_dir: Path) -> str:
 def draft_dir(model_dir: Path, config: DraftConfig) -> Path:
     from ryzen_opt.zoo import cache_root
 
-    key = json.dumps({"model": _model_digest(model_dir), "config": config.to_dict(), "format": DRAFT_FORMAT})
+    trained = {k: v for k, v in config.to_dict().items() if k != "probes"}  # probes measure, they do not train
+    key = json.dumps({"model": _model_digest(model_dir), "config": trained, "format": DRAFT_FORMAT})
     return cache_root() / "drafts" / f"{model_dir.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 

@@ -154,6 +154,10 @@ class ValidationSection(ConfigMixin):
     with 8 or 24 blocks the int8 kernels' interval was too wide to decide a 1% gate (24: 0.46%, CI -0.35% to 1.23%,
     INCONCLUSIVE); with 48, 0.11% (-0.30% to 0.54%). With 32 new tokens the prompt pass weighed enough to keep all
     four at 2.8x where the perf gate measures 4.1x at 64.
+
+    ``spec_task_prompts`` chat requests per task (``zoo.chat_prompts``, "test" halves) measure speculation on a
+    copy-heavy set (repeat, spelling, code: gated by ``copy_speculative_speedup``) and an open one (reported), each
+    answer up to ``spec_new_tokens``; 0 leaves them out. Targets without a chat template skip them.
     """
 
     models: tuple[str, ...] = ("target",)
@@ -162,8 +166,12 @@ class ValidationSection(ConfigMixin):
     pairs: int = 4
     accuracy_blocks: int = 48
     context_len: int = 1024
+    spec_task_prompts: int = 2
+    spec_new_tokens: int = 96
 
     def __post_init__(self) -> None:
+        if self.spec_task_prompts < 0 or self.spec_new_tokens < 1:
+            raise ConfigError("[validation] spec_task_prompts >= 0 (0: not measured), spec_new_tokens >= 1")
         models = tuple(dict.fromkeys("target" if m == "zoo" else m for m in self.models))
         object.__setattr__(self, "models", models)
         bad = sorted(set(models) - {"target", "134m"})
@@ -591,6 +599,70 @@ def _memo_logits(model: Any, blocks: Any) -> Any:
     return MemoLogits(model)
 
 
+def _speculative_workloads(ctx: RunContext, validator: Any, target: Any) -> dict[str, Any]:
+    """N-gram speculation on chat requests, against ``target`` alone (the same kernels): a copy-heavy set (answers
+    that copy the prompt: ``zoo.COPY_TASKS``), gated (``copy_speculative_speedup``, lossless), and an open set
+    (questions), reported: prompt lookup pays where the answer repeats its prompt, and what it costs elsewhere is
+    the other half of the claim."""
+    from ryzen_opt import zoo
+    from ryzen_opt.bench import compare
+    from ryzen_opt.speculative import NGramDrafter, SpeculativeDecoder, check_lossless
+
+    v, tokenizer = ctx.config.validation, ctx.tokenizer
+    if v.spec_task_prompts == 0:
+        why = "[validation] spec_task_prompts = 0"
+    elif not getattr(tokenizer, "chat_template", None):
+        why = "the target's tokenizer has no chat template, and the copy-heavy tasks are chat requests"
+    else:
+        why = ""
+    if why:
+        validator.validate_speculative_copy(None, reason=why)
+        return {"skipped": why}
+    eos = tokenizer.eos_token_id
+    n = v.spec_task_prompts
+    sets = {
+        "copy-heavy": [p for task in zoo.COPY_TASKS for p in zoo.chat_prompts(tokenizer, task, "test", n=n)],
+        "open": zoo.chat_prompts(tokenizer, "open", "test", n=n),
+    }
+    out: dict[str, Any] = {}
+    for name, prompts in sets.items():
+        decoder = SpeculativeDecoder(target, NGramDrafter(), ctx.config.system.speculative)
+        ctx.say(f"validation: n-gram speculation on {len(prompts)} {name} chat prompts")
+        stats, identical = check_lossless(decoder, target, prompts, v.spec_new_tokens, eos)
+        speed = compare(
+            lambda prompts=prompts: [
+                target.generate(ids, max_new_tokens=v.spec_new_tokens, do_sample=False, eos_token_id=eos)
+                for ids in prompts
+            ],
+            lambda prompts=prompts, decoder=decoder: [
+                decoder.generate(ids, v.spec_new_tokens, eos_token_id=eos) for ids in prompts
+            ],
+            min_pairs=v.pairs,
+            max_pairs=max(v.pairs, 12),
+            max_time=120.0,
+            warmup=1,
+            baseline_name="target alone, same kernels",
+            candidate_name=f"n-gram speculation ({name})",
+        )
+        tasks = zoo.COPY_TASKS if name == "copy-heavy" else ("open",)
+        workload = (
+            f"{name} chat requests ({', '.join(tasks)}; {v.spec_task_prompts} each, 'test' half), "
+            f"up to {v.spec_new_tokens} new tokens, greedy"
+        )
+        out[name] = {
+            "workload": workload,
+            "stats": stats.to_dict(),
+            "identical": identical,
+            "prompts": len(prompts),
+            "speedup": speed.to_dict(),
+        }
+        if name == "copy-heavy":
+            validator.validate_speculative_copy(
+                speed, lossless=True, baseline="target alone, same kernels", workload=workload
+            )
+    return out
+
+
 def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[str, dict[str, Any]]:
     """One model's measurements (see ``_validation``); returns ``(label, measurements)``.
 
@@ -656,7 +728,9 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
     # decoding's gates are about a trained draft (the zoo's); n-gram drafting on arbitrary text is reported, not gated.
     if label == "134m" or cfg.model.target != "zoo":
         tag(validator.validate_kernel_performance(speeds["kernels"], baseline=baseline), "kernel_optimizer", label)
-    tag(validator.validate_end_to_end_system(speeds["all four"], baseline=baseline), "e2e", label)
+    workload = f"{len(prompts)} held-out prose prompt(s) of 32 tokens, {v.new_tokens} new tokens each, greedy"
+    model_data["workload"] = workload
+    tag(validator.validate_end_to_end_system(speeds["all four"], baseline=baseline, workload=workload), "e2e", label)
     # Speculative decoding against its own baseline: the target alone with the same kernels, so the drafting target
     # has those kernels only too; a draft model drafts with its kernels (the system's, compiled once).
     kernels_only = variants.kernels
@@ -695,6 +769,9 @@ def _validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[s
             "speculative_decoder",
             label,
         )
+        tag(validator.results[-1], "speculative_decoder", label)
+    if label == "target":
+        model_data["speculative_tasks"] = _speculative_workloads(ctx, validator, kernels_only)
         tag(validator.results[-1], "speculative_decoder", label)
     # KV memory at the configured context, and the compression ratio.
     step("KV cache memory")
@@ -997,6 +1074,7 @@ def _entries(validator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             "kernel_performance": "speedup",
             "end_to_end_system": "speedup",
             "speculative_speedup": "speedup",
+            "speculative_copy_speedup": "speedup",
             "embedding_compression": "compression_ratio",
             "kv_cache_optimization": "memory_reduction",
             "speculative_decoding": "acceptance_rate",

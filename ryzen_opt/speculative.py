@@ -37,7 +37,7 @@ import torch
 from ryzen_opt.accuracy import NEAR_TIE_GAP
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
-from ryzen_opt.errors import ConfigError
+from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.kernels import kernel_report_or_none
 from ryzen_opt.runtime import decoder_of
 from ryzen_opt.sampling import Sampler
@@ -371,19 +371,64 @@ class ModelDrafter:
         self.runner.close()
 
 
-class NGramDrafter:
-    """Prompt lookup (Saxena 2023; HF's ``prompt_lookup_num_tokens``): find the latest earlier occurrence of the last
-    ``n`` tokens (``max_ngram`` down to ``min_ngram``) and propose what followed it. No model, no cost but a search."""
+NGRAM_MATCHES = ("longest", "latest")
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+
+class NGramDrafter:
+    """Prompt lookup: propose what followed an earlier occurrence of the text's end. No model, no cost but a search.
+
+    Args:
+        max_ngram, min_ngram: with ``match="latest"``, the suffix lengths tried, longest first; with
+            ``"longest"``, ``min_ngram`` is the shortest match that drafts.
+        match: ``"latest"``: the latest earlier occurrence of the last ``max_ngram`` (down to ``min_ngram``) tokens,
+            as HF's ``prompt_lookup_num_tokens`` does (Saxena 2023). ``"longest"``: the earlier position whose
+            preceding tokens match the longest suffix of the text (up to ``max_context``), the latest on ties, as a
+            suffix tree finds it (SuffixDecoding, Oliaro et al. 2024). When a phrase occurs twice, the longer context
+            tells which occurrence the answer is copying.
+        session: also look up the earlier prompts and answers this drafter has seen (SuffixDecoding's history
+            across requests), up to ``session_tokens`` of them: a user who edits one code base, or answers in one
+            format, repeats themselves across requests.
+    """
+
+    def __init__(
+        self,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        *,
+        match: str = "latest",
+        max_context: int = 64,
+        session: bool = False,
+        session_tokens: int = 16384,
+    ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ConfigError(f"NGramDrafter: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        if match not in NGRAM_MATCHES:
+            raise ConfigError(f"NGramDrafter: match={match!r}; choose one of {NGRAM_MATCHES}")
+        if max_context < 1 or session_tokens < 1:
+            raise ConfigError("NGramDrafter: max_context and session_tokens must be >= 1")
+        self.max_ngram, self.min_ngram, self.match = max_ngram, min_ngram, match
+        self.max_context, self.session, self.session_tokens = max_context, session, session_tokens
+        self._history: list[int] = []  # earlier requests' tokens (session=True)
+        self._history_index: dict[int, list[int]] = {}
+        self._last: list[int] = []  # the text of the request in progress, as last seen
+        self._index: dict[int, list[int]] = {}  # token -> positions of the request's text with a token after them
+        self._indexed = 0
 
     def start(self, prompt: list[int], max_len: int) -> None:
-        pass
+        if self.session and self._last:
+            self._history = (self._history + self._last)[-self.session_tokens :]
+            self._history_index = {}
+            for j, token in enumerate(self._history[:-1]):
+                self._history_index.setdefault(token, []).append(j)
+        self._last, self._index, self._indexed = [], {}, 0
 
     def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
+        self._last = sequence
+        if self.match == "latest":
+            return self._latest(sequence, k), None
+        return self._longest(sequence, k), None
+
+    def _latest(self, sequence: list[int], k: int) -> list[int]:
         n_tokens = len(sequence)
         for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = sequence[-n:]
@@ -391,8 +436,33 @@ class NGramDrafter:
                 if sequence[start : start + n] == tail:
                     follow = sequence[start + n : start + n + k]
                     if follow:
-                        return follow, None
-        return [], None
+                        return follow
+        return []
+
+    def _longest(self, sequence: list[int], k: int) -> list[int]:
+        if len(sequence) < self._indexed:  # another text than the one indexed (a drafter driven by hand)
+            self._index, self._indexed = {}, 0
+        for j in range(self._indexed, len(sequence) - 1):  # positions with a token after them
+            self._index.setdefault(sequence[j], []).append(j)
+        self._indexed = max(self._indexed, len(sequence) - 1)
+        if not sequence:
+            return []
+        best, best_len = None, self.min_ngram - 1
+        for corpus, index in ((sequence, self._index), (self._history, self._history_index)):
+            # latest first within a corpus, the request's own text before the history: ties go to the latest
+            for j in reversed(index.get(sequence[-1], ())):
+                limit = min(self.max_context, len(sequence), j + 1)
+                length = 1
+                while length < limit and corpus[j - length] == sequence[-1 - length]:
+                    length += 1
+                if length > best_len:
+                    best, best_len = (corpus, j + 1), length
+                    if length == self.max_context:
+                        break
+        if best is None:
+            return []
+        corpus, start = best
+        return corpus[start : start + k]
 
     def close(self) -> None:
         pass
@@ -589,6 +659,37 @@ class SpeculativeDecoder:
             # An all-zero residual only happens when q <= p everywhere, i.e. q == p: then rejection had probability 0.
             return drafts[:i] + [sampling.draw(residual / total if total > 0 else q)], i
         return drafts + [sampling.draw(target_probs[len(drafts)])], len(drafts)
+
+
+def check_lossless(
+    decoder: SpeculativeDecoder,
+    target: Any,
+    prompts: list[torch.Tensor],
+    new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+) -> tuple[SpecStats, int]:
+    """Greedy speculative output against the target's own ``generate`` on each prompt: ``(merged stats, number of
+    prompts whose outputs are identical)``.
+
+    Raises:
+        RyzenOptError: an output differs with no near-tie to explain it (speculation must be lossless).
+    """
+    stats: SpecStats | None = None
+    identical = 0
+    for ids in prompts:
+        out = decoder.generate(ids, new_tokens, eos_token_id=eos_token_id)
+        want = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos_token_id)
+        same = torch.equal(out.sequences, want)
+        if not same and out.stats.near_ties == 0:
+            raise RyzenOptError(
+                f"speculative greedy output differs from the target's own on a {ids.shape[1]}-token prompt with no "
+                "near-tie: a bug in the decoder or the drafter's verification; please report it"
+            )
+        identical += int(same)
+        stats = out.stats if stats is None else stats.merge(out.stats)
+    if stats is None:
+        raise ConfigError("check_lossless needs at least one prompt")
+    return stats, identical
 
 
 def rejection_sample(

@@ -768,13 +768,18 @@ TASK_INSTRUCTIONS = {
 
 
 def _passages(split: str, words: int) -> list[str]:
-    """Paragraphs of the prose split with at least ``words`` words, cut to their first ``words``, in order."""
+    """Paragraphs of the prose split with at least ``words`` words, cut after the last sentence that ends within their
+    first ``words`` (and past half of them), in order. A passage that stops mid-sentence reads as text to continue:
+    asked to repeat one that ended on "... the "__get__()" method. Data", SmolLM2 summarised it instead."""
     out = []
     for text in prose_texts(split):
         for paragraph in text.split("\n\n"):
             tokens = paragraph.split()
-            if len(tokens) >= words and not paragraph.startswith(" "):  # prose, not an indented code example
-                out.append(" ".join(tokens[:words]))
+            if len(tokens) < words or paragraph.startswith(" "):  # too short, or an indented code example
+                continue
+            ends = [i for i in range(words // 2, words) if tokens[i].rstrip("\"')\u201d").endswith((".", "?", "!"))]
+            if ends:
+                out.append(" ".join(tokens[: ends[-1] + 1]))
     return out
 
 

@@ -75,12 +75,18 @@ def _assert_lossless(out, want: torch.Tensor) -> None:
     k=st.integers(1, 6),
     adaptive=st.booleans(),
     new=st.integers(1, 20),
-    ngram=st.booleans(),
+    ngram=st.sampled_from(["", "latest", "longest", "session"]),
 )
 def test_greedy_speculative_output_equals_the_targets(models, prompt, k, adaptive, new, ngram):
     target, draft = models
     ids = torch.tensor([prompt])
-    drafter = NGramDrafter() if ngram else ModelDrafter(draft)
+    if ngram:
+        match = "latest" if ngram == "latest" else "longest"
+        drafter = NGramDrafter(match=match, session=ngram == "session")
+        if ngram == "session":  # an earlier request in the history
+            SpeculativeDecoder(target, drafter).generate(ids, max_new_tokens=4)
+    else:
+        drafter = ModelDrafter(draft)
     config = SpecConfig(num_draft_tokens=k, adaptive=adaptive, max_draft_tokens=max(k, 8))
     out = SpeculativeDecoder(target, drafter, config).generate(ids, max_new_tokens=new)
     _assert_lossless(out, _greedy(target, ids, new))
@@ -134,6 +140,34 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
     assert tokens == [7, 8, 9]
     assert dists is None
     assert drafter.propose([1, 2, 3], 3, None) == ([], None)
+
+
+def test_longest_match_picks_the_occurrence_with_the_longer_context():
+    text = [4, 1, 2, 3, 9, 8, 5, 1, 2, 3, 7, 6, 4, 1, 2, 3]
+    # "1 2 3" occurs twice; "4 1 2 3" once: the text is copying the first occurrence, which "latest" misses
+    assert NGramDrafter(match="latest").propose(text, 2, None)[0] == [7, 6]
+    assert NGramDrafter(match="longest").propose(text, 2, None)[0] == [9, 8]
+    text2 = [5, 2, 3, 9, 8, 1, 2, 3, 7, 6, 1, 2, 3]
+    assert NGramDrafter(match="longest").propose(text2, 2, None)[0] == [7, 6]
+    assert NGramDrafter(max_ngram=4, min_ngram=4, match="longest").propose(text2, 2, None)[0] == []
+    # incremental: the index follows the text as it grows, and a new request starts afresh
+    drafter = NGramDrafter(match="longest")
+    drafter.start([4, 5, 6], 16)
+    assert drafter.propose([4, 5, 6], 2, None)[0] == []
+    assert drafter.propose([4, 5, 6, 4], 2, None)[0] == [5, 6]
+    with pytest.raises(ConfigError, match="match='nearest'"):
+        NGramDrafter(match="nearest")
+
+
+def test_session_lookup_drafts_from_an_earlier_request():
+    drafter = NGramDrafter(match="longest", session=True)
+    drafter.start([1, 2], 16)
+    drafter.propose([1, 2, 30, 31, 32, 33], 2, None)
+    drafter.start([7, 30], 16)  # the earlier request's text is now history
+    assert drafter.propose([7, 30], 3, None)[0] == [31, 32, 33]
+    alone = NGramDrafter(match="longest")
+    alone.start([7, 30], 16)
+    assert alone.propose([7, 30], 3, None)[0] == []
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -301,11 +301,26 @@ def test_is_failing_defaults_to_strict_and_rejects_unknown_gates() -> None:
         is_failing(ValidationResult("x", S.PASS), "loose")
 
 
+def test_copy_speculation_gate_names_its_workload_and_fails_when_not_lossless() -> None:
+    validator = OptimizationValidator()
+    ok = validator.validate_speculative_copy(measured(1.8, 1.6, 2.0), lossless=True, workload="copy-heavy chat")
+    assert ok.status is S.PASS and "on copy-heavy chat" in ok.message
+    assert ok.details["workload"] == "copy-heavy chat"
+    wrong = validator.validate_speculative_copy(measured(1.8, 1.6, 2.0), lossless=False, workload="copy-heavy chat")
+    assert wrong.status is S.FAIL and "lossless" in wrong.reason
+    assert validator.results[-1] is wrong
+    slow = validator.validate_speculative_copy(measured(1.3, 1.2, 1.4), lossless=True)
+    assert slow.status is S.FAIL and slow.expected == 1.5
+    skipped = validator.validate_speculative_copy(None, reason="no chat template")
+    assert skipped.status is S.SKIPPED
+
+
 # --- thresholds ------------------------------------------------------------------------------------------------
 
 
 def test_threshold_defaults_are_the_seeds() -> None:
-    assert Thresholds().to_dict() == SEED_DEFAULTS
+    # the seed's, plus the copy-heavy speculation gate of the issue that added it (1.5x on chat requests that copy)
+    assert Thresholds().to_dict() == {**SEED_DEFAULTS, "copy_speculative_speedup": 1.5}
     assert {spec.threshold_key for spec in METRICS.values()} <= set(SEED_DEFAULTS)
 
 
@@ -470,7 +485,7 @@ def test_exported_report_validates_and_is_strict_json(tmp_path: Path) -> None:
     report = strict_loads(out.read_text(encoding="utf-8"))
     jsonschema.validate(report, SCHEMA)
     assert report["schema_version"] == reports.SCHEMA_VERSION
-    assert report["thresholds"] == SEED_DEFAULTS
+    assert report["thresholds"] == Thresholds().to_dict()
     assert report["environment"] == ENV
     assert report["gate"] == "strict"
     assert report["summary"]["total_checks"] == 8

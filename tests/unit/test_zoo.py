@@ -140,6 +140,14 @@ def test_chat_task_texts_split_into_disjoint_halves_and_bad_names_are_refused() 
         zoo.task_texts("open", n=999)
 
 
+def test_passages_to_repeat_end_at_a_sentence_end() -> None:
+    # A passage cut mid-sentence reads as text to continue: SmolLM2 summarised one instead of repeating it.
+    for split in zoo.PROSE_SPLITS:
+        for text in zoo.task_texts("repeat", split, n=4):
+            assert text.rstrip("\"')\u201d").endswith((".", "?", "!")), text[-40:]
+            assert 45 <= len(text.split()) <= 90
+
+
 def test_misspell_swaps_letters_in_every_sixth_long_word_and_nothing_else() -> None:
     text = "alpha bravo charlie delta foxtrot hotel india juliet kilos lima mike"
     out = zoo.misspell(text, every=2)
