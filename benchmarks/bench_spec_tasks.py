@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--stop-window", nargs="+", type=int, default=[SpecConfig().stop_window])
     parser.add_argument("--max-draft", nargs="+", type=int, default=[SpecConfig().max_draft_tokens])
     parser.add_argument("--min-ngram", nargs="+", type=int, default=[1])
+    parser.add_argument("--match", nargs="+", default=["longest"], choices=["longest", "latest"])
+    parser.add_argument("--session", action="store_true", help="NGramDrafter(session=True): a task's prompts in turn")
     parser.add_argument("--max-time", type=float, default=60.0, help="seconds of paired sampling per setting")
     parser.add_argument("--out", default="benchmarks/results/spec_tasks.json")
     args = parser.parse_args()
@@ -107,22 +109,23 @@ def main() -> None:
     rows = []
     for task in args.tasks:
         prompts = zoo.chat_prompts(tokenizer, task, args.split, n=args.prompts)
-        settings = itertools.product(args.stop_acceptance, args.stop_window, args.max_draft, args.min_ngram)
-        for stop, window, max_draft, min_ngram in settings:
+        settings = itertools.product(args.stop_acceptance, args.stop_window, args.max_draft, args.min_ngram, args.match)
+        for stop, window, max_draft, min_ngram, match in settings:
             config = SpecConfig(stop_acceptance=stop, stop_window=window, max_draft_tokens=max_draft)
-            drafter = NGramDrafter(max_ngram=max(3, min_ngram), min_ngram=min_ngram)
+            drafter = NGramDrafter(max_ngram=max(3, min_ngram), min_ngram=min_ngram, match=match, session=args.session)
             row = {
                 "task": task,
                 "stop_acceptance": stop,
                 "stop_window": window,
                 "max_draft_tokens": max_draft,
                 "min_ngram": min_ngram,
+                "match": match,
             }
             row.update(run_task(target, prompts, config, drafter, args.new_tokens, eos, args.max_time))
             rows.append(row)
             s = row["stats"]
             print(
-                f"{task:8s} stop {stop:.2f}/{window} max_draft {max_draft:2d} min_ngram {min_ngram}: "
+                f"{task:8s} {match} stop {stop:.2f}/{window} max_draft {max_draft:2d} min_ngram {min_ngram}: "
                 f"{row['speedup']:.2f}x ({row['ci_low']:.2f}-{row['ci_high']:.2f}, {row['pairs']} pairs), "
                 f"acceptance {s['acceptance_rate']:.2f}, {s['tokens_per_target_forward']:.2f} tokens/forward, "
                 f"stops {s['stops']}, undrafted {s['undrafted_tokens']}/{s['new_tokens']}, "

@@ -234,12 +234,18 @@ def cmd_draft_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ryzen_opt import zoo
-    from ryzen_opt.draft import DraftConfig, build_draft
+    from ryzen_opt.draft import DraftConfig, build_draft, expected_agreement
 
     aliases = {"smollm2": zoo.smollm2_dir, "zoo": lambda: zoo.build() / "target"}
     model_dir = aliases[args.model]() if args.model in aliases else Path(args.model)
     given = {"budget_seconds": args.budget, "chat_tokens": args.chat_tokens, "seed": args.seed, "probes": args.probes}
     config = DraftConfig(**{k: v for k, v in given.items() if v is not None})  # the rest: DraftConfig's defaults
+    if not args.json and args.model == "smollm2":
+        print(
+            f"expected held-out agreement for a {config.budget_seconds:.0f} s build on 2 cores: "
+            f"~{expected_agreement(config.budget_seconds):.2f} (a forecast from docs/draft.md's budget curve; "
+            "an already built draft is loaded instead)"
+        )
     path = build_draft(model_dir, config, force=args.force, progress=not args.json)
     build = json.loads((path / "draft_config.json").read_text())["build"]
     if args.json:

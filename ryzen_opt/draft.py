@@ -63,6 +63,27 @@ MIN_TRAIN_BLOCKS = 8
 MIN_STEPS = 20
 
 
+# Held-out teacher-forced agreement that `ryzen-opt draft build smollm2 --budget B` reached, by B in seconds, on
+# 2-core x86 machines (docs/draft.md: 600 and 1,200 s on Zen 3, 2026-12-01; 3,600 s on Zen 4, 2026-12-03). Each
+# doubling of the budget bought 0.08-0.09. What `expected_agreement` reads; a forecast, never a measurement.
+BUDGET_CURVE: tuple[tuple[float, float], ...] = ((600.0, 0.362), (1200.0, 0.441), (3600.0, 0.592))
+
+
+def expected_agreement(budget_seconds: float) -> float:
+    """The held-out agreement a SmolLM2 draft built in ``budget_seconds`` on two cores may expect, read off
+    :data:`BUDGET_CURVE` (linear in log2 of the budget between its points, its end slopes beyond, clipped to
+    [0, 1]). A forecast for the default config: other models, configs and machines differ."""
+    points = sorted(BUDGET_CURVE)
+    x = math.log2(max(budget_seconds, 1.0))
+    xs = [math.log2(b) for b, _ in points]
+    i = 0 if x <= xs[1] else len(points) - 2
+    for j in range(len(points) - 1):
+        if xs[j] <= x <= xs[j + 1]:
+            i = j
+    slope = (points[i + 1][1] - points[i][1]) / (xs[i + 1] - xs[i])
+    return min(1.0, max(0.0, points[i][1] + slope * (x - xs[i])))
+
+
 @dataclass(frozen=True)
 class DraftConfig(ConfigMixin):
     """How :func:`build_draft` trains a feature draft. Frozen: one config, one draft.

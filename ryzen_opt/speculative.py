@@ -380,7 +380,8 @@ class NGramDrafter:
     Args:
         max_ngram, min_ngram: with ``match="latest"``, the suffix lengths tried, longest first; with
             ``"longest"``, ``min_ngram`` is the shortest match that drafts.
-        match: ``"latest"``: the latest earlier occurrence of the last ``max_ngram`` (down to ``min_ngram``) tokens,
+        match: ``"longest"`` (the default; on the replayed chat tasks it drafted as many tokens per target forward
+            as ``"latest"`` or more: ``benchmarks/bench_draft_strategies.py``) or ``"latest"``: the latest earlier occurrence of the last ``max_ngram`` (down to ``min_ngram``) tokens,
             as HF's ``prompt_lookup_num_tokens`` does (Saxena 2023). ``"longest"``: the earlier position whose
             preceding tokens match the longest suffix of the text (up to ``max_context``), the latest on ties, as a
             suffix tree finds it (SuffixDecoding, Oliaro et al. 2024). When a phrase occurs twice, the longer context
@@ -395,7 +396,7 @@ class NGramDrafter:
         max_ngram: int = 3,
         min_ngram: int = 1,
         *,
-        match: str = "latest",
+        match: str = "longest",
         max_context: int = 64,
         session: bool = False,
         session_tokens: int = 16384,
