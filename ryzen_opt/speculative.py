@@ -381,11 +381,12 @@ class NGramDrafter:
         max_ngram, min_ngram: with ``match="latest"``, the suffix lengths tried, longest first; with
             ``"longest"``, ``min_ngram`` is the shortest match that drafts.
         match: ``"longest"`` (the default; on the replayed chat tasks it drafted as many tokens per target forward
-            as ``"latest"`` or more: ``benchmarks/bench_draft_strategies.py``) or ``"latest"``: the latest earlier occurrence of the last ``max_ngram`` (down to ``min_ngram``) tokens,
-            as HF's ``prompt_lookup_num_tokens`` does (Saxena 2023). ``"longest"``: the earlier position whose
-            preceding tokens match the longest suffix of the text (up to ``max_context``), the latest on ties, as a
-            suffix tree finds it (SuffixDecoding, Oliaro et al. 2024). When a phrase occurs twice, the longer context
-            tells which occurrence the answer is copying.
+            as ``"latest"`` or more: ``benchmarks/bench_draft_strategies.py``) or ``"latest"``: the latest earlier
+            occurrence of the last ``max_ngram`` (down to ``min_ngram``) tokens, as HF's ``prompt_lookup_num_tokens``
+            does (Saxena 2023). ``"longest"``: the earlier position whose preceding tokens match the longest suffix
+            of the text (up to ``max_context``), the latest on ties, as a suffix tree finds it (SuffixDecoding,
+            Oliaro et al. 2024). When a phrase occurs twice, the longer context tells which occurrence the answer is
+            copying.
         session: also look up the earlier prompts and answers this drafter has seen (SuffixDecoding's history
             across requests), up to ``session_tokens`` of them: a user who edits one code base, or answers in one
             format, repeats themselves across requests.

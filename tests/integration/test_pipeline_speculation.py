@@ -29,7 +29,7 @@ def test_copy_heavy_and_open_sets_are_measured_and_the_copy_set_is_gated() -> No
     model, tokenizer = zoo.reference_model("smollm2")
     target = KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
     validator = OptimizationValidator()
-    ctx = _context(tokenizer, spec_task_prompts=1, spec_new_tokens=24, pairs=3)
+    ctx = _context(tokenizer, spec_task_prompts=1, spec_new_tokens=16, pairs=3)
     out = _speculative_workloads(ctx, validator, target)
     assert set(out) == {"copy-heavy", "open"}
     assert out["copy-heavy"]["prompts"] == len(zoo.COPY_TASKS)

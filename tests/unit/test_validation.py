@@ -304,13 +304,16 @@ def test_is_failing_defaults_to_strict_and_rejects_unknown_gates() -> None:
 def test_copy_speculation_gate_names_its_workload_and_fails_when_not_lossless() -> None:
     validator = OptimizationValidator()
     ok = validator.validate_speculative_copy(measured(1.8, 1.6, 2.0), lossless=True, workload="copy-heavy chat")
-    assert ok.status is S.PASS and "on copy-heavy chat" in ok.message
+    assert ok.status is S.PASS
+    assert "on copy-heavy chat" in ok.message
     assert ok.details["workload"] == "copy-heavy chat"
     wrong = validator.validate_speculative_copy(measured(1.8, 1.6, 2.0), lossless=False, workload="copy-heavy chat")
-    assert wrong.status is S.FAIL and "lossless" in wrong.reason
+    assert wrong.status is S.FAIL
+    assert "lossless" in wrong.reason
     assert validator.results[-1] is wrong
     slow = validator.validate_speculative_copy(measured(1.3, 1.2, 1.4), lossless=True)
-    assert slow.status is S.FAIL and slow.expected == 1.5
+    assert slow.status is S.FAIL
+    assert slow.expected == 1.5
     skipped = validator.validate_speculative_copy(None, reason="no chat template")
     assert skipped.status is S.SKIPPED
 
