@@ -30,7 +30,7 @@ from ryzen_opt import zoo
 from ryzen_opt.bench import compare
 from ryzen_opt.kernels import KernelOptimizer
 from ryzen_opt.reports import atomic_write_json, environment
-from ryzen_opt.speculative import NGramDrafter, SpecConfig, SpecStats, SpeculativeDecoder
+from ryzen_opt.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
 from ryzen_opt.system import SystemConfig
 
 
@@ -45,16 +45,7 @@ def run_task(
 ) -> dict[str, Any]:
     """Lossless check, stats and the paired speedup of one task's prompts under one setting."""
     decoder = SpeculativeDecoder(target, drafter, config)
-    stats: SpecStats | None = None
-    identical = 0
-    for ids in prompts:
-        out = decoder.generate(ids, new_tokens, eos_token_id=eos)
-        want = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos)
-        identical += int(torch.equal(out.sequences, want))
-        if not torch.equal(out.sequences, want) and out.stats.near_ties == 0:
-            raise SystemExit(f"speculative greedy output differs from the target's without a near-tie: {config}")
-        stats = out.stats if stats is None else stats.merge(out.stats)
-    assert stats is not None
+    stats, identical = check_lossless(decoder, target, prompts, new_tokens, eos)  # raises when an output changed
 
     def alone() -> None:
         for ids in prompts:
