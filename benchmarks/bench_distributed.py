@@ -5,7 +5,7 @@
     python benchmarks/bench_distributed.py --model tiny      # a 2-layer random Llama: seconds, for a smoke test
 
 Every configuration is a real job: ``python -m torch.distributed.run --standalone --nproc-per-node=N`` on this
-script's ``--worker`` mode, which fine-tunes with ``ryzen_opt.training.train`` (DistributedDataParallel over gloo on
+script's ``--worker`` mode, which fine-tunes with ``ryzen_opt.training.loop.train`` (DistributedDataParallel over gloo on
 CPU, one thread per rank) on the built-in prose corpus and writes, from rank 0, its per-step losses and times.
 
 Sections:
@@ -44,7 +44,8 @@ def _model(name: str) -> tuple[Any, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ryzen_opt import distributed, zoo
+    from ryzen_opt.models import zoo
+    from ryzen_opt.training import distributed
 
     if name == "smollm2":
         with distributed.main_first(distributed.current(), "convert SmolLM2 into the cache"):
@@ -66,7 +67,7 @@ def _model(name: str) -> tuple[Any, Any]:
 
 def _overlap(prof: Any) -> dict[str, Any]:
     """All-reduce time inside each backward's compute, from the profile's events (microseconds)."""
-    from ryzen_opt.training import BACKWARD_LABEL
+    from ryzen_opt.training.loop import BACKWARD_LABEL
 
     events = prof.events()
     backward = sorted((e.time_range.start, e.time_range.end, e.thread) for e in events if e.name == BACKWARD_LABEL)
@@ -101,10 +102,10 @@ def _overlap(prof: Any) -> dict[str, Any]:
 def worker(args: argparse.Namespace) -> int:
     import torch
 
-    from ryzen_opt import distributed
-    from ryzen_opt.metrics import TrainingMetricsCollector
-    from ryzen_opt.reports import atomic_write_json
-    from ryzen_opt.training import TokenBlocks, TrainConfig, train
+    from ryzen_opt.training import distributed
+    from ryzen_opt.training.metrics import TrainingMetricsCollector
+    from ryzen_opt.validation.reports import atomic_write_json
+    from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
 
     torch.set_num_threads(1)
     info, device = distributed.start(torch.device("cpu"))
@@ -270,13 +271,13 @@ def main() -> int:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    from ryzen_opt.reports import run_sections
+    from ryzen_opt.validation.reports import run_sections
 
     results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "result")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     run_sections({name: globals()[f"section_{name}"] for name in SECTIONS}, args.sections, args, results, args.out)
     results.pop("_jobs", None)
-    from ryzen_opt.reports import atomic_write_json
+    from ryzen_opt.validation.reports import atomic_write_json
 
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")

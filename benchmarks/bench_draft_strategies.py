@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from ryzen_opt import zoo
-from ryzen_opt.kernels import KernelOptimizer
-from ryzen_opt.reports import atomic_write_json, environment
-from ryzen_opt.speculative import NGramDrafter
-from ryzen_opt.system import SystemConfig
+from ryzen_opt.models import zoo
+from ryzen_opt.optimizers.kernels import KernelOptimizer
+from ryzen_opt.validation.reports import atomic_write_json, environment
+from ryzen_opt.optimizers.speculative import NGramDrafter
+from ryzen_opt.optimizers.system import SystemConfig
 
 Candidates = list[list[int]]
 MAX_CONTEXT = 64  # match lengths are counted up to this many tokens

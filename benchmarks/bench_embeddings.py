@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from ryzen_opt import zoo
-from ryzen_opt.accuracy import MemoLogits
-from ryzen_opt.bench import accuracy, compare, generate_workload
-from ryzen_opt.embeddings import CompressionConfig, EmbeddingCompressor
-from ryzen_opt.reports import run_sections
+from ryzen_opt.models import zoo
+from ryzen_opt.measure.accuracy import MemoLogits
+from ryzen_opt.measure.timing import accuracy, compare, generate_workload
+from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
+from ryzen_opt.validation.reports import run_sections
 
 SETTINGS: list[dict[str, Any]] = [
     {"method": "int8"},

@@ -3,8 +3,8 @@
     python benchmarks/bench_gate_errors.py                 # 100 runs per case, 1 thread
     python benchmarks/bench_gate_errors.py --runs 20 --threads 2
 
-Each run is a fresh ``ryzen_opt.bench.compare`` with the plugin's defaults (the gate as its threshold, adaptive
-stopping, calibrated calls per sample) and its own bootstrap seed, judged by ``ryzen_opt.validation.check``, the
+Each run is a fresh ``ryzen_opt.measure.timing.compare`` with the plugin's defaults (the gate as its threshold, adaptive
+stopping, calibrated calls per sample) and its own bootstrap seed, judged by ``ryzen_opt.validation.validator.check``, the
 function every gate uses. The work is a ``size x size`` float32 matmul.
 
 Cases (the truth is known by construction):
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.bench import compare
-from ryzen_opt.reports import atomic_write_json
-from ryzen_opt.validation import check
+from ryzen_opt.measure.timing import compare
+from ryzen_opt.validation.reports import atomic_write_json
+from ryzen_opt.validation.validator import check
 
 # (case, gate, arms' repetitions (baseline, candidate), the verdicts that are wrong)
 CASES: list[tuple[str, float, tuple[int, int], tuple[str, ...]]] = [

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ryzen_opt import zoo
-from ryzen_opt.bench import accuracy
+from ryzen_opt.models import zoo
+from ryzen_opt.measure.timing import accuracy
 from ryzen_opt.compat import cache_kwargs
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.kv_cache import (
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.optimizers.kv_cache import (
     CachedForward,
     KVCacheConfig,
     KVCacheOptimizer,
@@ -52,7 +52,7 @@ from ryzen_opt.kv_cache import (
     passkey_probe,
     passkey_prompt,
 )
-from ryzen_opt.reports import run_sections
+from ryzen_opt.validation.reports import run_sections
 from ryzen_opt.runtime import decoder_of
 
 CONFIGS = {

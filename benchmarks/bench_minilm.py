@@ -5,7 +5,7 @@
 
 MiniLM's 30522x384 word-embedding table is over half its parameters, so it is where embedding compression pays.
 Each method compresses a fresh deep copy of the loaded model; the table reports the compressor's own byte ratio and
-the table's SQNR (``compression_report``), then what a user of the encoder sees (``ryzen_opt.sentence_eval``):
+the table's SQNR (``compression_report``), then what a user of the encoder sees (``ryzen_opt.measure.sentence_eval``):
 cosine between each sentence's original and compressed embedding, and top-1 retrieval agreement among the
 sentences. A method that raises is reported with its error; the others still run.
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.embeddings import CompressionConfig, EmbeddingCompressor
-from ryzen_opt.reports import atomic_write_json, environment
-from ryzen_opt.sentence_eval import compare_sentence_embeddings, load_minilm, sentences
+from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
+from ryzen_opt.validation.reports import atomic_write_json, environment
+from ryzen_opt.measure.sentence_eval import compare_sentence_embeddings, load_minilm, sentences
 
 logger = logging.getLogger("bench_minilm")
 

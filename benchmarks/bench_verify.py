@@ -3,13 +3,13 @@
 A memory-bound decoder should verify several tokens for little more than one step: the weights are read once and
 every row is computed from them. This measures it as the lean decoder runs it (``decoder_of(model).forward(ids,
 all_logits=True)``, the call the speculative decoder makes), after a prefill of ``--position`` tokens: each arm
-crops the cache back to that position and appends T tokens. Paired, interleaved samples (``ryzen_opt.bench.compare``),
+crops the cache back to that position and appends T tokens. Paired, interleaved samples (``ryzen_opt.measure.timing.compare``),
 so the cost comes with a 95% interval; it is the inverse of the measured "speedup" of the one-token arm.
 
     python benchmarks/bench_verify.py                        # int8 and int4, T = 2, 4, 6, 8, 2 threads
     python benchmarks/bench_verify.py --weights int8 --tokens 4 8 --isa avx2
 
-``--isa`` runs another native path of this build (``ryzen_opt.native.runnable_isas()``).
+``--isa`` runs another native path of this build (``ryzen_opt.ops.native.runnable_isas()``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import json
 
 import torch
 
-from ryzen_opt import native, zoo
-from ryzen_opt.bench import compare
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.models import zoo
+from ryzen_opt.ops import native
+from ryzen_opt.measure.timing import compare
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.runtime import decoder_of
 
 

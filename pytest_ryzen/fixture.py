@@ -42,12 +42,12 @@ class RyzenRecorder:
         optimizer: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Paired, interleaved A/B timing (``ryzen_opt.bench.compare``); records a ``speedup``.
+        """Paired, interleaved A/B timing (``ryzen_opt.measure.timing.compare``); records a ``speedup``.
 
         The threshold defaults to this test's ``speedup`` marker. Under xdist the sampling holds a cross-process
         lock so that two perf tests never time at once; the record notes how long it waited.
         """
-        from ryzen_opt.bench import compare
+        from ryzen_opt.measure.timing import compare
 
         kwargs.setdefault("threshold", self.thresholds.get("speedup"))
         kwargs.setdefault("device", self.device)
@@ -89,7 +89,7 @@ class RyzenRecorder:
         if measurement is None:
             if reference is None or candidate is None or data is None:
                 raise TypeError("record_accuracy needs reference, candidate and data, or measurement=")
-            from ryzen_opt.bench import accuracy
+            from ryzen_opt.measure.timing import accuracy
 
             measurement = accuracy(reference, candidate, data, device=self.device, **kwargs)
         self._add(

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import torch
 
     from pytest_ryzen.fixture import RyzenRecorder
-    from ryzen_opt.metrics import TrainingMetricsCollector
+    from ryzen_opt.training.metrics import TrainingMetricsCollector
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "rocm", "mps")
 
@@ -205,7 +205,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _configure_baselines(config: pytest.Config) -> None:
     """Check ``--ryzen-save``'s name and load ``--ryzen-compare``'s baseline now (in every xdist worker too: the
     comparison runs where the test ran), so that a typo stops the run before anything is measured."""
-    from ryzen_opt import baselines
+    from ryzen_opt.validation import baselines
     from ryzen_opt.errors import RyzenOptError
 
     try:
@@ -256,7 +256,7 @@ def _session_device(config: pytest.Config) -> torch.device:
 def _load_thresholds(config: pytest.Config, profile: str | None = None) -> Any:
     from ryzen_opt.device import device_class
     from ryzen_opt.errors import RyzenOptError
-    from ryzen_opt.validation import load_thresholds
+    from ryzen_opt.validation.validator import load_thresholds
 
     cls = device_class(_session_device(config))
     try:
@@ -307,7 +307,7 @@ def device(pytestconfig: pytest.Config) -> torch.device:
 
 @pytest.fixture(scope="session")
 def ryzen_thresholds(pytestconfig: pytest.Config) -> Any:
-    """The thresholds profile for this device class (``ryzen_opt.validation.Thresholds``)."""
+    """The thresholds profile for this device class (``ryzen_opt.validation.validator.Thresholds``)."""
     return _thresholds(pytestconfig)
 
 
@@ -331,7 +331,7 @@ def ryzen(request: pytest.FixtureRequest, device: torch.device) -> RyzenRecorder
 def training_metrics(request: pytest.FixtureRequest) -> Iterator[TrainingMetricsCollector]:
     """A ``TrainingMetricsCollector`` for this test; at session end all of them merge into
     ``training_metrics_report.json``."""
-    from ryzen_opt.metrics import TrainingMetricsCollector
+    from ryzen_opt.training.metrics import TrainingMetricsCollector
 
     collector = TrainingMetricsCollector(experiment_id=request.node.nodeid)
     yield collector
@@ -370,7 +370,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _compare_with_baseline(gates: list[dict[str, Any]], baseline: dict[str, Any], mode: str) -> list[str]:
     """Attach each gate's comparison with the stored measurement (``gate["baseline_compare"]``); the failure lines
     of those that regressed (none under ``--ryzen-gate=report``, which records only)."""
-    from ryzen_opt import baselines
+    from ryzen_opt.validation import baselines
 
     measured = [g for g in gates if g.get("actual") is not None]
     comparisons = baselines.compare(baseline["entries"], [baselines.entry_from_gate(g) for g in measured], gone=False)
@@ -455,7 +455,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if exitstatus == pytest.ExitCode.USAGE_ERROR:
         return
-    from ryzen_opt.reports import atomic_write_json, environment
+    from ryzen_opt.validation.reports import atomic_write_json, environment
 
     env = environment(_session_device(config))
     out = report_dir(config)
@@ -467,7 +467,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ryzen.written = out
     save = config.getoption("ryzen_save")
     if save:
-        from ryzen_opt import baselines
+        from ryzen_opt.validation import baselines
 
         ryzen.saved = baselines.save(config.rootpath, save, ryzen.gates(), env)
 
@@ -530,8 +530,8 @@ def _summarize_baseline(
     terminalreporter: Any, config: pytest.Config, gates: list[dict[str, Any]], baseline: Any
 ) -> None:
     """The comparison table against the baseline, with what differs about the machine it was saved on."""
-    from ryzen_opt import baselines
-    from ryzen_opt.reports import environment
+    from ryzen_opt.validation import baselines
+    from ryzen_opt.validation.reports import environment
 
     compared = [g["baseline_compare"] for g in gates if g.get("baseline_compare")]
     terminalreporter.section(f"ryzen baseline {baseline['name']!r}")

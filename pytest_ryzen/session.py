@@ -64,7 +64,7 @@ def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
         if thresholds.get(value) is None:
             allowed = ", ".join(thresholds.to_dict())
             raise pytest.UsageError(f"@{name}({value!r}): no such threshold; the profile has {allowed}")
-        from ryzen_opt.validation import threshold_kind  # here: importing it imports torch
+        from ryzen_opt.validation.validator import threshold_kind  # here: importing it imports torch
 
         kind = threshold_kind(value)
         if kind != name:
@@ -88,8 +88,8 @@ def evaluate_gates(
     item: pytest.Item, records: list[dict[str, Any]], thresholds: Any | None, device: str | None
 ) -> list[dict[str, Any]]:
     """Check each threshold marker of ``item`` against the matching records; one result dict per check."""
-    from ryzen_opt.bench import SpeedupMeasurement
-    from ryzen_opt.validation import ValidationResult, ValidationStatus, check
+    from ryzen_opt.measure.timing import SpeedupMeasurement
+    from ryzen_opt.validation.validator import ValidationResult, ValidationStatus, check
 
     results: list[dict[str, Any]] = []
     for marker in threshold_markers(item):
@@ -241,7 +241,7 @@ class RyzenSession:
         return built
 
     def _validation_report(self, environment: dict[str, Any], thresholds: Any | None) -> dict[str, Any]:
-        from ryzen_opt.validation import OptimizationValidator, ValidationResult
+        from ryzen_opt.validation.validator import OptimizationValidator, ValidationResult
 
         validator = OptimizationValidator(thresholds)
         for gate in self.gates():
@@ -278,7 +278,7 @@ class RyzenSession:
         }
 
     def _training_report(self, environment: dict[str, Any]) -> dict[str, Any]:
-        from ryzen_opt.metrics import TrainingMetricsCollector
+        from ryzen_opt.training.metrics import TrainingMetricsCollector
 
         merged = TrainingMetricsCollector(experiment_id="pytest-session")
         for data in self.training:
@@ -346,13 +346,13 @@ def _short(report: pytest.TestReport) -> str:
 
 
 def _schema_version() -> str:
-    from ryzen_opt.reports import SCHEMA_VERSION
+    from ryzen_opt.validation.reports import SCHEMA_VERSION
 
     return SCHEMA_VERSION
 
 
 def iter_gate_failures(gates: Iterable[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    from ryzen_opt.validation import ValidationResult, is_failing
+    from ryzen_opt.validation.validator import ValidationResult, is_failing
 
     return [
         g

@@ -65,9 +65,9 @@ def _first_reason(report: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ryzen_opt import distributed
-    from ryzen_opt.pipeline import RunConfig, StageResult, run_pipeline
-    from ryzen_opt.summary import gate_rows
+    from ryzen_opt.training import distributed
+    from ryzen_opt.run.pipeline import RunConfig, StageResult, run_pipeline
+    from ryzen_opt.run.summary import gate_rows
 
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     overrides = {k: v for k, v in (("device", args.device), ("output_dir", args.output_dir)) if v is not None}
@@ -113,7 +113,7 @@ ZOO_BARS = {"target_top1": 0.25, "draft_agreement": 0.60}
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from ryzen_opt import zoo
+    from ryzen_opt.models import zoo
 
     path = zoo.build(args.recipe, force=args.force, progress=not args.json)
     build = json.loads((path / "build.json").read_text())
@@ -155,7 +155,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_bench_noise(args: argparse.Namespace) -> int:
     import torch
 
-    from ryzen_opt.bench import noise_floor
+    from ryzen_opt.measure.timing import noise_floor
     from ryzen_opt.device import resolve_device
 
     device = resolve_device(args.device)
@@ -196,7 +196,7 @@ def cmd_report_compare(args: argparse.Namespace) -> int:
     """Two runs' gate measurements side by side: baselines saved with ``--ryzen-save`` or report directories."""
     from pathlib import Path
 
-    from ryzen_opt import baselines
+    from ryzen_opt.validation import baselines
 
     root = Path(args.root)
     old_label, old, old_machine = baselines.entries_from_source(root, args.a)
@@ -217,8 +217,8 @@ def cmd_report_merge(args: argparse.Namespace) -> int:
     """One table and one final report from the report directories of a CI matrix."""
     from pathlib import Path
 
-    from ryzen_opt import baselines
-    from ryzen_opt.reports import atomic_write_json
+    from ryzen_opt.validation import baselines
+    from ryzen_opt.validation.reports import atomic_write_json
 
     merged, header, rows = baselines.merge(args.dirs)
     print_table(rows, header=header)
@@ -233,8 +233,8 @@ def cmd_draft_build(args: argparse.Namespace) -> int:
     """Build (or find in the cache) a feature draft for a local model; print where it is and how it did."""
     from pathlib import Path
 
-    from ryzen_opt import zoo
-    from ryzen_opt.draft import DraftConfig, build_draft, expected_agreement
+    from ryzen_opt.models import zoo
+    from ryzen_opt.optimizers.draft import DraftConfig, build_draft, expected_agreement
 
     aliases = {"smollm2": zoo.smollm2_dir, "zoo": lambda: zoo.build() / "target"}
     model_dir = aliases[args.model]() if args.model in aliases else Path(args.model)

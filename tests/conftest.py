@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, settings
 # Preload what the plugin imports lazily. pytester's in-process runs restore sys.modules afterwards, and a C
 # extension like torch cannot be imported a second time in one process ("SystemError: bad call flags").
 import pytest_ryzen.fixture  # noqa: E402,F401
-import ryzen_opt.bench  # noqa: E402,F401
-import ryzen_opt.metrics  # noqa: E402,F401
-import ryzen_opt.validation  # noqa: E402,F401
+import ryzen_opt.measure.timing  # noqa: E402,F401
+import ryzen_opt.training.metrics  # noqa: E402,F401
+import ryzen_opt.validation.validator  # noqa: E402,F401
 
 pytest_plugins = ["pytester"]
 

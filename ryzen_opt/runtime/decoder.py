@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ryzen_opt import native
+from ryzen_opt.ops import native
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.runtime.arch import Arch, Layer
 

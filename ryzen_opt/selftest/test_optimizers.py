@@ -66,7 +66,7 @@ def _prompts(tokenizer: Any, prose: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("which", ["repeating", "prose"])
 def test_speculative_ngram_is_lossless(model: Any, tokenizer: Any, prose: torch.Tensor, system_config: Any, which):
-    from ryzen_opt.speculative import NGramDrafter, SpeculativeDecoder
+    from ryzen_opt.optimizers.speculative import NGramDrafter, SpeculativeDecoder
 
     ids = _prompts(tokenizer, prose)[which]
     n = 24
@@ -78,7 +78,7 @@ def test_speculative_ngram_is_lossless(model: Any, tokenizer: Any, prose: torch.
 
 
 def test_speculative_accepts_what_the_model_would_say(model: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.speculative import SpeculativeDecoder
+    from ryzen_opt.optimizers.speculative import SpeculativeDecoder
 
     ids = prose[:1, :32]
     n = 24
@@ -103,8 +103,8 @@ def _check_accuracy(m: Any, what: str) -> None:
 
 
 def test_kernels_keep_accuracy(model: Any, reference: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.bench import accuracy
-    from ryzen_opt.kernels import KernelOptimizer
+    from ryzen_opt.measure.timing import accuracy
+    from ryzen_opt.optimizers.kernels import KernelOptimizer
 
     optimized = KernelOptimizer(system_config.kernels).apply_to_model(copy.deepcopy(model))
     m = accuracy(reference, optimized, prose, reference_name="model", candidate_name="KernelOptimizer")
@@ -112,8 +112,8 @@ def test_kernels_keep_accuracy(model: Any, reference: Any, prose: torch.Tensor, 
 
 
 def test_embedding_compression_keeps_accuracy(model: Any, reference: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.bench import accuracy
-    from ryzen_opt.embeddings import EmbeddingCompressor
+    from ryzen_opt.measure.timing import accuracy
+    from ryzen_opt.optimizers.embeddings import EmbeddingCompressor
 
     compressor = EmbeddingCompressor(system_config.embeddings)
     optimized = compressor.apply_to_model(copy.deepcopy(model))
@@ -127,7 +127,7 @@ def test_kv_cache_stores_less_and_decodes_within_a_margin(model: Any, prose: tor
     from transformers import DynamicCache
 
     from ryzen_opt.compat import cache_kwargs
-    from ryzen_opt.kv_cache import KVCacheOptimizer, cache_bytes
+    from ryzen_opt.optimizers.kv_cache import KVCacheOptimizer, cache_bytes
 
     kv = system_config.kv_cache
     n = 16

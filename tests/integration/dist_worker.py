@@ -1,6 +1,6 @@
 """A training job for the distributed tests, started by torchrun (or as one plain process).
 
-It trains a small random Llama with ``ryzen_opt.training.train`` and writes, from rank 0 only, the per-step losses
+It trains a small random Llama with ``ryzen_opt.training.loop.train`` and writes, from rank 0 only, the per-step losses
 and the collector's report to ``--out``. ``--fault nan|die`` makes ``--fault-rank`` return a NaN loss, or exit
 abruptly, at ``--fault-step``: what the failure tests need.
 """
@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ryzen_opt import distributed
+from ryzen_opt.training import distributed
 from ryzen_opt.errors import RyzenOptError
-from ryzen_opt.metrics import TrainingMetricsCollector
-from ryzen_opt.reports import atomic_write_json
-from ryzen_opt.training import TokenBlocks, TrainConfig, train
+from ryzen_opt.training.metrics import TrainingMetricsCollector
+from ryzen_opt.validation.reports import atomic_write_json
+from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
 
 
 class Faulty(nn.Module):

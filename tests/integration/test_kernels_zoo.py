@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from ryzen_opt import zoo
-from ryzen_opt.bench import accuracy, bootstrap_ci, greedy_agreement
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
+from ryzen_opt.models import zoo
+from ryzen_opt.measure.timing import accuracy, bootstrap_ci, greedy_agreement
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_quantized_predictions_stay_close(target, weights: str) -> None:
     Replaces a floor on greedy continuations' shared-prefix fraction (4 continuations: one early flip changed a whole
     continuation, so it read 0.234 on one CPU against a floor of 0.25): agreement over thousands of positions, each
     scored on the reference's context, has an interval, and the blocks are its resampling unit (positions inside a
-    block are correlated, blocks roughly independent), as in ``ryzen_opt.accuracy``.
+    block are correlated, blocks roughly independent), as in ``ryzen_opt.measure.accuracy``.
     """
     reference, blocks = target
     optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))

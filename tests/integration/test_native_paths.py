@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ryzen_opt import native
+from ryzen_opt.ops import native
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = set(native._cpu_flags().split())

@@ -12,11 +12,11 @@ import copy
 
 import pytest
 
-from ryzen_opt import zoo
-from ryzen_opt.kernels import KernelOptimizer
-from ryzen_opt.pipeline import RunConfig, RunContext, _speculative_workloads
-from ryzen_opt.system import SystemConfig
-from ryzen_opt.validation import OptimizationValidator, ValidationStatus
+from ryzen_opt.models import zoo
+from ryzen_opt.optimizers.kernels import KernelOptimizer
+from ryzen_opt.run.pipeline import RunConfig, RunContext, _speculative_workloads
+from ryzen_opt.optimizers.system import SystemConfig
+from ryzen_opt.validation.validator import OptimizationValidator, ValidationStatus
 
 pytestmark = pytest.mark.slow
 

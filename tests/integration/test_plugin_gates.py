@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ryzen_opt.reports import REPORT_SCHEMAS, validate_report
+from ryzen_opt.validation.reports import REPORT_SCHEMAS, validate_report
 
 FAKE_CLOCK = '''
 import random
@@ -438,7 +438,7 @@ def test_no_reports_without_ryzen_use(pytester: pytest.Pytester) -> None:
 
 
 def test_perf_sampling_under_xdist_takes_the_lock(pytester: pytest.Pytester) -> None:
-    from ryzen_opt.bench import serial_lock
+    from ryzen_opt.measure.timing import serial_lock
 
     flag = pytester.path / "about_to_time.flag"
     pytester.makepyfile(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_opt import zoo
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.speculative import SpecConfig, SpeculativeDecoder
+from ryzen_opt.models import zoo
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder
 
 pytestmark = pytest.mark.slow
 

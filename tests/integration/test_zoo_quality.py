@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from ryzen_opt import zoo
+from ryzen_opt.models import zoo
 from ryzen_opt.cli import ZOO_BARS
 
 # The default zoo trains for 10 minutes on 2 Zen 4 cores and about 30 on 2 AVX2 ones: `make test` leaves these out
@@ -41,7 +41,7 @@ def test_target_does_not_loop(quality: dict) -> None:
 
 
 def test_build_left_a_complete_training_report() -> None:
-    from ryzen_opt.reports import validate_report
+    from ryzen_opt.validation.reports import validate_report
 
     path = zoo.build("default")
     report = json.loads((path / "training_metrics_report.json").read_text())

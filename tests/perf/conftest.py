@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from ryzen_opt import zoo
+from ryzen_opt.models import zoo
 
 
 @pytest.fixture(scope="session")

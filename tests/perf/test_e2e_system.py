@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_ryzen import accuracy_loss, speedup
-from ryzen_opt.bench import generate_workload
-from ryzen_opt.system import OptimizedSystem
+from ryzen_opt.measure.timing import generate_workload
+from ryzen_opt.optimizers.system import OptimizedSystem
 
 pytestmark = pytest.mark.perf
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 
 from pytest_ryzen import accuracy_loss, compression_ratio
-from ryzen_opt.embeddings import CompressionConfig, EmbeddingCompressor
+from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 
 pytestmark = pytest.mark.perf
 

@@ -18,8 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, memory_reduction
-from ryzen_opt import zoo
-from ryzen_opt.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, passkey_probe, passkey_prompt
+from ryzen_opt.models import zoo
+from ryzen_opt.optimizers.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, passkey_probe, passkey_prompt
 
 pytestmark = pytest.mark.perf
 

@@ -26,10 +26,10 @@ import copy
 import pytest
 
 from pytest_ryzen import speedup
-from ryzen_opt import zoo
-from ryzen_opt.kernels import KernelOptimizer
-from ryzen_opt.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
-from ryzen_opt.system import SystemConfig
+from ryzen_opt.models import zoo
+from ryzen_opt.optimizers.kernels import KernelOptimizer
+from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
+from ryzen_opt.optimizers.system import SystemConfig
 
 pytestmark = pytest.mark.perf
 

@@ -13,7 +13,7 @@ import timeit
 
 import pytest
 
-from ryzen_opt.bench import serial_lock
+from ryzen_opt.measure.timing import serial_lock
 
 pytestmark = pytest.mark.perf
 

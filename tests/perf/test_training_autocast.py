@@ -12,8 +12,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from pytest_ryzen import speedup
-from ryzen_opt import zoo
-from ryzen_opt.training import TrainConfig, make_train_step, use_bf16_autocast
+from ryzen_opt.models import zoo
+from ryzen_opt.training.loop import TrainConfig, make_train_step, use_bf16_autocast
 
 pytestmark = pytest.mark.perf
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ryzen_opt import baselines
+from ryzen_opt.validation import baselines
 from ryzen_opt.errors import ConfigError
 
 

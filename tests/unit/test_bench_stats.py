@@ -1,4 +1,4 @@
-"""ryzen_opt.bench: the statistics of the paired A/B sampler, driven by fake clocks.
+"""ryzen_opt.measure.timing: the statistics of the paired A/B sampler, driven by fake clocks.
 
 No test here times real work: a FakeClock's time advances only when a fake workload "runs", by a duration drawn
 from a seeded lognormal (multiplicative timing noise). So every number below is deterministic, and the only
@@ -24,7 +24,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ryzen_opt.bench import (
+from ryzen_opt.measure.timing import (
     MeasurementError,
     NoiseFloor,
     SpeedupMeasurement,
@@ -421,7 +421,7 @@ def test_noise_floor_of_a_noiseless_clock_is_exactly_one() -> None:
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from ryzen_opt.bench import serial_lock
+    from ryzen_opt.measure.timing import serial_lock
 
     with serial_lock(sys.argv[1]):
         print("locked", flush=True)
@@ -537,7 +537,7 @@ def test_slow_arms_cost_no_extra_call_to_calibrate() -> None:
 
 
 def test_oversubscription_is_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ryzen_opt import bench
+    from ryzen_opt.measure import timing as bench
 
     monkeypatch.setattr(bench, "_available_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
@@ -560,7 +560,7 @@ def test_oversubscription_is_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_compare_arms_shares_one_baseline_run_per_round() -> None:
-    from ryzen_opt.bench import compare_arms
+    from ryzen_opt.measure.timing import compare_arms
 
     clock = FakeClock()
     base = clock.fixed("base", lambda k: 6 * MS)
@@ -577,7 +577,7 @@ def test_compare_arms_shares_one_baseline_run_per_round() -> None:
 
 
 def test_compare_arms_rejects_too_few_rounds() -> None:
-    from ryzen_opt.bench import compare_arms
+    from ryzen_opt.measure.timing import compare_arms
 
     with pytest.raises(ConfigError, match="rounds must be >= 3"):
         compare_arms(lambda: None, {"a": lambda: None}, rounds=2)

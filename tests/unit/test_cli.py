@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ryzen_opt import pipeline
+from ryzen_opt.run import pipeline
 from ryzen_opt.cli import main
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.pipeline import RunConfig
+from ryzen_opt.run.pipeline import RunConfig
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,7 +162,7 @@ def test_run_with_a_failed_stage_exits_1_and_names_it(
 def test_a_torchrun_rank_other_than_0_exits_with_rank_0s_outcome_silently(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, status: str, code: int
 ) -> None:
-    from ryzen_opt import distributed
+    from ryzen_opt.training import distributed
 
     monkeypatch.setattr(distributed, "env_info", lambda: distributed.DistInfo(rank=1, world_size=2))
     outcome = {"status": status, "stages": [], "failed": [], "path": None, "incomplete_reasons": []}

@@ -108,7 +108,7 @@ def test_device_info_is_complete_and_json() -> None:
 def test_import_does_not_initialise_cuda() -> None:
     # torchao's rule: importing the library must not touch CUDA (a broken driver must not break `import`).
     code = (
-        "import torch, ryzen_opt, ryzen_opt.device, ryzen_opt.models, pytest_ryzen, pytest_ryzen.plugin\n"
+        "import torch, ryzen_opt, ryzen_opt.device, ryzen_opt.models.loading, pytest_ryzen, pytest_ryzen.plugin\n"
         "ryzen_opt.device.device_info()\n"
         "assert not torch.cuda.is_initialized()\n"
     )

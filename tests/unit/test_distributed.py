@@ -1,4 +1,4 @@
-"""ryzen_opt.distributed without processes: torchrun's environment, backends, sharding, and what a single process
+"""ryzen_opt.training.distributed without processes: torchrun's environment, backends, sharding, and what a single process
 sees (every helper a no-op). The multi-process behaviour is in tests/integration/test_distributed_torchrun.py."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ryzen_opt import distributed
-from ryzen_opt.distributed import SINGLE, DistInfo
+from ryzen_opt.training import distributed
+from ryzen_opt.training.distributed import SINGLE, DistInfo
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.metrics import BatchMetric, TrainingMetricsCollector
-from ryzen_opt.training import TokenBlocks, TrainConfig, train
+from ryzen_opt.training.metrics import BatchMetric, TrainingMetricsCollector
+from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
 
 SCHEMA = __import__("json").loads(
-    resources.files("ryzen_opt").joinpath("schemas/training_metrics_report.schema.json").read_text()
+    resources.files("ryzen_opt.validation").joinpath("schemas/training_metrics_report.schema.json").read_text()
 )
 
 

@@ -1,4 +1,4 @@
-"""The feature draft (``ryzen_opt.draft``): its cache, losslessness in SpeculativeDecoder, training, the build cache.
+"""The feature draft (``ryzen_opt.optimizers.draft``): its cache, losslessness in SpeculativeDecoder, training, the build cache.
 
 Why exact checks hold: the draft only proposes; the target verifies every token, so greedy output equals the target's
 own whatever the draft says (up to counted near-ties). The incremental-versus-whole check is fp32 attention over the
@@ -16,13 +16,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ryzen_opt import draft as draft_mod
-from ryzen_opt.draft import DraftConfig, FeatureDraft, HeadShape, build_draft, fit_head, load_draft, save_draft
+from ryzen_opt.optimizers import draft as draft_mod
+from ryzen_opt.optimizers.draft import DraftConfig, FeatureDraft, HeadShape, build_draft, fit_head, load_draft, save_draft
 from ryzen_opt.errors import ConfigError, ModelLoadError
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.runtime import UnsupportedModelError
-from ryzen_opt.speculative import SpecConfig, SpeculativeDecoder
-from ryzen_opt.zoo import verify
+from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder
+from ryzen_opt.models.zoo import verify
 
 VOCAB = 64
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ryzen_opt.draft import BUDGET_CURVE, expected_agreement
+from ryzen_opt.optimizers.draft import BUDGET_CURVE, expected_agreement
 
 
 def test_expected_agreement_passes_through_the_measured_points_and_grows_with_the_budget() -> None:

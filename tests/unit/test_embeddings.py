@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ryzen_opt.embeddings import (
+from ryzen_opt.optimizers.embeddings import (
     CompressedEmbedding,
     CompressedLMHead,
     CompressionConfig,

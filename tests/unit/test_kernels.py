@@ -33,9 +33,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ryzen_opt import native
+from ryzen_opt.ops import native
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.kernels import (
+from ryzen_opt.optimizers.kernels import (
     DenseLinear,
     FusedSlice,
     Int4Linear,
@@ -49,7 +49,7 @@ from ryzen_opt.kernels import (
     quantize_int4,
     quantize_int8,
 )
-from ryzen_opt.quant import (
+from ryzen_opt.ops.quant import (
     gptq_int4,
     pack_group_panels,
     pack_int4_panels,

@@ -1,4 +1,4 @@
-"""ryzen_opt.metrics: recording without device syncs, statistics, anomaly detection, the report and the HF callback."""
+"""ryzen_opt.training.metrics: recording without device syncs, statistics, anomaly detection, the report and the HF callback."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ryzen_opt import metrics as metrics_mod
-from ryzen_opt import reports
+from ryzen_opt.training import metrics as metrics_mod
+from ryzen_opt.validation import reports
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.metrics import (
+from ryzen_opt.training.metrics import (
     Anomaly,
     AnomalyConfig,
     BatchMetric,
@@ -32,7 +32,7 @@ from ryzen_opt.metrics import (
 )
 
 SCHEMA = json.loads(
-    resources.files("ryzen_opt").joinpath("schemas/training_metrics_report.schema.json").read_text(encoding="utf-8")
+    resources.files("ryzen_opt.validation").joinpath("schemas/training_metrics_report.schema.json").read_text(encoding="utf-8")
 )
 
 
@@ -531,7 +531,7 @@ def test_print_summary_writes_a_readable_table() -> None:
 
 
 def test_importing_metrics_does_not_import_transformers() -> None:
-    code = "import sys, ryzen_opt.metrics; assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import sys, ryzen_opt.training.metrics; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

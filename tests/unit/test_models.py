@@ -1,4 +1,4 @@
-"""ryzen_opt.models.load_model: real from_pretrained on local directories, clear errors otherwise."""
+"""ryzen_opt.models.loading.load_model: real from_pretrained on local directories, clear errors otherwise."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ryzen_opt import models
+from ryzen_opt.models import loading as models
 from ryzen_opt.errors import ModelLoadError
-from ryzen_opt.models import hub_reachable, load_model, parse_dtype
+from ryzen_opt.models.loading import hub_reachable, load_model, parse_dtype
 
 
 def _tiny_tokenizer():  # a real (word-level) fast tokenizer, built offline
@@ -143,7 +143,7 @@ def test_a_corrupt_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_missing_reference_model_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.metadata
 
-    from ryzen_opt import zoo
+    from ryzen_opt.models import zoo
 
     def not_installed(name: str) -> None:
         raise importlib.metadata.PackageNotFoundError(name)

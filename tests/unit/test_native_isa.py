@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ryzen_opt import native
+from ryzen_opt.ops import native
 from ryzen_opt.errors import ConfigError
 
 ZEN3 = {"sse2", "avx", "avx2", "fma", "f16c"}
@@ -113,7 +113,7 @@ def test_the_plain_loops_are_not_the_default_unless_forced(monkeypatch, path, fo
 def test_the_kernel_report_says_which_path_ran() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ryzen_opt.kernels import KernelConfig, KernelOptimizer, kernel_report
+    from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 
     config = LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,

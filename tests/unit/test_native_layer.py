@@ -27,10 +27,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ryzen_opt import native
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.kv_cache import KVCacheConfig, KVCacheOptimizer
-from ryzen_opt.quant import (
+from ryzen_opt.ops import native
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer
+from ryzen_opt.ops.quant import (
     pack_group_panels,
     pack_int4_panels,
     pack_int8_panels,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ryzen_opt import pipeline
+from ryzen_opt.run import pipeline
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.pipeline import RunConfig, StageStatus, run_pipeline
-from ryzen_opt.summary import gate_rows, write_summary
+from ryzen_opt.run.pipeline import RunConfig, StageStatus, run_pipeline
+from ryzen_opt.run.summary import gate_rows, write_summary
 
 
 def test_tables_map_onto_the_optimizers_configs_with_the_systems_defaults():
@@ -240,10 +240,10 @@ def _count_calls(monkeypatch, cls, name: str) -> list[int]:
 def test_validation_builds_each_optimized_variant_once(tmp_path: Path, monkeypatch, with_draft: bool):
     import torch
 
-    from ryzen_opt.embeddings import EmbeddingCompressor
-    from ryzen_opt.kernels import KernelOptimizer
-    from ryzen_opt.system import OptimizedSystem
-    from ryzen_opt.validation import OptimizationValidator, load_thresholds
+    from ryzen_opt.optimizers.embeddings import EmbeddingCompressor
+    from ryzen_opt.optimizers.kernels import KernelOptimizer
+    from ryzen_opt.optimizers.system import OptimizedSystem
+    from ryzen_opt.validation.validator import OptimizationValidator, load_thresholds
 
     target = _tiny_llama(0)
     draft = _tiny_llama(1, layers=1) if with_draft else None
@@ -306,7 +306,7 @@ def test_the_fine_tune_lowers_held_out_loss_and_records_it(tmp_path: Path):
 
 
 def test_a_fine_tune_that_does_not_lower_held_out_loss_fails_the_stage(tmp_path: Path, monkeypatch):
-    from ryzen_opt import training
+    from ryzen_opt.training import loop as training
 
     text = tmp_path / "corpus.txt"
     text.write_text("x = 1\n" * 200)
@@ -332,7 +332,7 @@ def test_a_fine_tune_that_does_not_lower_held_out_loss_fails_the_stage(tmp_path:
 def test_the_built_in_corpus_is_the_tune_half_of_the_prose(tmp_path: Path, monkeypatch):
     import torch
 
-    from ryzen_opt import zoo
+    from ryzen_opt.models import zoo
 
     asked = []
 

@@ -21,7 +21,7 @@ from ryzen_opt.runtime import (
     build_arch,
     decoder_of,
 )
-from ryzen_opt.sampling import Sampler
+from ryzen_opt.ops.sampling import Sampler
 
 VOCAB = 256
 ATOL = 1e-4

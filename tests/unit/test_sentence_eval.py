@@ -1,4 +1,4 @@
-"""ryzen_opt.sentence_eval without the real model: a tiny random BertModel and fake encoders of known geometry."""
+"""ryzen_opt.measure.sentence_eval without the real model: a tiny random BertModel and fake encoders of known geometry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ryzen_opt.errors import ModelLoadError
-from ryzen_opt.sentence_eval import compare_sentence_embeddings, embed, load_minilm, sentences
+from ryzen_opt.measure.sentence_eval import compare_sentence_embeddings, embed, load_minilm, sentences
 
 VOCAB = 100
 

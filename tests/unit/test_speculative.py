@@ -20,9 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.kv_cache import KVCacheConfig, KVCacheOptimizer
-from ryzen_opt.speculative import (
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer
+from ryzen_opt.optimizers.speculative import (
     ModelDrafter,
     NGramDrafter,
     SpecConfig,

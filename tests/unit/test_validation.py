@@ -1,4 +1,4 @@
-"""ryzen_opt.validation: the three-state check, gates, thresholds and profiles, the validator and its report."""
+"""ryzen_opt.validation.validator: the three-state check, gates, thresholds and profiles, the validator and its report."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ryzen_opt import bench, reports
-from ryzen_opt import validation as val
-from ryzen_opt.bench import SpeedupMeasurement
+from ryzen_opt.measure import timing as bench
+from ryzen_opt.validation import reports
+from ryzen_opt.validation import validator as val
+from ryzen_opt.measure.timing import SpeedupMeasurement
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.validation import (
+from ryzen_opt.validation.validator import (
     DEVICE_CLASSES,
     METRICS,
     OptimizationValidator,
@@ -36,7 +37,7 @@ from ryzen_opt.validation import (
 
 S = ValidationStatus
 SCHEMA = json.loads(
-    resources.files("ryzen_opt").joinpath("schemas/validation_report.schema.json").read_text(encoding="utf-8")
+    resources.files("ryzen_opt.validation").joinpath("schemas/validation_report.schema.json").read_text(encoding="utf-8")
 )
 ENV = {"device": "cpu", "git_sha": None}
 SEED_DEFAULTS = {
@@ -531,7 +532,7 @@ def test_export_defaults_to_the_reports_environment(tmp_path: Path, monkeypatch:
 
 
 def test_validation_does_not_import_transformers() -> None:
-    code = "import sys, ryzen_opt.validation; sys.exit('transformers' in sys.modules)"
+    code = "import sys, ryzen_opt.validation.validator; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

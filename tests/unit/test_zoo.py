@@ -1,4 +1,4 @@
-"""ryzen_opt.zoo on the tiny recipe: corpus split, cache keyed by recipe, corruption detected and rebuilt."""
+"""ryzen_opt.models.zoo on the tiny recipe: corpus split, cache keyed by recipe, corruption detected and rebuilt."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ryzen_opt import zoo
+from ryzen_opt.models import zoo
 from ryzen_opt.errors import ConfigError
 
 

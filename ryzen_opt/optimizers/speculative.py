@@ -1,0 +1,708 @@
+"""SpeculativeDecoder: lossless speculative decoding with a draft model or n-gram (prompt-lookup) drafting.
+
+A drafter proposes ``k`` tokens; the target scores all of them in one forward; the longest acceptable prefix is kept,
+plus one token from the target (a correction, or a bonus when every draft was accepted). Why it is lossless:
+
+- **Greedy** (``temperature=0``): a draft token is kept only if it is the target's own argmax at that position, and
+  the extra token is the target's argmax, so the output is the target's greedy output token for token. The one
+  exception is a near-tie, a top-2 logit gap under 1e-5, where the target's one-token and several-token forwards can
+  round differently; such positions are counted in ``stats.near_ties``, never hidden.
+- **Sampling** follows Leviathan et al. 2023 / Chen et al. 2023: draft token ``x`` drawn from the draft's ``p`` is
+  accepted with probability ``min(1, q(x) / p(x))`` (``q`` the target's distribution after the same temperature /
+  top-k / top-p); on rejection the token is drawn from ``norm(max(0, q - p))``; after ``k`` acceptances a bonus token
+  is drawn from ``q``. The output then follows ``q`` exactly. The n-gram drafter proposes deterministically
+  (``p`` = a point mass), for which the same rule reads: accept with probability ``q(x)``, else draw from ``q``
+  without ``x``.
+
+Caches roll back by position after a rejection: the KernelOptimizer's static cache by moving its position (stale
+entries are overwritten later), HF caches (``DynamicCache``, the KVCacheOptimizer's) through ``crop``. The draft length
+adapts with HF's heuristic (+2 after a fully accepted round, -1 otherwise).
+
+On this CPU, verifying ``k`` tokens costs more than one decode step (fp32 ``F.linear`` with 8 rows takes ~4x one
+row), so the verify path is the one that measured cheapest: the KernelOptimizer's lean loop when the target has one
+(int8 verify of 4 tokens: 1.1x a single step), HF's forward otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ryzen_opt.measure.accuracy import NEAR_TIE_GAP
+from ryzen_opt.compat import cache_kwargs
+from ryzen_opt.configs import ConfigMixin
+from ryzen_opt.errors import ConfigError, RyzenOptError
+from ryzen_opt.optimizers.kernels import kernel_report_or_none
+from ryzen_opt.runtime import decoder_of
+from ryzen_opt.ops.sampling import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpecConfig(ConfigMixin):
+    """How :class:`SpeculativeDecoder` drafts and verifies.
+
+    Attributes:
+        num_draft_tokens: draft length ``k`` of the first round.
+        adaptive: HF's heuristic: ``k + 2`` after a round where every draft was accepted, ``k - 1`` otherwise.
+        min_draft_tokens, max_draft_tokens: bounds of the adaptive ``k``. 7 by default: a verification of the last
+            token and 7 drafts is 8 rows, one fused native call per layer; longer ones run in pieces (measured on
+            the "tune" chat tasks with int8 kernels: repeat 2.39x against 1.99x with 12, spelling 1.84x against 1.63x).
+        draft_confidence: a draft model stops proposing (after its first token) when its own top probability falls
+            below this: a token it is unsure of is likely rejected, and every rejected draft cost a draft step
+            (HF's ``assistant_confidence_threshold`` plays the same role). 0 turns it off. Any stopping rule keeps
+            the output exact: verification does not depend on why drafting stopped.
+        stop_acceptance, stop_window, stop_pause: stop drafting when it does not pay. After ``stop_window`` rounds
+            with drafts whose acceptance (accepted / proposed) is below ``stop_acceptance``, the next
+            ``stop_pause`` tokens come from plain one-token steps; each further stop doubles the pause. On a
+            question whose answer does not repeat its prompt every rejected draft costs its verification, so
+            without the rule prompt lookup makes such answers slower; the pause ends so that a copy that starts
+            later (a preamble, then the quoted text) is still found. ``SpecStats.stops`` and
+            ``undrafted_tokens`` say it happened. ``stop_acceptance = 0`` turns it off.
+    """
+
+    num_draft_tokens: int = 4
+    adaptive: bool = True
+    min_draft_tokens: int = 1
+    max_draft_tokens: int = 7
+    draft_confidence: float = 0.0
+    stop_acceptance: float = 0.2
+    stop_window: int = 8
+    stop_pause: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_draft_tokens <= self.num_draft_tokens <= self.max_draft_tokens:
+            raise ConfigError(
+                "SpecConfig: need 1 <= min_draft_tokens <= num_draft_tokens <= max_draft_tokens, got "
+                f"{self.min_draft_tokens}, {self.num_draft_tokens}, {self.max_draft_tokens}"
+            )
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ConfigError(f"SpecConfig.draft_confidence = {self.draft_confidence}: must be in [0, 1)")
+        if not 0.0 <= self.stop_acceptance < 1.0:
+            raise ConfigError(
+                f"SpecConfig.stop_acceptance = {self.stop_acceptance}: must be in [0, 1) (0 never stops drafting)"
+            )
+        if self.stop_window < 1 or self.stop_pause < 1:
+            raise ConfigError(
+                f"SpecConfig: stop_window ({self.stop_window}) and stop_pause ({self.stop_pause}) must be >= 1"
+            )
+
+
+@dataclass
+class SpecStats:
+    """What a speculative generation did. ``acceptance_rate`` = accepted / proposed draft tokens."""
+
+    proposed: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    new_tokens: int = 0
+    per_position_proposed: list[int] = field(default_factory=list)
+    per_position_accepted: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    near_ties: int = 0
+    stops: int = 0  # times drafting stopped for low acceptance (SpecConfig.stop_acceptance)
+    undrafted_tokens: int = 0  # tokens generated by plain steps while it was stopped
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [
+            a / p if p else 0.0 for a, p in zip(self.per_position_accepted, self.per_position_proposed, strict=True)
+        ]
+
+    def _count_position(self, index: int, accepted: bool) -> None:
+        while len(self.per_position_proposed) <= index:
+            self.per_position_proposed.append(0)
+            self.per_position_accepted.append(0)
+        self.per_position_proposed[index] += 1
+        self.per_position_accepted[index] += int(accepted)
+
+    def merge(self, other: SpecStats) -> SpecStats:
+        """The stats of two generations together (sums; per-position counts added position by position)."""
+        out = SpecStats()
+        for name in (
+            "proposed",
+            "accepted",
+            "target_forwards",
+            "new_tokens",
+            "near_ties",
+            "stops",
+            "undrafted_tokens",
+            "draft_seconds",
+            "verify_seconds",
+        ):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.draft_lengths = self.draft_lengths + other.draft_lengths
+        for source in (self, other):
+            for i, (p, a) in enumerate(zip(source.per_position_proposed, source.per_position_accepted, strict=True)):
+                out._count_position(i, False)
+                out.per_position_proposed[i] += p - 1
+                out.per_position_accepted[i] += a
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            acceptance_rate=self.acceptance_rate,
+            tokens_per_target_forward=self.tokens_per_target_forward,
+            per_position_acceptance=self.per_position_acceptance,
+        )
+        return data
+
+
+@dataclass
+class SpecOutput:
+    """``sequences``: prompt + new tokens ``[1, T]`` (as HF's ``generate`` returns them); ``stats``: the statistics."""
+
+    sequences: torch.Tensor
+    stats: SpecStats
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+
+class _Runner(Protocol):
+    length: int
+
+    def reset(self, max_len: int) -> None: ...
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def extend_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rollback(self, length: int) -> None: ...
+
+
+class _LeanRunner:
+    """A model optimized by the KernelOptimizer: its static-cache decoder (duck-typed: optimizers don't import
+    each other). An optional cache factory attaches a cache with ``attend`` (the KVCacheOptimizer's)."""
+
+    def __init__(self, decoder: Any, cache_factory: Callable[[], Any] | None) -> None:
+        self.decoder = decoder
+        self.cache_factory = cache_factory
+
+    @property
+    def length(self) -> int:
+        return int(self.decoder.pos)
+
+    def reset(self, max_len: int) -> None:
+        if self.cache_factory is not None:
+            self.decoder.attach_cache(self.cache_factory())
+        self.decoder.allocate(max_len)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt in one pass, as the target's own ``generate`` runs it; next-token logits ``[1, V]``."""
+        return self.decoder.forward(ids).float()
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] == 1 and self.decoder.is_compiled:
+            # A compiled one-token step (KernelConfig(compile=True)): about half an eager step on small models.
+            return self.decoder.step(ids).float()
+        rows = getattr(self.decoder, "native_rows", 0)
+        if self.decoder.pos > 0 and rows and ids.shape[1] > rows and self.decoder.native_layers() is not None:
+            # A verification longer than the fused layer takes would run ATen's layers, whose attention sums in
+            # another order than a one-token step's: in pieces it gets the steps' bits (greedy stays lossless).
+            parts = [
+                self.decoder.forward(ids[:, i : i + rows], all_logits=True)[0] for i in range(0, ids.shape[1], rows)
+            ]
+            return torch.cat(parts).float()
+        return self.decoder.forward(ids, all_logits=True)[0].float()
+
+    def extend_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[T, V]`` and the hidden states the head read ``[T, d]`` (eager: the compiled step has none)."""
+        logits, features = self.decoder.forward(ids, all_logits=True, features=True)
+        return logits[0].float(), features[0].float()
+
+    def rollback(self, length: int) -> None:
+        self.decoder.crop(length)
+
+    def close(self) -> None:
+        if self.cache_factory is not None:
+            self.decoder.attach_cache(None)
+
+
+class _HFRunner:
+    """Any causal LM through HF's forward and a ``Cache`` that can ``crop`` (DynamicCache by default)."""
+
+    def __init__(self, model: Any, cache_factory: Callable[[], Any] | None) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache_factory = cache_factory or (lambda: DynamicCache(config=model.config))
+        self.cache: Any = None
+        self.length = 0
+
+    def reset(self, max_len: int) -> None:
+        self.cache = self.cache_factory()
+        self.length = 0
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.extend(ids)[-1:]
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(ids, **cache_kwargs(self.cache), use_cache=True)
+        self.length += ids.shape[1]
+        return out.logits[0].float()
+
+    def extend_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the decoder's last hidden state (after its final norm: what the LM head reads)."""
+        out = self.model.get_decoder()(ids, **cache_kwargs(self.cache), use_cache=True)
+        self.length += ids.shape[1]
+        hidden = out.last_hidden_state[0]
+        return self.model.get_output_embeddings()(hidden).float(), hidden.float()
+
+    def rollback(self, length: int) -> None:
+        if length < self.length:
+            self.cache.crop(length - self.length)
+            self.length = length
+
+    def close(self) -> None:
+        self.cache = None
+
+
+def _runner(model: Any, cache_factory: Callable[[], Any] | None) -> _LeanRunner | _HFRunner:
+    decoder = decoder_of(model)
+    if decoder is not None and (cache_factory is None or not decoder.is_compiled):
+        return _LeanRunner(decoder, cache_factory)
+    return _HFRunner(model, cache_factory)
+
+
+# ------------------------------------------------------------------------------------------------ drafters
+
+
+class Drafter(Protocol):
+    """What :class:`SpeculativeDecoder` drafts with. A drafter that sets ``needs_features = True`` also gets
+    ``observe(features [n, d], next_tokens)``: the target's hidden states (after its final norm) of positions whose
+    following tokens are committed, from the prefill and from each verification (a feature draft, ``ryzen_opt.optimizers.draft``).
+    """
+
+    def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
+        """Up to ``k`` draft tokens after ``sequence``, and their draft distributions ``[n, V]`` (``None``: the
+        proposal is deterministic, a point mass)."""
+        ...
+
+    def start(self, prompt: list[int], max_len: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def draft_tokens(
+    logits: torch.Tensor,
+    k: int,
+    sampling: Sampler,
+    confidence: float,
+    step: Callable[[int], torch.Tensor],
+) -> tuple[list[int], torch.Tensor | None]:
+    """Up to ``k`` draft tokens from a model's next-token ``logits`` ``[V]``, ``step(token)`` giving the logits after
+    each one: greedy argmax, or a draw from ``sampling`` (whose distributions are returned for the rejection rule).
+    Drafting stops early, after the first token, where the draft's top probability is below ``confidence``."""
+    drafts: list[int] = []
+    dists = []
+    for i in range(k):
+        if sampling.greedy:
+            if i and confidence and float(logits.softmax(-1).max()) < confidence:
+                break
+            token = int(logits.argmax())
+        else:
+            p = sampling.probs(logits)
+            if i and confidence and float(p.max()) < confidence:
+                break
+            token = sampling.draw(p)
+            dists.append(p)
+        drafts.append(token)
+        if i + 1 < k:
+            logits = step(token)
+    return drafts, (torch.stack(dists) if dists else None)
+
+
+class ModelDrafter:
+    """A draft language model (for the zoo: the target's first layers, an early exit), run through its own cache."""
+
+    def __init__(self, model: Any, cache_factory: Callable[[], Any] | None = None, confidence: float = 0.0) -> None:
+        self.model = model
+        self.runner = _runner(model, cache_factory)
+        self.tokens: list[int] = []
+        self.confidence = confidence
+
+    def start(self, prompt: list[int], max_len: int) -> None:
+        self.runner.reset(max_len)
+        self.tokens = []
+
+    def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
+        # Roll back to what the draft processed that is still part of the committed sequence (keeping at least the
+        # last committed token to feed, whose logits start the draft).
+        common = 0
+        for a, b in zip(self.tokens, sequence, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(sequence) - 1)
+        self.runner.rollback(common)
+        self.tokens = list(sequence[:common])
+        device = _device(self.model)
+        logits = self.runner.extend(torch.tensor([sequence[common:]], device=device))[-1]
+        self.tokens = list(sequence)
+
+        def step(token: int) -> torch.Tensor:
+            self.tokens.append(token)
+            return self.runner.extend(torch.tensor([[token]], device=device))[-1]
+
+        return draft_tokens(logits, k, sampling, self.confidence, step)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+NGRAM_MATCHES = ("longest", "latest")
+
+
+class NGramDrafter:
+    """Prompt lookup: propose what followed an earlier occurrence of the text's end. No model, no cost but a search.
+
+    Args:
+        max_ngram, min_ngram: with ``match="latest"``, the suffix lengths tried, longest first; with
+            ``"longest"``, ``min_ngram`` is the shortest match that drafts.
+        match: ``"longest"`` (the default; on the replayed chat tasks it drafted as many tokens per target forward
+            as ``"latest"`` or more: ``benchmarks/bench_draft_strategies.py``) or ``"latest"``: the latest earlier
+            occurrence of the last ``max_ngram`` (down to ``min_ngram``) tokens, as HF's ``prompt_lookup_num_tokens``
+            does (Saxena 2023). ``"longest"``: the earlier position whose preceding tokens match the longest suffix
+            of the text (up to ``max_context``), the latest on ties, as a suffix tree finds it (SuffixDecoding,
+            Oliaro et al. 2024). When a phrase occurs twice, the longer context tells which occurrence the answer is
+            copying.
+        session: also look up the earlier prompts and answers this drafter has seen (SuffixDecoding's history
+            across requests), up to ``session_tokens`` of them: a user who edits one code base, or answers in one
+            format, repeats themselves across requests.
+    """
+
+    def __init__(
+        self,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        *,
+        match: str = "longest",
+        max_context: int = 64,
+        session: bool = False,
+        session_tokens: int = 16384,
+    ) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ConfigError(f"NGramDrafter: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if match not in NGRAM_MATCHES:
+            raise ConfigError(f"NGramDrafter: match={match!r}; choose one of {NGRAM_MATCHES}")
+        if max_context < 1 or session_tokens < 1:
+            raise ConfigError("NGramDrafter: max_context and session_tokens must be >= 1")
+        self.max_ngram, self.min_ngram, self.match = max_ngram, min_ngram, match
+        self.max_context, self.session, self.session_tokens = max_context, session, session_tokens
+        self._history: list[int] = []  # earlier requests' tokens (session=True)
+        self._history_index: dict[int, list[int]] = {}
+        self._last: list[int] = []  # the text of the request in progress, as last seen
+        self._index: dict[int, list[int]] = {}  # token -> positions of the request's text with a token after them
+        self._indexed = 0
+
+    def start(self, prompt: list[int], max_len: int) -> None:
+        if self.session and self._last:
+            self._history = (self._history + self._last)[-self.session_tokens :]
+            self._history_index = {}
+            for j, token in enumerate(self._history[:-1]):
+                self._history_index.setdefault(token, []).append(j)
+        self._last, self._index, self._indexed = [], {}, 0
+
+    def propose(self, sequence: list[int], k: int, sampling: Sampler) -> tuple[list[int], torch.Tensor | None]:
+        self._last = sequence
+        if self.match == "latest":
+            return self._latest(sequence, k), None
+        return self._longest(sequence, k), None
+
+    def _latest(self, sequence: list[int], k: int) -> list[int]:
+        n_tokens = len(sequence)
+        for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
+            tail = sequence[-n:]
+            for start in range(n_tokens - n - 1, -1, -1):
+                if sequence[start : start + n] == tail:
+                    follow = sequence[start + n : start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+    def _longest(self, sequence: list[int], k: int) -> list[int]:
+        if len(sequence) < self._indexed:  # another text than the one indexed (a drafter driven by hand)
+            self._index, self._indexed = {}, 0
+        for j in range(self._indexed, len(sequence) - 1):  # positions with a token after them
+            self._index.setdefault(sequence[j], []).append(j)
+        self._indexed = max(self._indexed, len(sequence) - 1)
+        if not sequence:
+            return []
+        best, best_len = None, self.min_ngram - 1
+        for corpus, index in ((sequence, self._index), (self._history, self._history_index)):
+            # latest first within a corpus, the request's own text before the history: ties go to the latest
+            for j in reversed(index.get(sequence[-1], ())):
+                limit = min(self.max_context, len(sequence), j + 1)
+                length = 1
+                while length < limit and corpus[j - length] == sequence[-1 - length]:
+                    length += 1
+                if length > best_len:
+                    best, best_len = (corpus, j + 1), length
+                    if length == self.max_context:
+                        break
+        if best is None:
+            return []
+        corpus, start = best
+        return corpus[start : start + k]
+
+    def close(self) -> None:
+        pass
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------- decoder
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of ``target`` with ``drafter`` (a :class:`ModelDrafter`, an :class:`NGramDrafter`, or a
+    draft model, which is wrapped in a ModelDrafter). ``generate`` is the verb.
+
+    ``target_cache_factory`` gives the target's cache (e.g. ``lambda: kv.make_cache(target)`` with the
+    KVCacheOptimizer); by default HF's ``DynamicCache``, or the KernelOptimizer's static cache if the target has one.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        drafter: Any,
+        config: SpecConfig | None = None,
+        *,
+        target_cache_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.target = target
+        self.config = config or SpecConfig()
+        if hasattr(drafter, "propose"):
+            self.drafter = drafter
+        elif hasattr(drafter, "as_drafter"):  # a feature draft: it drafts from the target's hidden states
+            self.drafter = drafter.as_drafter(target, confidence=self.config.draft_confidence)
+        else:
+            self.drafter = ModelDrafter(drafter, confidence=self.config.draft_confidence)
+        self.runner = _runner(target, target_cache_factory)
+        report = kernel_report_or_none(target)
+        if report is not None and "fbgemm" in report.kernels and report.config.get("weights") == "int8":
+            # Measured on the zoo target (int8 fbgemm): greedy output equal to generate() on 7 of 8 prompts, no tie.
+            logger.warning(
+                "the target uses fbgemm's dynamic int8 linears, which quantize activations per tensor: a token's "
+                "logits then depend on the other tokens verified with it, so greedy output can differ from the "
+                "target's generate() beyond near-ties. Measured greedy equality on the zoo target: "
+                "weights='int4' 8 of 8 prompts, 'none' 8 of 8, int8 fbgemm 7 of 8, int8_kernel='int8pack' 4 of 8."
+            )
+        if isinstance(self.drafter, ModelDrafter):
+            t_vocab = target.config.vocab_size
+            d_vocab = self.drafter.model.config.vocab_size
+            if t_vocab != d_vocab:
+                raise ConfigError(f"target vocabulary {t_vocab} != draft vocabulary {d_vocab}: they must share one")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+    ) -> SpecOutput:
+        """Generate up to ``max_new_tokens`` after ``input_ids`` ``[1, T]``; stops after an EOS token
+        (``eos_token_id``, default: none, so that a run has a known length)."""
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise ConfigError(
+                f"SpeculativeDecoder serves batch size 1; got input_ids of shape {tuple(input_ids.shape)}. "
+                "Loop over the batch, or use HF generate(assistant_model=...) for batches."
+            )
+        if input_ids.shape[1] < 1 or max_new_tokens < 1:
+            raise ConfigError("SpeculativeDecoder.generate needs a non-empty prompt and max_new_tokens >= 1")
+        if temperature < 0:
+            raise ConfigError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        sampling = Sampler(temperature, top_k, top_p, generator)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        device = _device(self.target)
+        prompt = input_ids[0].tolist()
+        max_len = len(prompt) + max_new_tokens + self.config.max_draft_tokens + 2
+        stats = SpecStats()
+        sequence = list(prompt)
+        self.runner.reset(max_len)
+        self.drafter.start(prompt, max_len)
+        try:
+            # The whole prompt in one pass, as the target's own generate() runs it, and the first token from its
+            # logits: with activations rounded to int8 a prompt token computed inside a verification instead would
+            # get other bits (another attention order), and greedy output could leave the target's. From then on the
+            # target has processed everything but the last committed token, which opens the next verification.
+            features = bool(getattr(self.drafter, "needs_features", False))
+            prompt_ids = torch.tensor([prompt], device=device)
+            if features:
+                logits, hidden = self.runner.extend_features(prompt_ids)
+                logits = logits[-1:]
+            else:
+                logits = self.runner.prefill(prompt_ids)
+            stats.target_forwards += 1
+            first, _ = self._verify(logits, [], None, sampling, stats)
+            sequence.extend(first)
+            if features:
+                self.drafter.observe(hidden, prompt[1:] + first)  # type: ignore[attr-defined]
+            k = self.config.num_draft_tokens
+            recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=self.config.stop_window)
+            paused_until, pause = 0, self.config.stop_pause
+            while len(sequence) - len(prompt) < max_new_tokens and sequence[-1] not in eos:
+                produced = len(sequence) - len(prompt)
+                remaining = max_new_tokens - produced
+                started = time.perf_counter()
+                budget = min(k, remaining - 1)  # the target adds one token of its own
+                if produced < paused_until:
+                    budget = 0
+                    stats.undrafted_tokens += 1
+                drafts, dists = self.drafter.propose(sequence, budget, sampling) if budget > 0 else ([], None)
+                stats.draft_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                committed = len(sequence)
+                verify_ids = torch.tensor([[sequence[-1], *drafts]], device=device)
+                if features:
+                    logits, hidden = self.runner.extend_features(verify_ids)
+                else:
+                    logits = self.runner.extend(verify_ids)
+                stats.target_forwards += 1
+                new, accepted = self._verify(logits, drafts, dists, sampling, stats)
+                self.runner.rollback(committed + accepted)  # keep what the target processed of the kept tokens
+                stats.verify_seconds += time.perf_counter() - started
+                stats.proposed += len(drafts)
+                stats.accepted += accepted
+                if drafts:
+                    stats.draft_lengths.append(len(drafts))
+                for i in range(len(drafts)):
+                    stats._count_position(i, i < accepted)
+                new = new[:remaining]
+                stop = next((i for i, t in enumerate(new) if t in eos), None)
+                if stop is not None:
+                    new = new[: stop + 1]
+                sequence.extend(new)
+                if features:
+                    self.drafter.observe(hidden[: len(new)], new)  # type: ignore[attr-defined]
+                if stop is not None:
+                    break
+                if drafts and self.config.stop_acceptance > 0:
+                    recent.append((len(drafts), accepted))
+                    if len(recent) == recent.maxlen:
+                        rate = sum(a for _, a in recent) / sum(p for p, _ in recent)
+                        if rate < self.config.stop_acceptance:
+                            stats.stops += 1
+                            paused_until = len(sequence) - len(prompt) + pause
+                            pause *= 2
+                            recent.clear()
+                if self.config.adaptive and drafts:
+                    if accepted == len(drafts):
+                        k = min(self.config.max_draft_tokens, k + 2)
+                    else:
+                        k = max(self.config.min_draft_tokens, k - 1)
+        finally:
+            self.drafter.close()
+            close = getattr(self.runner, "close", None)
+            if close is not None:
+                close()
+        stats.new_tokens = len(sequence) - len(prompt)
+        return SpecOutput(torch.tensor([sequence], dtype=input_ids.dtype, device=input_ids.device), stats)
+
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        drafts: list[int],
+        dists: torch.Tensor | None,
+        sampling: Sampler,
+        stats: SpecStats,
+    ) -> tuple[list[int], int]:
+        """``(tokens to append, number of drafts accepted)`` from the target's ``logits`` ``[k + 1, V]``."""
+        if sampling.greedy:
+            top2 = logits.topk(2, dim=-1)
+            choice = top2.indices[:, 0].tolist()
+            gaps = (top2.values[:, 0] - top2.values[:, 1]).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
+                accepted += 1
+            stats.near_ties += sum(gap < NEAR_TIE_GAP for gap in gaps[: accepted + 1])
+            return drafts[:accepted] + [choice[accepted]], accepted
+        target_probs = sampling.probs(logits)
+        for i, token in enumerate(drafts):
+            q = target_probs[i]
+            p_token = float(dists[i, token]) if dists is not None else 1.0
+            if sampling.uniform() < min(1.0, float(q[token]) / p_token):
+                continue
+            residual = q - dists[i] if dists is not None else q.clone()
+            if dists is None:
+                residual[token] = 0.0
+            residual = residual.clamp_min(0.0)
+            total = float(residual.sum())
+            # An all-zero residual only happens when q <= p everywhere, i.e. q == p: then rejection had probability 0.
+            return drafts[:i] + [sampling.draw(residual / total if total > 0 else q)], i
+        return drafts + [sampling.draw(target_probs[len(drafts)])], len(drafts)
+
+
+def check_lossless(
+    decoder: SpeculativeDecoder,
+    target: Any,
+    prompts: list[torch.Tensor],
+    new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+) -> tuple[SpecStats, int]:
+    """Greedy speculative output against the target's own ``generate`` on each prompt: ``(merged stats, number of
+    prompts whose outputs are identical)``.
+
+    Raises:
+        RyzenOptError: an output differs with no near-tie to explain it (speculation must be lossless).
+    """
+    stats: SpecStats | None = None
+    identical = 0
+    for ids in prompts:
+        out = decoder.generate(ids, new_tokens, eos_token_id=eos_token_id)
+        want = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos_token_id)
+        same = torch.equal(out.sequences, want)
+        if not same and out.stats.near_ties == 0:
+            raise RyzenOptError(
+                f"speculative greedy output differs from the target's own on a {ids.shape[1]}-token prompt with no "
+                "near-tie: a bug in the decoder or the drafter's verification; please report it"
+            )
+        identical += int(same)
+        stats = out.stats if stats is None else stats.merge(out.stats)
+    if stats is None:
+        raise ConfigError("check_lossless needs at least one prompt")
+    return stats, identical
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    draft_tokens: list[int],
+    generator: torch.Generator,
+) -> tuple[list[int], int]:
+    """The sampling rule alone (for tests and other decoders): ``target_probs`` ``[k + 1, V]`` (already warped),
+    ``draft_probs`` ``[k, V]``, the ``k`` draft tokens drawn from them. Returns ``(tokens, accepted)``."""
+    sampling = Sampler(1.0, None, None, generator)
+    sampling.probs = lambda logits: logits  # type: ignore[method-assign]  # inputs are probabilities already
+    decoder = SpeculativeDecoder.__new__(SpeculativeDecoder)
+    return decoder._verify(target_probs, draft_tokens, draft_probs, sampling, SpecStats())
