@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ryzen_opt.models import zoo
-from ryzen_opt.validation.reports import atomic_write_json, environment
 from ryzen_opt.optimizers.system import compose
+from ryzen_opt.validation.reports import atomic_write_json, environment
 
 
 def main() -> None:

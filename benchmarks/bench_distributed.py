@@ -103,9 +103,9 @@ def worker(args: argparse.Namespace) -> int:
     import torch
 
     from ryzen_opt.training import distributed
+    from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
     from ryzen_opt.training.metrics import TrainingMetricsCollector
     from ryzen_opt.validation.reports import atomic_write_json
-    from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
 
     torch.set_num_threads(1)
     info, device = distributed.start(torch.device("cpu"))

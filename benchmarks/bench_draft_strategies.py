@@ -36,9 +36,9 @@ import torch
 
 from ryzen_opt.models import zoo
 from ryzen_opt.optimizers.kernels import KernelOptimizer
-from ryzen_opt.validation.reports import atomic_write_json, environment
 from ryzen_opt.optimizers.speculative import NGramDrafter
 from ryzen_opt.optimizers.system import SystemConfig
+from ryzen_opt.validation.reports import atomic_write_json, environment
 
 Candidates = list[list[int]]
 MAX_CONTEXT = 64  # match lengths are counted up to this many tokens

@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.models import zoo
 from ryzen_opt.measure.accuracy import MemoLogits
 from ryzen_opt.measure.timing import accuracy, compare, generate_workload, greedy_agreement, read_bandwidth_gbs
+from ryzen_opt.models import zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
-from ryzen_opt.validation.reports import run_sections
 from ryzen_opt.runtime import decoder_of
+from ryzen_opt.validation.reports import run_sections
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 64
 

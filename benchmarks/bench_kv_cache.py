@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ryzen_opt.models import zoo
-from ryzen_opt.measure.timing import accuracy
 from ryzen_opt.compat import cache_kwargs
+from ryzen_opt.measure.timing import accuracy
+from ryzen_opt.models import zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.kv_cache import (
     CachedForward,
@@ -52,8 +52,8 @@ from ryzen_opt.optimizers.kv_cache import (
     passkey_probe,
     passkey_prompt,
 )
-from ryzen_opt.validation.reports import run_sections
 from ryzen_opt.runtime import decoder_of
+from ryzen_opt.validation.reports import run_sections
 
 CONFIGS = {
     "int8": KVCacheConfig(bits=8),

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from ryzen_opt.measure.sentence_eval import compare_sentence_embeddings, load_minilm, sentences
 from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.validation.reports import atomic_write_json, environment
-from ryzen_opt.measure.sentence_eval import compare_sentence_embeddings, load_minilm, sentences
 
 logger = logging.getLogger("bench_minilm")
 

@@ -65,8 +65,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ryzen_opt.models import zoo
 from ryzen_opt.measure.timing import read_bandwidth_gbs
+from ryzen_opt.models import zoo
 from ryzen_opt.validation.reports import atomic_write_json, environment
 
 logger = logging.getLogger("bench_peers")

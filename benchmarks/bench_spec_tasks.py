@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.models import zoo
 from ryzen_opt.measure.timing import compare
+from ryzen_opt.models import zoo
 from ryzen_opt.optimizers.kernels import KernelOptimizer
-from ryzen_opt.validation.reports import atomic_write_json, environment
 from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import SystemConfig
+from ryzen_opt.validation.reports import atomic_write_json, environment
 
 
 def run_task(

@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.models import zoo
 from ryzen_opt.measure.timing import compare
+from ryzen_opt.models import zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.validation.reports import atomic_write_json, environment
 from ryzen_opt.optimizers.speculative import ModelDrafter, NGramDrafter, SpecConfig, SpeculativeDecoder
+from ryzen_opt.validation.reports import atomic_write_json, environment
 
 NEW = 64
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from ryzen_opt.models import zoo
 from ryzen_opt.measure.timing import compare
-from ryzen_opt.validation.reports import atomic_write_json, environment
+from ryzen_opt.models import zoo
 from ryzen_opt.training.loop import make_train_step
+from ryzen_opt.validation.reports import atomic_write_json, environment
 
 
 def zoo_shaped_model() -> LlamaForCausalLM:

@@ -21,9 +21,9 @@ import json
 
 import torch
 
+from ryzen_opt.measure.timing import compare
 from ryzen_opt.models import zoo
 from ryzen_opt.ops import native
-from ryzen_opt.measure.timing import compare
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.runtime import decoder_of
 

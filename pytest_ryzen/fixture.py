@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-GATE_METRICS = ("speedup", "accuracy_loss", "compression_ratio", "memory_reduction", "acceptance_rate")
+from ryzen_opt.validation.gates import METRICS
 
 
 class RyzenRecorder:
@@ -171,8 +171,8 @@ class RyzenRecorder:
         **details: Any,
     ) -> None:
         """Record any gate metric measured elsewhere (with its confidence interval if it has one)."""
-        if metric not in GATE_METRICS:
-            raise ValueError(f"unknown metric {metric!r}: the gate metrics are {', '.join(GATE_METRICS)}")
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}: the gate metrics are {', '.join(METRICS)}")
         self._add(
             metric, value, ci_low=ci_low, ci_high=ci_high, n=n, baseline=baseline, optimizer=optimizer, details=details
         )

@@ -27,9 +27,7 @@ import pytest
 from pytest_ryzen import hookspec
 from pytest_ryzen.session import (
     FINAL_REPORT,
-    GATE_MODES,
     GATES_PROPERTY,
-    MARKER_METRICS,
     RECORDS_PROPERTY,
     RyzenSession,
     evaluate_gates,
@@ -38,6 +36,7 @@ from pytest_ryzen.session import (
     profile_key,
     threshold_markers,
 )
+from ryzen_opt.validation.gates import GATE_MODES, METRICS
 
 if TYPE_CHECKING:
     import torch
@@ -45,14 +44,8 @@ if TYPE_CHECKING:
     from pytest_ryzen.fixture import RyzenRecorder
     from ryzen_opt.training.metrics import TrainingMetricsCollector
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "rocm", "mps")
-
 MARKERS: dict[str, str] = {
-    "speedup(min)": "gate: measured speedup (baseline time / candidate time) must be at least min",
-    "accuracy_loss(max)": "gate: relative top-1 accuracy loss against the reference must be at most max",
-    "compression_ratio(min)": "gate: original bytes / compressed bytes must be at least min",
-    "memory_reduction(min)": "gate: 1 - optimized/baseline memory must be at least min",
-    "acceptance_rate(min)": "gate: speculative draft acceptance rate must be at least min",
+    **{f"{name}({spec.comparison})": f"gate: {spec.meaning}" for name, spec in METRICS.items()},
     "perf": "a performance test: times code (serialized under xdist), selected with -m perf",
     "gpu": "needs a GPU device (--device=cuda or --device=rocm)",
     "slow": "takes more than a few seconds",
@@ -205,8 +198,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _configure_baselines(config: pytest.Config) -> None:
     """Check ``--ryzen-save``'s name and load ``--ryzen-compare``'s baseline now (in every xdist worker too: the
     comparison runs where the test ran), so that a typo stops the run before anything is measured."""
-    from ryzen_opt.validation import baselines
     from ryzen_opt.errors import RyzenOptError
+    from ryzen_opt.validation import baselines
 
     try:
         if config.getoption("ryzen_save"):
@@ -276,7 +269,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     gates of one kind on one test (on the function and its class or module, or stacked) are a usage error too:
     only one would be enforced, and silently picking one hides the other."""
     for item in items:
-        kinds = [m.name for m in item.iter_markers() if m.name in MARKER_METRICS]
+        kinds = [m.name for m in item.iter_markers() if m.name in METRICS]
         for kind in sorted({k for k in kinds if kinds.count(k) > 1}):
             raise pytest.UsageError(
                 f"{item.nodeid}: {kinds.count(kind)} @{kind} gates apply to this test (stacked, or on its class or "

@@ -16,21 +16,14 @@ from typing import Any
 
 import pytest
 
+from ryzen_opt.validation.gates import METRICS
+
 GATES_PROPERTY = "ryzen_gates"
 RECORDS_PROPERTY = "ryzen_records"
-GATE_MODES = ("strict", "lenient", "report")
 # The final report's file name is the project's (ini ``ryzen_final_report``); these are the other three.
 REPORT_NAMES = ("validation_report", "integration_test_report", "training_metrics_report")
 FINAL_REPORT = "final_report"
 
-# metric -> (comparison, unit, how the marker reads)
-MARKER_METRICS: dict[str, tuple[str, str]] = {
-    "speedup": ("min", "x"),
-    "accuracy_loss": ("max", "fraction"),
-    "compression_ratio": ("min", "x"),
-    "memory_reduction": ("min", "fraction"),
-    "acceptance_rate": ("min", "fraction"),
-}
 # The group of a gate recorded without ``optimizer=``.
 UNGROUPED = "ungrouped"
 # Keys a gate dict carries beyond its ValidationResult.
@@ -44,7 +37,7 @@ def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
         pytest.UsageError: wrong arguments; the message names the marker and what it accepts.
     """
     name = marker.name
-    key = "max" if MARKER_METRICS[name][0] == "max" else "min"
+    key = "max" if METRICS[name].comparison == "max" else "min"
     kwargs = dict(marker.kwargs)
     unknown = sorted(set(kwargs) - {key})
     if unknown:
@@ -81,7 +74,7 @@ def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
 
 
 def threshold_markers(item: pytest.Item) -> list[pytest.Mark]:
-    return [m for name in MARKER_METRICS for m in [item.get_closest_marker(name)] if m is not None]
+    return [m for name in METRICS for m in [item.get_closest_marker(name)] if m is not None]
 
 
 def evaluate_gates(
@@ -96,7 +89,7 @@ def evaluate_gates(
         threshold = marker_threshold(marker, thresholds)
         matching = [r for r in records if r["metric"] == marker.name]
         if not matching:
-            comparison, unit = MARKER_METRICS[marker.name]
+            comparison, unit = METRICS[marker.name].comparison, METRICS[marker.name].unit
             result = ValidationResult(
                 name=item.nodeid,
                 status=ValidationStatus.FAIL,

@@ -65,9 +65,11 @@ def _first_reason(report: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ryzen_opt.training import distributed
-    from ryzen_opt.run.pipeline import RunConfig, StageResult, run_pipeline
+    from ryzen_opt.run.config import RunConfig
+    from ryzen_opt.run.context import StageResult
+    from ryzen_opt.run.pipeline import run_pipeline
     from ryzen_opt.run.summary import gate_rows
+    from ryzen_opt.training import distributed
 
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
     overrides = {k: v for k, v in (("device", args.device), ("output_dir", args.output_dir)) if v is not None}
@@ -155,8 +157,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_bench_noise(args: argparse.Namespace) -> int:
     import torch
 
-    from ryzen_opt.measure.timing import noise_floor
     from ryzen_opt.device import resolve_device
+    from ryzen_opt.measure.timing import noise_floor
 
     device = resolve_device(args.device)
     if args.threads:

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from ryzen_opt.errors import DeviceNotAvailableError, InvalidDeviceError
+from ryzen_opt.validation.gates import DEVICE_CHOICES
 
 logger = logging.getLogger(__name__)
 
-DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "rocm", "mps")
 # CPU features that decide which kernels are fast on x86 (see CPU_BASELINES.md): VNNI for int8 dot products,
 # AVX-512 BF16 for bf16 matmuls, AMX on Sapphire Rapids and newer.
 _CPU_FLAGS_OF_INTEREST: tuple[str, ...] = (

@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ryzen_opt.measure.accuracy import AccuracyMeasurement, accuracy, greedy_agreement  # noqa: F401  (re-exported)
 from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.locking import file_lock
+from ryzen_opt.measure.accuracy import AccuracyMeasurement, accuracy, greedy_agreement  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     # A hub id is "name" or "org/name"; anything with a leading ./ ~ / or more than one separator is a path.
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name or os.path.isabs(name)
 
@@ -133,7 +133,7 @@ def load_model(
     gguf = find_gguf(local) if local.exists() else None
     if gguf is not None:
         return load_gguf(gguf, dev, torch_dtype, tokenizer=tokenizer, **from_pretrained_kwargs)
-    if local.exists() or _looks_like_path(name):
+    if local.exists() or looks_like_path(name):
         _check_local_dir(local)
         source = str(local)
         kwargs.setdefault("local_files_only", True)

@@ -41,8 +41,8 @@ from torch import nn
 
 from ryzen_opt.errors import ConfigError, ModelLoadError
 from ryzen_opt.locking import file_lock
-from ryzen_opt.validation.reports import atomic_write_json
 from ryzen_opt.training.loop import TokenBlocks, TrainConfig, evaluate, train, use_bf16_autocast
+from ryzen_opt.validation.reports import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -48,9 +48,9 @@ from torch import nn
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, ModelLoadError
 from ryzen_opt.locking import file_lock
-from ryzen_opt.validation.reports import atomic_write_json
-from ryzen_opt.runtime import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_type
 from ryzen_opt.optimizers.speculative import draft_tokens
+from ryzen_opt.runtime import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_type
+from ryzen_opt.validation.reports import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ryzen_opt.ops import native
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, RyzenOptError
+from ryzen_opt.ops import native
 from ryzen_opt.ops.quant import (
     INT4_CPU_BLOCK_ROWS,
     gather_int4_cpu,

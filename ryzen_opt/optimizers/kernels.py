@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryzen_opt import runtime
-from ryzen_opt.ops import native
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.device import cpu_info
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.ops import native
 from ryzen_opt.ops.quant import (
     PANEL,
     dequantize_int4,
@@ -335,7 +335,9 @@ class Int8Linear(_KernelLinear):
             self.register_buffer("scale_bf16", scale.to(device=weight.device, dtype=torch.bfloat16))
         elif kernel in ("native", "native-a8"):
             if weight.device.type != "cpu" or native.ops() is None:
-                raise ConfigError(f"int8 kernel {kernel!r} needs the CPU and a built ryzen_opt.ops.native (see the log)")
+                raise ConfigError(
+                    f"int8 kernel {kernel!r} needs the CPU and a built ryzen_opt.ops.native (see the log)"
+                )
         elif kernel != "dequant":
             raise ConfigError(f"int8 kernel {kernel!r}: choose one of {INT8_KERNELS[1:]}")
 

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from ryzen_opt.ops import native
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.ops import native
 from ryzen_opt.ops.quant import pack_nibbles, unpack_nibbles
 
 logger = logging.getLogger(__name__)

@@ -34,13 +34,13 @@ from typing import Any, Protocol
 
 import torch
 
-from ryzen_opt.measure.accuracy import NEAR_TIE_GAP
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, RyzenOptError
+from ryzen_opt.measure.accuracy import NEAR_TIE_GAP
+from ryzen_opt.ops.sampling import Sampler
 from ryzen_opt.optimizers.kernels import kernel_report_or_none
 from ryzen_opt.runtime import decoder_of
-from ryzen_opt.ops.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 

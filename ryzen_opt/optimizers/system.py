@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.measure.timing import SpeedupMeasurement, compare_arms, generate_workload
 from ryzen_opt.compat import cache_kwargs
-from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.measure.timing import SpeedupMeasurement, compare_arms, generate_workload
+from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 from ryzen_opt.optimizers.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer
 from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder

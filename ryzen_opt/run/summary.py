@@ -14,6 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from ryzen_opt.validation.reports import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -49,10 +52,8 @@ def _png(fig: Any, path: Path) -> str:
 
 
 def _plots(report: dict[str, Any], out: Path) -> list[tuple[str, str]]:
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     made: list[tuple[str, str]] = []
     metrics_path = out / "training_metrics_report.json"

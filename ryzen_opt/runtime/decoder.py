@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ryzen_opt.ops import native
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.ops import native
 from ryzen_opt.runtime.arch import Arch, Layer
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ryzen_opt.compat import cache_kwargs, pop_cache_kwarg
-from ryzen_opt.runtime.decoder import StaticDecoder, attends_on_storage
 from ryzen_opt.ops.sampling import Sampler
+from ryzen_opt.runtime.decoder import StaticDecoder, attends_on_storage
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ def model_dir() -> Path:
         if not (path / "config.json").is_file():
             pytest.fail(f"${MODEL_ENV} = {value!r} is not a save_pretrained directory (no config.json there)")
         return path
-    from ryzen_opt.models import zoo
     from ryzen_opt.errors import ModelLoadError
+    from ryzen_opt.models import zoo
 
     try:
         return zoo.smollm2_dir()
@@ -61,8 +61,8 @@ def tokenizer(loaded: tuple[Any, Any]) -> Any:
 @pytest.fixture(scope="session")
 def system_config(model_dir: Path) -> Any:
     """The optimizer configs the model was validated with (saved beside it by ``ryzen-opt run``), else the defaults."""
-    from ryzen_opt.run.pipeline import RunConfig
     from ryzen_opt.optimizers.system import SystemConfig
+    from ryzen_opt.run.config import RunConfig
 
     path = model_dir / SYSTEM_CONFIG_FILE
     if not path.is_file():

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from ryzen_opt.validation import reports
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.validation import reports
 
 if TYPE_CHECKING:
     import os

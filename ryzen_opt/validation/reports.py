@@ -96,7 +96,9 @@ def load_schema(name: str) -> dict[str, Any]:
 
     if name not in REPORT_SCHEMAS:
         raise ValueError(f"unknown report {name!r}: the reports are {', '.join(REPORT_SCHEMAS)}")
-    text = resources.files("ryzen_opt.validation").joinpath("schemas", f"{name}.schema.json").read_text(encoding="utf-8")
+    text = (
+        resources.files("ryzen_opt.validation").joinpath("schemas", f"{name}.schema.json").read_text(encoding="utf-8")
+    )
     return json.loads(text)
 
 

@@ -22,9 +22,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ryzen_opt.validation import reports
-from ryzen_opt.measure.timing import SpeedupMeasurement, Verdict, verdict_for
 from ryzen_opt.errors import ConfigError, RyzenOptError
+from ryzen_opt.measure.timing import SpeedupMeasurement, Verdict, verdict_for
+from ryzen_opt.validation import reports
+from ryzen_opt.validation.gates import (
+    CHECKS,
+    DEVICE_CLASSES,
+    GATE_MODES,
+    METRICS,
+    MetricSpec,  # noqa: F401  (re-exported: ryzen_opt.validation.MetricSpec)
+    is_fraction,
+    threshold_kind,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,9 +42,7 @@ else:  # pragma: no cover - Python 3.10
 
 logger = logging.getLogger(__name__)
 
-GATES = ("strict", "lenient", "report")
-DEVICE_CLASSES = ("cpu", "cuda", "rocm", "mps")
-_FRACTION_KEYS = frozenset({"kv_memory_reduction", "acceptance_rate", "accuracy_loss"})
+GATES = GATE_MODES  # the validator's name for them
 
 
 class ValidationStatus(str, Enum):
@@ -49,33 +56,6 @@ class ValidationStatus(str, Enum):
 
     def __str__(self) -> str:  # "PASS", not "ValidationStatus.PASS", in f-strings and terminal summaries
         return self.value
-
-
-class MetricSpec(NamedTuple):
-    """How a gate metric is judged: ``comparison`` "min" (actual >= threshold) or "max" (actual <= threshold)."""
-
-    comparison: str
-    unit: str
-    threshold_key: str  # the Thresholds field that holds its default
-
-
-METRICS: dict[str, MetricSpec] = {
-    "speedup": MetricSpec("min", "x", "kernel_speedup"),
-    "accuracy_loss": MetricSpec("max", "fraction", "accuracy_loss"),
-    "compression_ratio": MetricSpec("min", "x", "compression_ratio"),
-    "memory_reduction": MetricSpec("min", "fraction", "kv_memory_reduction"),
-    "acceptance_rate": MetricSpec("min", "fraction", "acceptance_rate"),
-}
-
-
-def threshold_kind(key: str) -> str | None:
-    """The metric a thresholds-profile key is a threshold of, read off its name: a key is its metric's name or ends
-    with ``_<metric>`` (``kernel_speedup``, ``kv_memory_reduction``, a user's ``attention_speedup``); ``None`` for a
-    name that says no metric (a typo such as ``kernel_sped``)."""
-    for metric in METRICS:
-        if key == metric or key.endswith("_" + metric):
-            return metric
-    return None
 
 
 # Decimals of a measured value in messages: accuracy losses live around 1e-3, everything else around 1.
@@ -339,9 +319,7 @@ def _validate_threshold(key: str, value: Any) -> float:
     number = float(value)
     if not math.isfinite(number) or number <= 0:
         raise ConfigError(f"threshold {key} must be a finite number > 0, got {value!r}")
-    if (key in _FRACTION_KEYS or METRICS.get(threshold_kind(key) or "", METRICS["speedup"]).unit == "fraction") and (
-        number > 1
-    ):
+    if is_fraction(key) and number > 1:
         raise ConfigError(f"threshold {key} is a fraction and must be in (0, 1], got {value!r}")
     return number
 
@@ -465,19 +443,6 @@ def load_thresholds(path: str | Path | None = None, device_class: str = "cpu") -
     return thresholds
 
 
-# Result name (the seed's) -> (metric, Thresholds field).
-_CHECKS = {
-    "kernel_performance": ("speedup", "kernel_speedup"),
-    "embedding_compression": ("compression_ratio", "compression_ratio"),
-    "kv_cache_optimization": ("memory_reduction", "kv_memory_reduction"),
-    "speculative_decoding": ("acceptance_rate", "acceptance_rate"),
-    "speculative_speedup": ("speedup", "speculative_speedup"),
-    "speculative_copy_speedup": ("speedup", "copy_speculative_speedup"),
-    "end_to_end_system": ("speedup", "e2e_speedup"),
-    "correctness": ("accuracy_loss", "accuracy_loss"),
-}
-
-
 class OptimizationValidator:
     """Collects checked results of real measurements and writes ``validation_report.json``.
 
@@ -491,7 +456,7 @@ class OptimizationValidator:
         self.results: list[ValidationResult] = []
 
     def _run(self, name: str, measurement: Any, **kwargs: Any) -> ValidationResult:
-        metric, key = _CHECKS[name]
+        metric, key = CHECKS[name]
         threshold = getattr(self.thresholds, key)
         return self.add(check(name, metric, measurement, threshold, device=self.device, **kwargs))
 

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ryzen_opt.training import distributed
 from ryzen_opt.errors import RyzenOptError
+from ryzen_opt.training import distributed
+from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
 from ryzen_opt.training.metrics import TrainingMetricsCollector
 from ryzen_opt.validation.reports import atomic_write_json
-from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
 
 
 class Faulty(nn.Module):

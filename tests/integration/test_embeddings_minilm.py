@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.measure.sentence_eval import compare_sentence_embeddings, load_minilm, sentences
+from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 
 pytestmark = pytest.mark.slow
 

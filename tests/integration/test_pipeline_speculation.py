@@ -14,8 +14,10 @@ import pytest
 
 from ryzen_opt.models import zoo
 from ryzen_opt.optimizers.kernels import KernelOptimizer
-from ryzen_opt.run.pipeline import RunConfig, RunContext, _speculative_workloads
 from ryzen_opt.optimizers.system import SystemConfig
+from ryzen_opt.run.config import RunConfig
+from ryzen_opt.run.context import RunContext
+from ryzen_opt.run.validation import speculative_workloads
 from ryzen_opt.validation.validator import OptimizationValidator, ValidationStatus
 
 pytestmark = pytest.mark.slow
@@ -30,7 +32,7 @@ def test_copy_heavy_and_open_sets_are_measured_and_the_copy_set_is_gated() -> No
     target = KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
     validator = OptimizationValidator()
     ctx = _context(tokenizer, spec_task_prompts=1, spec_new_tokens=16, pairs=3)
-    out = _speculative_workloads(ctx, validator, target)
+    out = speculative_workloads(ctx, validator, target)
     assert set(out) == {"copy-heavy", "open"}
     assert out["copy-heavy"]["prompts"] == len(zoo.COPY_TASKS)
     assert out["copy-heavy"]["identical"] + out["copy-heavy"]["stats"]["near_ties"] >= 1
@@ -46,6 +48,6 @@ def test_copy_heavy_and_open_sets_are_measured_and_the_copy_set_is_gated() -> No
 def test_a_target_without_a_chat_template_skips_them_with_the_reason() -> None:
     _, tokenizer = zoo.reference_model("target", "tiny")
     validator = OptimizationValidator()
-    out = _speculative_workloads(_context(tokenizer), validator, target=None)
+    out = speculative_workloads(_context(tokenizer), validator, target=None)
     assert "chat template" in out["skipped"]
     assert validator.results[-1].status is ValidationStatus.SKIPPED

@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from ryzen_opt.models import zoo
 from ryzen_opt.cli import ZOO_BARS
+from ryzen_opt.models import zoo
 
 # The default zoo trains for 10 minutes on 2 Zen 4 cores and about 30 on 2 AVX2 ones: `make test` leaves these out
 # (SmolLM2 is the reference now); `make test-zoo` runs them.

@@ -32,8 +32,8 @@ import pytest
 from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, speedup
-from ryzen_opt.models import zoo
 from ryzen_opt.measure.timing import generate_workload
+from ryzen_opt.models import zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 from ryzen_opt.optimizers.kv_cache import CachedForward
 

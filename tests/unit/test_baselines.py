@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ryzen_opt.validation import baselines
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.validation import baselines
 
 
 def _entry(value: float, half: float | None, comparison: str = "min", metric: str = "speedup") -> dict:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ryzen_opt.errors import ConfigError
 from ryzen_opt.measure import accuracy as accuracy_module
 from ryzen_opt.measure.timing import AccuracyMeasurement, MeasurementError, accuracy, greedy_agreement
-from ryzen_opt.errors import ConfigError
 from ryzen_opt.training.loop import TokenBlocks
 
 VOCAB = 64

@@ -24,6 +24,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ryzen_opt.errors import ConfigError
 from ryzen_opt.measure.timing import (
     MeasurementError,
     NoiseFloor,
@@ -36,7 +37,6 @@ from ryzen_opt.measure.timing import (
     serial_lock,
     verdict_for,
 )
-from ryzen_opt.errors import ConfigError
 
 MS = 1e-3
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ryzen_opt.run import pipeline
 from ryzen_opt.cli import main
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.run.pipeline import RunConfig
+from ryzen_opt.run import pipeline
+from ryzen_opt.run.config import RunConfig
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ryzen_opt.errors import ConfigError
 from ryzen_opt.training import distributed
 from ryzen_opt.training.distributed import SINGLE, DistInfo
-from ryzen_opt.errors import ConfigError
-from ryzen_opt.training.metrics import BatchMetric, TrainingMetricsCollector
 from ryzen_opt.training.loop import TokenBlocks, TrainConfig, train
+from ryzen_opt.training.metrics import BatchMetric, TrainingMetricsCollector
 
 SCHEMA = __import__("json").loads(
     resources.files("ryzen_opt.validation").joinpath("schemas/training_metrics_report.schema.json").read_text()

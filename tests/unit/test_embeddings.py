@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from ryzen_opt.errors import ConfigError
 from ryzen_opt.optimizers.embeddings import (
     CompressedEmbedding,
     CompressedLMHead,
@@ -30,7 +31,6 @@ from ryzen_opt.optimizers.embeddings import (
     UnsupportedEmbeddingError,
     lowrank_rank,
 )
-from ryzen_opt.errors import ConfigError
 
 
 def _llama(tied: bool, vocab: int = 320, hidden: int = 64) -> LlamaForCausalLM:

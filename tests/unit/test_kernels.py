@@ -33,8 +33,19 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ryzen_opt.ops import native
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.ops import native
+from ryzen_opt.ops.quant import (
+    gptq_int4,
+    pack_group_panels,
+    pack_int4_panels,
+    pack_int8_panels,
+    pack_nibbles,
+    unpack_group_panels,
+    unpack_int4_panels,
+    unpack_int8_panels,
+    unpack_nibbles,
+)
 from ryzen_opt.optimizers.kernels import (
     DenseLinear,
     FusedSlice,
@@ -48,17 +59,6 @@ from ryzen_opt.optimizers.kernels import (
     kernel_report,
     quantize_int4,
     quantize_int8,
-)
-from ryzen_opt.ops.quant import (
-    gptq_int4,
-    pack_group_panels,
-    pack_int4_panels,
-    pack_int8_panels,
-    pack_nibbles,
-    unpack_group_panels,
-    unpack_int4_panels,
-    unpack_int8_panels,
-    unpack_nibbles,
 )
 from ryzen_opt.runtime import decoder_of
 

@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from ryzen_opt.ops import native
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.ops import native
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.kv_cache import (
     CachedForward,

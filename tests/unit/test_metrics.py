@@ -19,9 +19,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ryzen_opt.training import metrics as metrics_mod
-from ryzen_opt.validation import reports
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.training import metrics as metrics_mod
 from ryzen_opt.training.metrics import (
     Anomaly,
     AnomalyConfig,
@@ -30,9 +29,12 @@ from ryzen_opt.training.metrics import (
     TrainingMetricsCollector,
     trainer_callback,
 )
+from ryzen_opt.validation import reports
 
 SCHEMA = json.loads(
-    resources.files("ryzen_opt.validation").joinpath("schemas/training_metrics_report.schema.json").read_text(encoding="utf-8")
+    resources.files("ryzen_opt.validation")
+    .joinpath("schemas/training_metrics_report.schema.json")
+    .read_text(encoding="utf-8")
 )
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ryzen_opt.models import loading as models
 from ryzen_opt.errors import ModelLoadError
+from ryzen_opt.models import loading as models
 from ryzen_opt.models.loading import hub_reachable, load_model, parse_dtype
 
 

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from ryzen_opt.ops import native
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.ops import native
 
 ZEN3 = {"sse2", "avx", "avx2", "fma", "f16c"}
 OLD = {"sse2", "sse4_2"}

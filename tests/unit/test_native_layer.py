@@ -28,8 +28,6 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt.ops import native
-from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer
 from ryzen_opt.ops.quant import (
     pack_group_panels,
     pack_int4_panels,
@@ -37,6 +35,8 @@ from ryzen_opt.ops.quant import (
     quantize_int4,
     quantize_int8,
 )
+from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
+from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer
 from ryzen_opt.runtime import decoder_of
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="no native kernels on this machine (see the log)")

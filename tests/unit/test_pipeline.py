@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from ryzen_opt.run import pipeline
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.run.pipeline import RunConfig, StageStatus, run_pipeline
+from ryzen_opt.run import config as run_config
+from ryzen_opt.run import context as run_context
+from ryzen_opt.run import pipeline
+from ryzen_opt.run import training as stage_training
+from ryzen_opt.run import validation as stage_validation
+from ryzen_opt.run.config import RunConfig
+from ryzen_opt.run.context import StageStatus
+from ryzen_opt.run.pipeline import run_pipeline
 from ryzen_opt.run.summary import gate_rows, write_summary
 
 
@@ -216,10 +222,10 @@ class _CharTokenizer:
         return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) % 96 for c in text]]))
 
 
-def _ctx(tmp_path: Path, **config) -> pipeline.RunContext:
+def _ctx(tmp_path: Path, **config) -> run_context.RunContext:
     import torch
 
-    ctx = pipeline.RunContext(config=RunConfig(device="cpu", output_dir=str(tmp_path), **config))
+    ctx = run_context.RunContext(config=RunConfig(device="cpu", output_dir=str(tmp_path), **config))
     ctx.device = torch.device("cpu")
     return ctx
 
@@ -252,11 +258,11 @@ def test_validation_builds_each_optimized_variant_once(tmp_path: Path, monkeypat
     blocks = torch.cat(
         [target.generate(p[None], max_new_tokens=60, min_new_tokens=60, do_sample=False) for p in prompts]
     )
-    monkeypatch.setattr(pipeline, "_heldout", lambda ctx, n: blocks)
+    monkeypatch.setattr(stage_validation, "validation_blocks", lambda ctx, n: blocks)
     ctx = _ctx(
         tmp_path,
-        model=pipeline.ModelSection(target="zoo", draft="zoo" if with_draft else "ngram"),
-        validation=pipeline.ValidationSection(prompts=1, new_tokens=8, pairs=3, accuracy_blocks=2, context_len=64),
+        model=run_config.ModelSection(target="zoo", draft="zoo" if with_draft else "ngram"),
+        validation=run_config.ValidationSection(prompts=1, new_tokens=8, pairs=3, accuracy_blocks=2, context_len=64),
         system=dataclasses.replace(RunConfig().system, compile_draft=False, compile_kernels=False),
     )
     ctx.target, ctx.draft = target, draft
@@ -264,7 +270,7 @@ def test_validation_builds_each_optimized_variant_once(tmp_path: Path, monkeypat
     embedding_calls = _count_calls(monkeypatch, EmbeddingCompressor, "apply_to_model")
     system_calls = _count_calls(monkeypatch, OptimizedSystem, "__init__")
     validator = OptimizationValidator(load_thresholds(device_class="cpu"), device=ctx.device)
-    label, data = pipeline._validate_model(ctx, validator, "target")
+    label, data = stage_validation.validate_model(ctx, validator, "target")
     # Once each: the kernels alone, the system's target (and its draft); the embeddings alone and the system's.
     assert len(kernel_calls) == (3 if with_draft else 2)
     assert len(embedding_calls) == 2
@@ -279,7 +285,7 @@ def test_validation_builds_each_optimized_variant_once(tmp_path: Path, monkeypat
     assert all(s >= 0 for s in data["seconds"].values())
     # What setup built is reused when training left the target as it was: validation builds nothing more.
     kernel_calls.clear()
-    pipeline._validate_model(ctx, validator, "target")
+    stage_validation.validate_model(ctx, validator, "target")
     assert kernel_calls == []
 
 
@@ -288,12 +294,12 @@ def test_the_fine_tune_lowers_held_out_loss_and_records_it(tmp_path: Path):
     text.write_text("def add(a, b):\n    return a + b\n\n" * 40)
     ctx = _ctx(
         tmp_path,
-        model=pipeline.ModelSection(target="zoo"),
-        training=pipeline.TrainingSection(text_files=(str(text),), steps=12, batch_size=4, block_size=32, lr=3e-3),
+        model=run_config.ModelSection(target="zoo"),
+        training=run_config.TrainingSection(text_files=(str(text),), steps=12, batch_size=4, block_size=32, lr=3e-3),
     )
     ctx.target, ctx.tokenizer = _tiny_llama(), _CharTokenizer()
     ctx.variants = object()  # built from the weights before training
-    data = pipeline._training(ctx)
+    data = stage_training.run_training(ctx)
     assert ctx.variants is None  # the target changed: validation builds the variants again
     assert data["mode"] == "fine-tune"
     assert data["heldout_after"]["loss"] < data["heldout_before"]["loss"]
@@ -318,15 +324,15 @@ def test_a_fine_tune_that_does_not_lower_held_out_loss_fails_the_stage(tmp_path:
         bf16 = training.use_bf16_autocast(config, device)
         return {"final_eval": training.evaluate(model, batches, device, bf16), "seconds": 0.0}
 
-    monkeypatch.setattr(training, "train", no_training)
+    monkeypatch.setattr(stage_training, "train", no_training)
     ctx = _ctx(
         tmp_path,
-        model=pipeline.ModelSection(target="zoo"),
-        training=pipeline.TrainingSection(text_files=(str(text),), steps=2, batch_size=2, block_size=16),
+        model=run_config.ModelSection(target="zoo"),
+        training=run_config.TrainingSection(text_files=(str(text),), steps=2, batch_size=2, block_size=16),
     )
     ctx.target, ctx.tokenizer = _tiny_llama(), _CharTokenizer()
     with pytest.raises(RyzenOptError, match=r"did not lower the held-out loss: (\d+\.\d+) before, \1 after 2 steps"):
-        pipeline._training(ctx)
+        stage_training.run_training(ctx)
 
 
 def test_the_built_in_corpus_is_the_tune_half_of_the_prose(tmp_path: Path, monkeypatch):
@@ -341,9 +347,9 @@ def test_the_built_in_corpus_is_the_tune_half_of_the_prose(tmp_path: Path, monke
         return torch.arange(40 * block_size).remainder(96).view(40, block_size)
 
     monkeypatch.setattr(zoo, "prose_blocks", prose_blocks)
-    ctx = _ctx(tmp_path, training=pipeline.TrainingSection(steps=3, batch_size=2, block_size=16, lr=3e-3))
+    ctx = _ctx(tmp_path, training=run_config.TrainingSection(steps=3, batch_size=2, block_size=16, lr=3e-3))
     ctx.target, ctx.tokenizer = _tiny_llama(), object()
-    data = pipeline._training(ctx)
+    data = stage_training.run_training(ctx)
     assert asked == [("tune", None, 16)]
-    assert data["corpus"] == pipeline.BUILTIN_CORPUS
+    assert data["corpus"] == stage_training.BUILTIN_CORPUS
     assert (data["train_blocks"], data["heldout_blocks"]) == (36, 4)

@@ -13,6 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.ops.sampling import Sampler
 from ryzen_opt.runtime import (
     SUPPORTED_MODEL_TYPES,
     StaticDecoder,
@@ -21,7 +22,6 @@ from ryzen_opt.runtime import (
     build_arch,
     decoder_of,
 )
-from ryzen_opt.ops.sampling import Sampler
 
 VOCAB = 256
 ATOL = 1e-4

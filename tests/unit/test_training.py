@@ -13,11 +13,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ryzen_opt.models import zoo
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.training.metrics import TrainingMetricsCollector
+from ryzen_opt.models import zoo
 from ryzen_opt.models.loading import load_model
 from ryzen_opt.training.loop import TokenBlocks, TrainConfig, TrainingDivergedError, lr_at, train, use_bf16_autocast
+from ryzen_opt.training.metrics import TrainingMetricsCollector
 
 
 @pytest.mark.parametrize(

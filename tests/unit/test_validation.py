@@ -18,11 +18,11 @@ import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ryzen_opt.errors import ConfigError
 from ryzen_opt.measure import timing as bench
+from ryzen_opt.measure.timing import SpeedupMeasurement
 from ryzen_opt.validation import reports
 from ryzen_opt.validation import validator as val
-from ryzen_opt.measure.timing import SpeedupMeasurement
-from ryzen_opt.errors import ConfigError
 from ryzen_opt.validation.validator import (
     DEVICE_CLASSES,
     METRICS,
@@ -37,7 +37,9 @@ from ryzen_opt.validation.validator import (
 
 S = ValidationStatus
 SCHEMA = json.loads(
-    resources.files("ryzen_opt.validation").joinpath("schemas/validation_report.schema.json").read_text(encoding="utf-8")
+    resources.files("ryzen_opt.validation")
+    .joinpath("schemas/validation_report.schema.json")
+    .read_text(encoding="utf-8")
 )
 ENV = {"device": "cpu", "git_sha": None}
 SEED_DEFAULTS = {

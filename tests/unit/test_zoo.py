@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ryzen_opt.models import zoo
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.models import zoo
 
 
 @pytest.fixture(scope="module")
