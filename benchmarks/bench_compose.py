@@ -2,7 +2,7 @@
 
     python benchmarks/bench_compose.py [--models smollm2 zoo 134m] [--prompts 4] [--pairs 6]
 
-SmolLM2 (the default) is drafted by n-gram lookup on copy prompts (``zoo.copy_prompts``: held-out prose to repeat);
+SmolLM2 (the default) is drafted by n-gram lookup on copy prompts (``corpus.copy_prompts``: held-out prose to repeat);
 the zoo target by its early-exit draft on held-out code; the random-weight 134M Llama has no draft.
 
 The same measurement as ``ryzen-opt run``'s validation stage (``ryzen_opt.optimizers.system.compose``): 32-token prompts,
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.system import compose
 from ryzen_opt.validation.reports import atomic_write_json, environment
 
@@ -35,14 +35,14 @@ def main() -> None:
             target, tokenizer = zoo.reference_model("smollm2")
             target.generation_config.eos_token_id = None
             draft = None
-            passages = zoo.prose_blocks(tokenizer, "test", blocks=args.prompts)[:, :120]
-            prompts = zoo.copy_prompts(tokenizer, passages)
+            passages = corpus.prose_blocks(tokenizer, "test", blocks=args.prompts)[:, :120]
+            prompts = corpus.copy_prompts(tokenizer, passages)
         elif name == "zoo":
             target, tokenizer = zoo.reference_model("target")
             draft, _ = zoo.reference_model("draft")
             for model in (target, draft):
                 model.generation_config.eos_token_id = None
-            blocks = zoo.heldout_blocks(tokenizer, blocks=args.prompts)
+            blocks = corpus.heldout_blocks(tokenizer, blocks=args.prompts)
             prompts = [blocks[i : i + 1, :32] for i in range(args.prompts)]
         else:
             target, draft = zoo.llama_134m(), None

@@ -44,13 +44,13 @@ def _model(name: str) -> tuple[Any, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ryzen_opt.models import zoo
+    from ryzen_opt.models import corpus, zoo
     from ryzen_opt.training import distributed
 
     if name == "smollm2":
         with distributed.main_first(distributed.current(), "convert SmolLM2 into the cache"):
             model, tok = zoo.reference_model("smollm2")
-        ids = zoo.prose_blocks(tok, "tune", blocks=None, block_size=64).flatten()
+        ids = corpus.prose_blocks(tok, "tune", blocks=None, block_size=64).flatten()
         return model, ids
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelOptimizer
 from ryzen_opt.optimizers.speculative import NGramDrafter
 from ryzen_opt.optimizers.system import SystemConfig
@@ -145,8 +145,8 @@ def replay(strategy: Lookup, prompt: list[int], answer: list[int], rows: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(zoo.CHAT_TASKS), choices=zoo.CHAT_TASKS)
-    parser.add_argument("--split", default="tune", choices=zoo.PROSE_SPLITS)
+    parser.add_argument("--tasks", nargs="+", default=list(corpus.CHAT_TASKS), choices=corpus.CHAT_TASKS)
+    parser.add_argument("--split", default="tune", choices=corpus.PROSE_SPLITS)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per task (one session per task)")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--rows", nargs="+", type=int, default=[8], help="row budgets of one verification")
@@ -163,7 +163,7 @@ def main() -> None:
     model, tokenizer = zoo.reference_model("smollm2")
     target = KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
     eos = target.generation_config.eos_token_id
-    probe = zoo.prose_blocks(tokenizer, "test", blocks=1)[:, :150]
+    probe = corpus.prose_blocks(tokenizer, "test", blocks=1)[:, :150]
     costs = {1: 1.0} | {
         t: c["cost"] for t, c in verification_costs(target, probe, list(range(2, 9)), args.cost_time).items()
     }
@@ -172,7 +172,7 @@ def main() -> None:
     )
     rows_out = []
     for task in args.tasks:
-        prompts = zoo.chat_prompts(tokenizer, task, args.split, n=args.prompts)
+        prompts = corpus.chat_prompts(tokenizer, task, args.split, n=args.prompts)
         answers = []
         for ids in prompts:
             out = target.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=eos)

@@ -28,7 +28,7 @@ import torch
 
 from ryzen_opt.measure.accuracy import MemoLogits
 from ryzen_opt.measure.timing import accuracy, compare, generate_workload
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.validation.reports import run_sections
 
@@ -53,10 +53,10 @@ def bench_accuracy(args: argparse.Namespace, results: dict[str, Any]) -> None:
     torch.set_num_threads(max(args.threads))
     if args.accuracy_model == "smollm2":
         reference, tokenizer = zoo.reference_model("smollm2")
-        blocks = zoo.prose_blocks(tokenizer, "test", blocks=args.blocks)
+        blocks = corpus.prose_blocks(tokenizer, "test", blocks=args.blocks)
     else:
         reference, tokenizer = zoo.reference_model("target")
-        blocks = zoo.heldout_blocks(tokenizer, blocks=args.blocks)
+        blocks = corpus.heldout_blocks(tokenizer, blocks=args.blocks)
     reference = MemoLogits(reference)  # the fp32 forward runs once per block, not once per setting
     name = args.accuracy_model
     print(f"\n== ratio vs accuracy, {name}, {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens")

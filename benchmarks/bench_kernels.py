@@ -38,7 +38,7 @@ import torch
 
 from ryzen_opt.measure.accuracy import MemoLogits
 from ryzen_opt.measure.timing import accuracy, compare, generate_workload, greedy_agreement, read_bandwidth_gbs
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 from ryzen_opt.runtime import decoder_of
 from ryzen_opt.validation.reports import run_sections
@@ -79,9 +79,9 @@ def accuracy_data(name: str, blocks: int) -> tuple[Any, torch.Tensor, str]:
     held-out files."""
     if name == "smollm2":
         model, tokenizer = zoo.reference_model("smollm2")
-        return model, zoo.prose_blocks(tokenizer, "test", blocks=blocks), "SmolLM2-135M, held-out prose"
+        return model, corpus.prose_blocks(tokenizer, "test", blocks=blocks), "SmolLM2-135M, held-out prose"
     model, tokenizer = zoo.reference_model("target")
-    return model, zoo.heldout_blocks(tokenizer, blocks=blocks), "zoo target, held-out files"
+    return model, corpus.heldout_blocks(tokenizer, blocks=blocks), "zoo target, held-out files"
 
 
 def bench_decode(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -240,8 +240,8 @@ def bench_compile(args: argparse.Namespace, results: dict[str, Any]) -> None:
 def bench_int4(args: argparse.Namespace, results: dict[str, Any]) -> None:
     torch.set_num_threads(max(args.threads))
     reference, tokenizer = zoo.reference_model("smollm2")
-    blocks = zoo.prose_blocks(tokenizer, "test", blocks=args.blocks)
-    calibration = zoo.prose_blocks(tokenizer, "tune", blocks=args.calibration_blocks)
+    blocks = corpus.prose_blocks(tokenizer, "test", blocks=args.blocks)
+    calibration = corpus.prose_blocks(tokenizer, "tune", blocks=args.calibration_blocks)
     memo = MemoLogits(reference)
     print(
         f"\n== int4 methods, SmolLM2-135M, {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens; GPTQ "

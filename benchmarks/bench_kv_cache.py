@@ -5,7 +5,7 @@
     python benchmarks/bench_kv_cache.py --model target       # the zoo target (fast, 6 layers)
 
 ``--model smollm2`` (the default) measures the real model: memory at 2,048 and 8,192 tokens, accuracy over prose
-documents of 2,048 tokens fed 256 at a time (held-out CPython documentation, ``zoo.prose_blocks``' test split),
+documents of 2,048 tokens fed 256 at a time (held-out CPython documentation, ``corpus.prose_blocks``' test split),
 greedy agreement on prose prompts, and a pass key planted at 90% depth of 2k and 4k tokens of prose
 (``kv_cache.passkey_prompt``: retrieved or not). ``--model target`` runs the zoo target as described below.
 
@@ -41,7 +41,7 @@ from transformers import DynamicCache
 
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.measure.timing import accuracy
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.kv_cache import (
     CachedForward,
@@ -71,8 +71,8 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 def _heldout_tokens(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
     """One long 1-D run of held-out tokens: CPython docs prose for SmolLM2, the zoo's held-out code for the target."""
     if args.model == "smollm2":
-        return zoo.prose_blocks(tokenizer, "test", blocks=None, block_size=256).reshape(-1)
-    return zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
+        return corpus.prose_blocks(tokenizer, "test", blocks=None, block_size=256).reshape(-1)
+    return corpus.heldout_blocks(tokenizer, blocks=None).reshape(-1)
 
 
 @torch.no_grad()
@@ -183,7 +183,7 @@ def bench_passkey(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """SmolLM2 answers a question: a pass key planted at 90% depth of prose, asked for at the end, must come back in
     its greedy answer through every cache the full cache retrieves it with."""
     model, tokenizer = _model(args)
-    filler = zoo.prose_texts("test")
+    filler = corpus.prose_texts("test")
     caches = [("full (DynamicCache)", lambda: DynamicCache(config=model.config))] + [
         (n, lambda c=c: KVCacheOptimizer(c).make_cache(model)) for n, c in CONFIGS.items()
     ]
@@ -209,7 +209,7 @@ def bench_logprob_probe(args: argparse.Namespace, results: dict[str, Any]) -> No
     how much more likely ``_widget_cache`` is than after a control prompt that planted another name. A cache that lost
     the plant shows the control's score (gain 0)."""
     model, tokenizer = _model(args)
-    filler = zoo.heldout_blocks(tokenizer, blocks=None).reshape(-1)
+    filler = corpus.heldout_blocks(tokenizer, blocks=None).reshape(-1)
     plant = tokenizer("_SECRET_NAME = 'frobnicate_widget_cache'\n", return_tensors="pt").input_ids
     control = tokenizer("_SECRET_NAME = 'configure_logging_handler'\n", return_tensors="pt").input_ids
     tail = tokenizer("\n_SECRET_NAME = 'frobnicate", return_tensors="pt").input_ids

@@ -25,7 +25,7 @@ ms/token, measured in the same process at the same thread count. ``match_vs_hf``
 HF fp32's: a conversion sanity check (quantized formats may diverge legitimately, sooner on random weights).
 
 **Quality against speed** (``--quality-blocks``, on by default for a pretrained model): every engine scores the same
-held-out token blocks (CPython's documentation prose, the ``test`` split of ``zoo.prose_blocks``), each block in one
+held-out token blocks (CPython's documentation prose, the ``test`` split of ``corpus.prose_blocks``), each block in one
 prompt pass (llama.cpp with ``logits_all``, ORT GenAI's prompt-pass logits), and ``ryzen_opt.measure.accuracy`` compares
 its logits with HF fp32's: top-1 agreement, KL(fp32 || engine), relative top-1 loss on the true next tokens with a
 paired-bootstrap interval, perplexity ratio. A table and a plot (KL against ms/token, ``<out>.png``) put them side
@@ -142,9 +142,9 @@ class Skip(Exception):
 
 
 def cache_root() -> Path:
-    from ryzen_opt.models import zoo
+    from ryzen_opt.models import cache as model_cache
 
-    return zoo.cache_root() / "peers"
+    return model_cache.cache_root() / "peers"
 
 
 def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
@@ -172,13 +172,13 @@ def build_134m() -> Path:
     def build(tmp: Path) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from ryzen_opt.models import zoo
+        from ryzen_opt.models import corpus, zoo
 
         logger.info("building the random-weight 134M Llama into %s", tmp)
         # The converters need a tokenizer; prompts are token ids, so a small one (ids < 1024) is enough.
-        texts = tuple(path.read_text(encoding="utf-8", errors="replace") for _, path in zoo.corpus_files()[:40])
+        texts = tuple(path.read_text(encoding="utf-8", errors="replace") for _, path in corpus.corpus_files()[:40])
         tokenizer = zoo.train_tokenizer(texts, 1024)
-        eot = tokenizer.convert_tokens_to_ids(zoo.EOT)
+        eot = tokenizer.convert_tokens_to_ids(corpus.EOT)
         torch.manual_seed(0)
         config = LlamaConfig(**CONFIG_134M, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
         model = LlamaForCausalLM(config).eval()
@@ -784,10 +784,10 @@ def heldout_blocks(model_name: str, model_dir: Path, blocks: int, block_size: in
         return "random weights: agreement with fp32 says nothing about a real model's quality (use --model smollm2)"
     from transformers import AutoTokenizer
 
-    from ryzen_opt.models import zoo
+    from ryzen_opt.models import corpus
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return zoo.prose_blocks(tokenizer, "test", blocks=blocks, block_size=block_size)
+    return corpus.prose_blocks(tokenizer, "test", blocks=blocks, block_size=block_size)
 
 
 def print_quality(rows: list[dict[str, Any]], threads: int, blocks: torch.Tensor | str) -> None:
@@ -961,7 +961,7 @@ def main() -> None:
             "heldout": blocks
             if isinstance(blocks, str)
             else f"{blocks.shape[0]} x {blocks.shape[1]} tokens of "
-            "CPython's documentation prose (zoo.prose_blocks, test split), each scored in one prompt pass",
+            "CPython's documentation prose (corpus.prose_blocks, test split), each scored in one prompt pass",
             "reference": "hf fp32",
         },
         "environment": environment(),

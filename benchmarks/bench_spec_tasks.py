@@ -1,6 +1,6 @@
 """Prompt lookup (n-gram drafting) on the chat tasks users give a small instruct model, SmolLM2-135M-Instruct.
 
-The tasks come from ``zoo.chat_prompts``: ``repeat`` a passage, correct its ``spelling``, add type hints to a
+The tasks come from ``corpus.chat_prompts``: ``repeat`` a passage, correct its ``spelling``, add type hints to a
 ``code`` snippet (answers that copy the prompt), and ``open`` questions (answers that do not). For each task, with the
 default int8 kernels (SystemConfig's) on both arms:
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ryzen_opt.measure.timing import compare
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelOptimizer
 from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import SystemConfig
@@ -78,8 +78,8 @@ def run_task(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(zoo.CHAT_TASKS), choices=zoo.CHAT_TASKS)
-    parser.add_argument("--split", default="test", choices=zoo.PROSE_SPLITS)
+    parser.add_argument("--tasks", nargs="+", default=list(corpus.CHAT_TASKS), choices=corpus.CHAT_TASKS)
+    parser.add_argument("--split", default="test", choices=corpus.PROSE_SPLITS)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per task")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
@@ -99,7 +99,7 @@ def main() -> None:
     eos = target.generation_config.eos_token_id
     rows = []
     for task in args.tasks:
-        prompts = zoo.chat_prompts(tokenizer, task, args.split, n=args.prompts)
+        prompts = corpus.chat_prompts(tokenizer, task, args.split, n=args.prompts)
         settings = itertools.product(args.stop_acceptance, args.stop_window, args.max_draft, args.min_ngram, args.match)
         for stop, window, max_draft, min_ngram, match in settings:
             config = SpecConfig(stop_acceptance=stop, stop_window=window, max_draft_tokens=max_draft)

@@ -12,7 +12,7 @@ target forward, greedy equality with the target's ``generate``, and the speedup 
 alone (paired, 95% CI). Then n-gram drafting on the same prompts, next to it.
 
 ``--model smollm2`` (the default): prompts ask the model to repeat a held-out prose passage word for word
-(``zoo.copy_prompts``: an edit or a quotation, where the context repeats); for each kernel setting (``none`` and
+(``corpus.copy_prompts``: an edit or a quotation, where the context repeats); for each kernel setting (``none`` and
 ``int8``, SystemConfig's), n-gram drafting's acceptance, tokens per target forward, greedy equality with the target's
 own ``generate``, and speedup against the target alone with the same kernels; then HF's own prompt lookup
 (``prompt_lookup_num_tokens=10``) on the plain fp32 model against HF ``generate``, next to ours.
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ryzen_opt.measure.timing import compare
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.speculative import ModelDrafter, NGramDrafter, SpecConfig, SpeculativeDecoder
 from ryzen_opt.validation.reports import atomic_write_json, environment
@@ -83,8 +83,8 @@ def _measure(
 def bench_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     target, tokenizer = zoo.reference_model("smollm2")
     target.generation_config.eos_token_id = None
-    passages = zoo.prose_blocks(tokenizer, "test", blocks=args.prompts)[:, :120]
-    prompts = zoo.copy_prompts(tokenizer, passages)
+    passages = corpus.prose_blocks(tokenizer, "test", blocks=args.prompts)[:, :120]
+    prompts = corpus.copy_prompts(tokenizer, passages)
     timed = prompts[:4]
     results: dict[str, Any] = {"benchmark": "SpeculativeDecoder, SmolLM2, n-gram", "args": vars(args), "rows": []}
     print(f"== SmolLM2-135M, n-gram drafting, {len(prompts)} copy prompts, {NEW} tokens, {args.threads} thread(s)")
@@ -135,8 +135,8 @@ CHAT = (
 
 def feature_prompts(tokenizer: Any, per_kind: int) -> dict[str, list[torch.Tensor]]:
     """Held-out prompts of three kinds (``[1, T]`` ids): prose, Python code, chat."""
-    prose = zoo.prose_blocks(tokenizer, "test", blocks=per_kind)[:, :96]
-    code_files = [path for rel, path in zoo.corpus_files() if zoo.is_heldout(rel, 10)]
+    prose = corpus.prose_blocks(tokenizer, "test", blocks=per_kind)[:, :96]
+    code_files = [path for rel, path in corpus.corpus_files() if corpus.is_heldout(rel, 10)]
     code = []
     for path in code_files[:: max(1, len(code_files) // per_kind)][:per_kind]:
         ids = tokenizer(path.read_text(errors="replace")[:2000], add_special_tokens=False)["input_ids"][:96]
@@ -151,11 +151,11 @@ def feature_prompts(tokenizer: Any, per_kind: int) -> dict[str, list[torch.Tenso
 
 @torch.no_grad()
 def bench_smollm2_feature(args: argparse.Namespace) -> dict[str, Any]:
-    from ryzen_opt.optimizers.draft import load_draft
+    from ryzen_opt.optimizers.draft import load_draft, reference_draft
 
     target, tokenizer = zoo.reference_model("smollm2")
     target.generation_config.eos_token_id = None
-    head = load_draft(args.draft) if args.draft else zoo.reference_model("smollm2-draft")[0]
+    head = load_draft(args.draft) if args.draft else reference_draft()[0]
     kinds = feature_prompts(tokenizer, args.prompts)
     results: dict[str, Any] = {"benchmark": "SpeculativeDecoder, SmolLM2, feature draft", "args": vars(args)}
     results["rows"] = []
@@ -213,7 +213,7 @@ def main() -> None:
     draft, _ = zoo.reference_model("draft")
     for model in (target, draft):
         model.generation_config.eos_token_id = None
-    blocks = zoo.heldout_blocks(tokenizer, blocks=args.prompts)
+    blocks = corpus.heldout_blocks(tokenizer, blocks=args.prompts)
     prompts = [blocks[i : i + 1, :64] for i in range(args.prompts)]
     timed = prompts[:4]
     results: dict[str, Any] = {"benchmark": "SpeculativeDecoder", "args": vars(args), "rows": []}

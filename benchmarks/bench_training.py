@@ -16,15 +16,15 @@ import torch
 from transformers import LlamaForCausalLM
 
 from ryzen_opt.measure.timing import compare
-from ryzen_opt.models import zoo
+from ryzen_opt.models import recipes, zoo
 from ryzen_opt.training.loop import make_train_step
 from ryzen_opt.validation.reports import atomic_write_json, environment
 
 
 def zoo_shaped_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    recipe = zoo.get_recipe("default")
-    return LlamaForCausalLM(zoo._llama_config(recipe, recipe.layers, 0))
+    recipe = recipes.get_recipe("default")
+    return LlamaForCausalLM(zoo.llama_config(recipe, recipe.layers, 0))
 
 
 def main() -> None:

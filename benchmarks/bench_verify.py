@@ -22,7 +22,7 @@ import json
 import torch
 
 from ryzen_opt.measure.timing import compare
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.ops import native
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.runtime import decoder_of
@@ -80,7 +80,7 @@ def main() -> None:
         raise SystemExit(f"--tokens: the fused layer verifies at most {native.SMALL_M} tokens")
     torch.set_num_threads(args.threads)
     reference, tokenizer = zoo.reference_model("smollm2")
-    prompt = zoo.prose_blocks(tokenizer, "test", blocks=1)[:, : args.position]
+    prompt = corpus.prose_blocks(tokenizer, "test", blocks=1)[:, : args.position]
     results: dict[str, object] = {"isa": args.isa or native.isa(), "threads": args.threads, "position": args.position}
     scope = native.use_isa(args.isa) if args.isa else contextlib.nullcontext()
     with scope:

@@ -6,4 +6,10 @@ X's new module. It goes in ryzen-opt 0.3.
 
 from ryzen_opt import moved
 
-__getattr__ = moved(__name__, "ryzen_opt.training.metrics")
+__getattr__ = moved(
+    __name__,
+    "ryzen_opt.training.metrics",
+    "ryzen_opt.training.records",
+    "ryzen_opt.training.anomalies",
+    "ryzen_opt.training.callback",
+)

@@ -6,4 +6,6 @@ X's new module. It goes in ryzen-opt 0.3.
 
 from ryzen_opt import moved
 
-__getattr__ = moved(__name__, "ryzen_opt.run.pipeline")
+__getattr__ = moved(
+    __name__, "ryzen_opt.run.pipeline", "ryzen_opt.run.config", "ryzen_opt.run.context", "ryzen_opt.run.report"
+)

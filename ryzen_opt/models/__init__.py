@@ -1,6 +1,6 @@
 """Loading models: local directories and the Hub through ``from_pretrained``, GGUF files, the zoo.
 
-The names of ``ryzen_opt.models.loading`` resolve from the package too, on first use (so importing one module of the
+The public names of its modules resolve from the package too, on first use (so importing one module of the
 package does not import the rest): ``from ryzen_opt.models import parse_dtype``.
 """
 
@@ -8,6 +8,7 @@ from ryzen_opt import lazy_exports
 
 _EXPORTS = {
     "parse_dtype": "ryzen_opt.models.loading",
+    "looks_like_path": "ryzen_opt.models.loading",
     "hub_reachable": "ryzen_opt.models.loading",
     "load_model": "ryzen_opt.models.loading",
     "find_gguf": "ryzen_opt.models.loading",

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ryzen_opt.device import resolve_device
 from ryzen_opt.errors import ModelLoadError
@@ -120,7 +121,6 @@ def load_model(
     Raises:
         ModelLoadError: missing or corrupt directory, or a hub id that cannot be reached; the message says what to do.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
@@ -205,7 +205,6 @@ def load_gguf(
     claims GGUF weights. Needs the ``gguf`` package; converting takes tens of seconds (the tokenizer dominates), so
     :func:`ryzen_opt.models.zoo.reference_model` converts once and caches a safetensors directory.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         import gguf  # noqa: F401

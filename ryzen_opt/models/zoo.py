@@ -21,186 +21,45 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import importlib
+import importlib.metadata as metadata
 import json
 import logging
 import os
 import shutil
 import sys
-import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass, field
-from functools import lru_cache
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import tokenizers
 import torch
 import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ryzen_opt.errors import ConfigError, ModelLoadError
 from ryzen_opt.locking import file_lock
-from ryzen_opt.training.loop import TokenBlocks, TrainConfig, evaluate, train, use_bf16_autocast
+from ryzen_opt.models.cache import cache_root, manifest_files, sha256_file, verify
+from ryzen_opt.models.corpus import EOT, corpus, encode_documents, heldout_texts, split_corpus
+from ryzen_opt.models.loading import load_gguf, load_model
+from ryzen_opt.models.recipes import Recipe, get_recipe
+from ryzen_opt.training.loop import TokenBlocks, evaluate, train, use_bf16_autocast
+from ryzen_opt.training.metrics import TrainingMetricsCollector
 from ryzen_opt.validation.reports import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 ZOO_FORMAT = 1  # bump when the on-disk layout or the training code changes meaning
-EOT = "<|endoftext|>"
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "idlelib", "lib2to3", "encodings", "__pycache__", "turtledemo"}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything that determines the zoo's weights. Its hash names the cache directory.
-
-    Attributes:
-        name: ``default`` (the reference models) or ``tiny`` (seconds, for unit tests).
-        vocab_size: BPE vocabulary. 4096 gives ~3.6 characters/token on this corpus; larger doubles the LM head.
-        block_size: training context in tokens.
-        hidden, layers, heads, kv_heads, intermediate: the target's Llama shape.
-        draft_layers: the early exit: the draft is the target's first ``draft_layers`` layers.
-        exit_loss_weight: weight of the cross-entropy at the exit (teaches the draft the data).
-        distill_weight: weight of KL(target || exit), the teacher detached (teaches the draft to agree).
-        max_train_chars: cap on training text (the tiny recipe); ``None`` uses the whole corpus.
-        heldout_every: a file is held out when ``md5(relative path) % heldout_every == 0``.
-        train: the training loop's configuration.
-        seed: weight initialisation.
-    """
-
-    name: str = "default"
-    vocab_size: int = 4096
-    block_size: int = 256
-    hidden: int = 256
-    layers: int = 6
-    heads: int = 4
-    kv_heads: int = 4
-    intermediate: int = 704
-    draft_layers: int = 2
-    exit_loss_weight: float = 0.5
-    distill_weight: float = 1.0
-    max_train_chars: int | None = None
-    heldout_every: int = 20
-    max_position_embeddings: int = 4096
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.draft_layers < self.layers:
-            raise ConfigError(f"Recipe.draft_layers = {self.draft_layers}: must be in [1, layers={self.layers})")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ConfigError(
-                f"Recipe: hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} don't divide"
-            )
-        if self.vocab_size < 260:
-            raise ConfigError(f"Recipe.vocab_size = {self.vocab_size}: byte-level BPE needs at least 257 + merges")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["train"] = self.train.to_dict()
-        return data
-
-
-RECIPES: dict[str, Recipe] = {
-    "default": Recipe(
-        name="default",
-        # 900 steps x 16 x 256 tokens = 3.7M tokens, ~1.5 passes over the corpus; ~10 min on 2 Zen 4 cores.
-        train=TrainConfig(
-            steps=900,
-            batch_size=16,
-            lr=3e-3,
-            warmup_steps=60,
-            eval_every=150,
-            eval_batches=8,
-            min_lr_ratio=0.05,
-            progress=True,
-        ),
-    ),
-    "tiny": Recipe(
-        name="tiny",
-        vocab_size=512,
-        block_size=64,
-        hidden=64,
-        layers=2,
-        heads=2,
-        kv_heads=2,
-        intermediate=128,
-        draft_layers=1,
-        max_train_chars=400_000,
-        max_position_embeddings=512,
-        train=TrainConfig(
-            steps=60, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20, eval_batches=4, progress=False
-        ),
-    ),
-}
-
-
-def get_recipe(recipe: str | Recipe) -> Recipe:
-    if isinstance(recipe, Recipe):
-        return recipe
-    if recipe not in RECIPES:
-        raise ConfigError(f"unknown zoo recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    return RECIPES[recipe]
 
 
 # ----------------------------------------------------------------------------------------------------- corpus
-
-
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _excluded(rel: Path) -> bool:
-    return any(part in _EXCLUDED_DIRS or part.startswith("test") for part in rel.parts)
-
-
-@lru_cache(maxsize=1)
-def corpus_files() -> tuple[tuple[str, Path], ...]:
-    """The stdlib ``.py`` files, sorted by relative path (tests, idlelib, lib2to3, encodings excluded)."""
-    root = stdlib_dir()
-    files = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if not _excluded(rel):
-            files.append((rel.as_posix(), path))
-    if not files:
-        raise ConfigError(f"no Python sources under {root}: the zoo's corpus is the CPython standard library")
-    return tuple(sorted(files))
-
-
-def is_heldout(relpath: str, every: int) -> bool:
-    return int(hashlib.md5(relpath.encode()).hexdigest(), 16) % every == 0
-
-
-@lru_cache(maxsize=4)
-def _corpus(heldout_every: int, max_train_chars: int | None) -> tuple[tuple[str, ...], tuple[str, ...], str]:
-    train_docs, heldout_docs = [], []
-    digest = hashlib.sha256()
-    used = 0
-    for rel, path in corpus_files():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if is_heldout(rel, heldout_every):
-            heldout_docs.append(text)
-        elif max_train_chars is None or used < max_train_chars:
-            train_docs.append(text)
-            used += len(text)
-        else:
-            continue
-        digest.update(rel.encode() + b"\0" + text.encode() + b"\0")
-    return tuple(train_docs), tuple(heldout_docs), digest.hexdigest()
-
-
-def corpus(recipe: str | Recipe = "default") -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(train_documents, heldout_documents)`` for a recipe. Deterministic: the split is by file path."""
-    r = get_recipe(recipe)
-    train_docs, heldout_docs, _ = _corpus(r.heldout_every, r.max_train_chars)
-    return train_docs, heldout_docs
-
-
-def heldout_texts(recipe: str | Recipe = "default") -> list[str]:
-    """The held-out documents: files no zoo model trained on."""
-    return list(corpus(recipe)[1])
 
 
 # --------------------------------------------------------------------------------------------------- building
@@ -208,8 +67,6 @@ def heldout_texts(recipe: str | Recipe = "default") -> list[str]:
 
 def train_tokenizer(texts: tuple[str, ...], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer (GPT-2 style), wrapped as a ``transformers`` fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -226,19 +83,7 @@ def train_tokenizer(texts: tuple[str, ...], vocab_size: int) -> Any:
     )
 
 
-def encode_documents(tokenizer: Any, docs: tuple[str, ...] | list[str]) -> torch.Tensor:
-    """One stream: each document's ids followed by the end-of-text id."""
-    eot = tokenizer.convert_tokens_to_ids(EOT)
-    ids: list[int] = []
-    # The backend tokenizer: documents are longer than any model context, and that is fine for a stream.
-    for enc in tokenizer.backend_tokenizer.encode_batch(list(docs), add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _llama_config(recipe: Recipe, layers: int, eot_id: int) -> Any:
-    from transformers import LlamaConfig
+def llama_config(recipe: Recipe, layers: int, eot_id: int) -> Any:
 
     return LlamaConfig(
         vocab_size=recipe.vocab_size,
@@ -265,7 +110,6 @@ class EarlyExitLM(nn.Module):
 
     def __init__(self, target: nn.Module, exit_layer: int, exit_loss_weight: float, distill_weight: float) -> None:
         super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         self.target = target
         self.exit_layer = exit_layer
@@ -301,9 +145,8 @@ class EarlyExitLM(nn.Module):
 
     def make_draft(self, recipe: Recipe, eot_id: int) -> nn.Module:
         """The exit as a standalone ``LlamaForCausalLM``: first layers, embedding, exit norm, tied LM head."""
-        from transformers import LlamaForCausalLM
 
-        draft = LlamaForCausalLM(_llama_config(recipe, self.exit_layer, eot_id))
+        draft = LlamaForCausalLM(llama_config(recipe, self.exit_layer, eot_id))
         state = {
             k: v
             for k, v in self.target.state_dict().items()
@@ -318,11 +161,6 @@ class EarlyExitLM(nn.Module):
         return draft.eval()
 
 
-def cache_root() -> Path:
-    """``$RYZEN_OPT_CACHE`` or ``~/.cache/ryzen_opt``."""
-    return Path(os.environ.get("RYZEN_OPT_CACHE") or Path.home() / ".cache" / "ryzen_opt").expanduser()
-
-
 def recipe_hash(recipe: Recipe) -> str:
     """Hash of what the trained zoo depends on: the recipe, the corpus content, our format, and the *major* versions of
     the libraries whose files we write.
@@ -333,10 +171,8 @@ def recipe_hash(recipe: Recipe) -> str:
       weights are a valid, trained fixture; every test measures the zoo in its own run rather than trusting stored
       numbers. Keying on them retrained the zoo (10+ minutes) after every upgrade.
     """
-    import tokenizers
-    import transformers
 
-    _, _, corpus_digest = _corpus(recipe.heldout_every, recipe.max_train_chars)
+    _, _, corpus_digest = split_corpus(recipe.heldout_every, recipe.max_train_chars)
     payload = {
         "recipe": recipe.to_dict(),
         "corpus": corpus_digest,
@@ -358,43 +194,6 @@ def recipe_hash(recipe: Recipe) -> str:
 def zoo_dir(recipe: str | Recipe = "default") -> Path:
     r = get_recipe(recipe)
     return cache_root() / "zoo" / f"{r.name}-{recipe_hash(r)[:16]}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _manifest_files(root: Path) -> dict[str, dict[str, Any]]:
-    return {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
-    }
-
-
-def verify(path: Path) -> str | None:
-    """``None`` when the cached zoo at ``path`` is complete and intact, else what is wrong."""
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        return "no manifest.json (the build did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        return f"manifest.json is unreadable ({exc})"
-    for rel, meta in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{rel} has {f.stat().st_size} bytes, manifest says {meta['size']} (truncated?)"
-        if _sha256(f) != meta["sha256"]:
-            return f"{rel} does not match its SHA-256 (corrupt)"
-    return None
 
 
 def build(recipe: str | Recipe = "default", *, force: bool = False, progress: bool | None = None) -> Path:
@@ -419,7 +218,7 @@ def build(recipe: str | Recipe = "default", *, force: bool = False, progress: bo
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             _train_into(r, tmp)
-            atomic_write_json(tmp / "manifest.json", {"recipe": r.to_dict(), "files": _manifest_files(tmp)})
+            atomic_write_json(tmp / "manifest.json", {"recipe": r.to_dict(), "files": manifest_files(tmp)})
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -428,9 +227,6 @@ def build(recipe: str | Recipe = "default", *, force: bool = False, progress: bo
 
 
 def _train_into(recipe: Recipe, out: Path) -> None:
-    from transformers import LlamaForCausalLM
-
-    from ryzen_opt.training.metrics import TrainingMetricsCollector
 
     start = time.perf_counter()
     train_docs, heldout_docs = corpus(recipe)
@@ -446,7 +242,7 @@ def _train_into(recipe: Recipe, out: Path) -> None:
     )
 
     torch.manual_seed(recipe.seed)
-    target = LlamaForCausalLM(_llama_config(recipe, recipe.layers, eot_id))
+    target = LlamaForCausalLM(llama_config(recipe, recipe.layers, eot_id))
     wrapper = EarlyExitLM(target, recipe.draft_layers, recipe.exit_loss_weight, recipe.distill_weight)
     collector = TrainingMetricsCollector(
         experiment_id=f"zoo-{recipe.name}", model="zoo-target", batch_size=recipe.train.batch_size
@@ -478,24 +274,23 @@ def reference_model(
     dtype: str | torch.dtype | None = None,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``"smollm2"`` (SmolLM2-135M-Instruct, the real reference; converted on first use),
-    ``"smollm2-draft"`` (its feature draft, :mod:`ryzen_opt.optimizers.draft`: built on first use within ``DraftConfig``'s
-    default budget of 20 minutes, then cached; pass it to ``SpeculativeDecoder(target, draft)``), or the zoo's
-    ``"target"`` or ``"draft"`` (tiny models trained here on first use; ``recipe`` picks which zoo).
+    or the zoo's ``"target"`` or ``"draft"`` (tiny models trained here on first use; ``recipe`` picks which zoo).
+    SmolLM2's feature draft is :func:`ryzen_opt.optimizers.draft.reference_draft`.
 
     The model is loaded through :func:`ryzen_opt.models.loading.load_model` (real ``from_pretrained`` on the cached
     directory), so every call returns a fresh, independent copy.
     """
-    from ryzen_opt.models.loading import load_model
-
     if kind == "smollm2":
         return load_model(smollm2_dir(), device=device, dtype=dtype)
     if kind == "smollm2-draft":
-        from transformers import AutoTokenizer
-
-        from ryzen_opt.optimizers.draft import build_draft, load_draft
-
-        root = smollm2_dir()
-        return load_draft(build_draft(root, progress=True)).to(device), AutoTokenizer.from_pretrained(root)
+        warnings.warn(
+            "reference_model('smollm2-draft') moved to ryzen_opt.optimizers.draft.reference_draft(); this form goes "
+            "in ryzen-opt 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        # lazy, by name: the draft builds on the zoo (its corpus and cache), so the zoo does not import it
+        return importlib.import_module("ryzen_opt.optimizers.draft").reference_draft(device=device)
     if kind not in ("target", "draft"):
         raise ConfigError(
             f"unknown reference model {kind!r}: choose 'smollm2', 'smollm2-draft', or the zoo's 'target' or 'draft'"
@@ -522,7 +317,6 @@ def smollm2_gguf() -> tuple[Path, str]:
     dependencies would build llama-cpp-python from source). The hash is the wheel's RECORD entry, checked against
     the file's size so that a damaged install is not taken for the model.
     """
-    import importlib.metadata as metadata
 
     try:
         dist = metadata.distribution(SMOLLM2_DIST)
@@ -537,7 +331,7 @@ def smollm2_gguf() -> tuple[Path, str]:
                 )
             if entry.hash is not None and entry.hash.mode == "sha256":  # RECORD: urlsafe base64, unpadded
                 return path, base64.urlsafe_b64decode(entry.hash.value + "==").hex()
-            return path, _sha256(path)
+            return path, sha256_file(path)
     raise ModelLoadError(f"{SMOLLM2_DIST} {dist.version} ships no {SMOLLM2_FILE}: {SMOLLM2_INSTALL}")
 
 
@@ -547,7 +341,6 @@ def smollm2_dir() -> Path:
     Keyed by the GGUF's SHA-256, written into a temporary directory and renamed into place when complete (under a
     file lock, so concurrent test workers convert once), verified by a manifest like the zoo.
     """
-    from ryzen_opt.models.loading import load_gguf
 
     gguf, digest = smollm2_gguf()
     final = cache_root() / f"smollm2-{digest[:16]}"
@@ -566,23 +359,13 @@ def smollm2_dir() -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(
-                tmp / "manifest.json", {"gguf": str(gguf), "sha256": digest, "files": _manifest_files(tmp)}
+                tmp / "manifest.json", {"gguf": str(gguf), "sha256": digest, "files": manifest_files(tmp)}
             )
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
-
-
-def heldout_blocks(tokenizer: Any, recipe: str | Recipe = "default", *, blocks: int | None = 64) -> torch.Tensor:
-    """The first ``blocks`` held-out token blocks ``[N, block_size]`` (all of them with ``None``), in corpus order.
-
-    The held-out files never reach training (split by file path), so this is what accuracy losses are measured on.
-    """
-    r = get_recipe(recipe)
-    data = TokenBlocks(encode_documents(tokenizer, heldout_texts(r)), r.block_size).blocks
-    return data if blocks is None else data[:blocks]
 
 
 # The issue's speed reference: a 134M-parameter Llama (CPU_BASELINES.md), big enough that batch-1 decode is
@@ -603,7 +386,6 @@ def llama_134m(*, seed: int = 0, device: str | torch.device = "cpu") -> nn.Modul
 
     EOS is switched off in its generation config, so a decode of N tokens always produces N tokens.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**LLAMA_134M, bos_token_id=None, eos_token_id=None, pad_token_id=0))
@@ -651,182 +433,3 @@ def evaluate_zoo(recipe: str | Recipe = "default", *, blocks: int = 64, gen_prom
 
 
 # --------------------------------------------------------------------------------- held-out prose for real models
-
-PROSE_SPLITS = ("tune", "test")
-
-
-def prose_texts(split: str = "test") -> list[str]:
-    """English prose from CPython's own documentation (``pydoc_data.topics``: the language reference's sections, about
-    465k characters, shipped with every CPython), split by topic into two disjoint halves.
-
-    ``"tune"`` is where defaults may be chosen (group sizes, calibration); ``"test"`` is where they are judged and
-    gated, so no reported accuracy was tuned on the text it is measured on.
-    """
-    from pydoc_data.topics import topics
-
-    if split not in PROSE_SPLITS:
-        raise ConfigError(f"prose split {split!r}: choose one of {PROSE_SPLITS}")
-    keys = sorted(topics)
-    start = PROSE_SPLITS.index(split)
-    return [topics[k] for k in keys[start::2]]
-
-
-def prose_blocks(
-    tokenizer: Any, split: str = "test", *, blocks: int | None = 64, block_size: int = 256
-) -> torch.Tensor:
-    """``[blocks, block_size]`` token blocks of :func:`prose_texts` for a real model's tokenizer (documents joined by
-    its end-of-sequence token), in order."""
-    sep = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in prose_texts(split):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(sep)
-    data = TokenBlocks(ids, block_size).blocks
-    if blocks is not None and blocks > len(data):
-        raise ConfigError(f"prose split {split!r} holds {len(data)} blocks of {block_size} tokens, not {blocks}")
-    return data if blocks is None else data[:blocks]
-
-
-COPY_INSTRUCTION = "Repeat the following text exactly, word for word:\n\n"
-
-
-def _chat_prompt(tokenizer: Any, content: str, caller: str) -> torch.Tensor:
-    """``[1, T]`` ids of one user turn through the tokenizer's chat template, ending where the answer starts."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError(f"{caller} needs a tokenizer with a chat template (an instruct model's)")
-    chat = [{"role": "user", "content": content}]
-    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-
-
-def copy_prompts(tokenizer: Any, passages: torch.Tensor) -> list[torch.Tensor]:
-    """``[1, T]`` chat prompts asking an instruct model to repeat each row of ``passages`` (token ids) word for word:
-    the repeated-context workload (an edit, a quotation) where n-gram drafting has something to look up. Through the
-    tokenizer's chat template, ending where the assistant's answer starts."""
-    return [_chat_prompt(tokenizer, COPY_INSTRUCTION + tokenizer.decode(row), "copy_prompts") for row in passages]
-
-
-# ------------------------------------------------------------------------------------------------ chat workloads
-# What users ask a small instruct model, by how much of the answer the prompt already holds: "repeat" a passage,
-# correct its "spelling", rewrite a "code" snippet (the answer copies most of the prompt: prompt lookup has
-# something to find), and "open" questions (it has not). Every source ships with CPython and is split in two disjoint
-# halves like the prose: "tune" chooses defaults (a drafter's stopping rule), "test" gates them.
-CHAT_TASKS = ("repeat", "spelling", "code", "open")
-COPY_TASKS = ("repeat", "spelling", "code")
-
-# Pure-Python standard-library functions of 8-24 lines with a docstring (inspect.getsource reads their files).
-_CODE_FUNCTIONS = (
-    ("textwrap", "indent"),
-    ("textwrap", "shorten"),
-    ("string", "capwords"),
-    ("shlex", "quote"),
-    ("statistics", "mean"),
-    ("statistics", "median"),
-    ("statistics", "stdev"),
-    ("statistics", "multimode"),
-    ("html", "escape"),
-    ("fnmatch", "filter"),
-    ("base64", "b64encode"),
-    ("base64", "urlsafe_b64decode"),
-    ("glob", "escape"),
-    ("urllib.parse", "urldefrag"),
-    ("urllib.parse", "urlunsplit"),
-    ("email.utils", "format_datetime"),
-    ("colorsys", "rgb_to_hsv"),
-    ("colorsys", "hsv_to_rgb"),
-    ("calendar", "monthrange"),
-    ("mimetypes", "add_type"),
-)
-
-_OPEN_QUESTIONS = (
-    "Why do leaves change colour in autumn?",
-    "What are three good habits for learning a new language?",
-    "How does a refrigerator keep food cold?",
-    "What should I pack for a weekend hiking trip?",
-    "Why is the ocean salty?",
-    "Give me some ideas for a birthday party for a ten-year-old.",
-    "What is the difference between weather and climate?",
-    "How can I sleep better at night?",
-    "What makes a good cup of coffee?",
-    "Why do cats purr?",
-    "How do airplanes stay in the air?",
-    "What are the benefits of regular exercise?",
-    "How do vaccines work?",
-    "What is a good way to start saving money?",
-    "Why do we have seasons?",
-    "Suggest a simple recipe for dinner tonight.",
-)
-
-TASK_INSTRUCTIONS = {
-    "repeat": COPY_INSTRUCTION + "{text}",
-    "spelling": "Correct the spelling mistakes in the following text. Reply with the corrected text only.\n\n{text}",
-    "code": (
-        "Rewrite this Python function with type hints added. Keep everything else unchanged.\n\n```python\n{text}```"
-    ),
-    "open": "{text}",
-}
-
-
-def _passages(split: str, words: int) -> list[str]:
-    """Paragraphs of the prose split with at least ``words`` words, cut after the last sentence that ends within their
-    first ``words`` (and past half of them), in order. A passage that stops mid-sentence reads as text to continue:
-    asked to repeat one that ended on "... the "__get__()" method. Data", SmolLM2 summarised it instead."""
-    out = []
-    for text in prose_texts(split):
-        for paragraph in text.split("\n\n"):
-            tokens = paragraph.split()
-            if len(tokens) < words or paragraph.startswith(" "):  # too short, or an indented code example
-                continue
-            ends = [i for i in range(words // 2, words) if tokens[i].rstrip("\"')\u201d").endswith((".", "?", "!"))]
-            if ends:
-                out.append(" ".join(tokens[: ends[-1] + 1]))
-    return out
-
-
-def misspell(text: str, every: int = 6) -> str:
-    """``text`` with a typo in every ``every``-th word of five or more letters: its second and third letters swapped
-    (deterministic, so a task's prompts are the same on every machine)."""
-    words = text.split(" ")
-    seen = 0
-    for i, word in enumerate(words):
-        if len(word) >= 5 and word.isalpha():
-            seen += 1
-            if seen % every == 0 and word[1] != word[2]:
-                words[i] = word[0] + word[2] + word[1] + word[3:]
-    return " ".join(words)
-
-
-def task_texts(task: str, split: str = "test", *, n: int = 8, words: int = 90) -> list[str]:
-    """The first ``n`` texts of ``task`` (one of :data:`CHAT_TASKS`) in ``split``, before the instruction."""
-    import importlib
-    import inspect
-
-    if task not in CHAT_TASKS:
-        raise ConfigError(f"chat task {task!r}: choose one of {CHAT_TASKS}")
-    if split not in PROSE_SPLITS:
-        raise ConfigError(f"split {split!r}: choose one of {PROSE_SPLITS}")
-    half = PROSE_SPLITS.index(split)
-    if task in ("repeat", "spelling"):
-        texts = _passages(split, words)
-        texts = texts[0::2] if task == "repeat" else texts[1::2]  # disjoint passages for the two tasks
-        if task == "spelling":
-            texts = [misspell(t) for t in texts]
-    elif task == "code":
-        texts = []
-        for module, name in _CODE_FUNCTIONS[half::2]:
-            try:
-                texts.append(inspect.getsource(getattr(importlib.import_module(module), name)))
-            except (OSError, TypeError, AttributeError):  # a CPython without the module's source files
-                continue
-    else:
-        texts = list(_OPEN_QUESTIONS[half::2])
-    if len(texts) < n:
-        raise ConfigError(f"chat task {task!r} has {len(texts)} texts in split {split!r}, not {n}")
-    return texts[:n]
-
-
-def chat_prompts(tokenizer: Any, task: str, split: str = "test", *, n: int = 8, words: int = 90) -> list[torch.Tensor]:
-    """``[1, T]`` chat prompts of ``task`` (see :data:`CHAT_TASKS`) through the tokenizer's chat template, ending where
-    the assistant's answer starts: the workloads speculative decoding is measured on."""
-    texts = task_texts(task, split, n=n, words=words)
-    return [_chat_prompt(tokenizer, TASK_INSTRUCTIONS[task].format(text=text), "chat_prompts") for text in texts]

@@ -44,10 +44,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError, ModelLoadError
 from ryzen_opt.locking import file_lock
+from ryzen_opt.models import corpus, zoo
+from ryzen_opt.models.cache import cache_root, manifest_files, verify
+from ryzen_opt.models.loading import load_model
+from ryzen_opt.ops import native
+from ryzen_opt.optimizers.kernels import Int8Linear
 from ryzen_opt.optimizers.speculative import draft_tokens
 from ryzen_opt.runtime import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_type
 from ryzen_opt.validation.reports import atomic_write_json
@@ -267,8 +274,6 @@ class FeatureDraft(nn.Module):
         this CPU: at one token a step the draft is bound by reading its weights (fp32: 36 MB a step for SmolLM2's,
         3.2 ms here, 83% of it in ``aten::mm``), and the target verifies every token, so the draft's rounding changes
         acceptance, never the output. Elsewhere (GPU, no compiler), the draft itself."""
-        from ryzen_opt.ops import native
-        from ryzen_opt.optimizers.kernels import Int8Linear
 
         if self.fc.weight.device.type != "cpu" or not native.preferred():
             return self
@@ -372,10 +377,9 @@ _CHAT_TEMPLATES = (
 
 
 def _chat_prompts(tokenizer: Any, count: int) -> list[list[int]]:
-    from ryzen_opt.models import zoo
 
-    names = sorted({rel.split("/")[0].removesuffix(".py") for rel, _ in zoo.corpus_files()})
-    passages = [t[:600] for t in zoo.prose_texts("tune")]
+    names = sorted({rel.split("/")[0].removesuffix(".py") for rel, _ in corpus.corpus_files()})
+    passages = [t[:600] for t in corpus.prose_texts("tune")]
     prompts = []
     for i in range(count):
         template = _CHAT_TEMPLATES[i % len(_CHAT_TEMPLATES)]
@@ -418,15 +422,14 @@ def _chat_answers(model: Any, tokenizer: Any, tokens: int, deadline: float, batc
 
 def _corpus_ids(tokenizer: Any, chat: list[list[int]], max_tokens: int) -> list[int]:
     """Chat answers, then prose and Python sources interleaved, joined by the end-of-sequence token, capped."""
-    from ryzen_opt.models import zoo
 
     sep = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in chat:
         ids.extend(doc)
         ids.append(sep)
-    prose = zoo.prose_texts("tune")
-    code = [path for rel, path in zoo.corpus_files() if not zoo.is_heldout(rel, 10)]
+    prose = corpus.prose_texts("tune")
+    code = [path for rel, path in corpus.corpus_files() if not corpus.is_heldout(rel, 10)]
     for i in range(max(len(prose), len(code))):
         for text in ([prose[i]] if i < len(prose) else []) + (
             [code[i].read_text(errors="replace")] if i < len(code) else []
@@ -503,7 +506,6 @@ def fit_head(
     curve the build reports (``curve``). A point inside one build is not what a build with that smaller budget
     gives (its learning rate has not decayed yet); it shows whether the head was still learning when time ran out.
     """
-    from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(config.seed)
     params = draft.trainable()
@@ -679,7 +681,6 @@ def _model_digest(model_dir: Path) -> str:
 
 
 def draft_dir(model_dir: Path, config: DraftConfig) -> Path:
-    from ryzen_opt.models.zoo import cache_root
 
     trained = {k: v for k, v in config.to_dict().items() if k != "probes"}  # probes measure, they do not train
     key = json.dumps({"model": _model_digest(model_dir), "config": trained, "format": DRAFT_FORMAT})
@@ -699,8 +700,6 @@ def build_draft(
     Interrupted builds (Ctrl-C included) leave nothing in the cache: the draft is written to a temporary directory
     and renamed into place when complete, under a file lock.
     """
-    from ryzen_opt.models.loading import load_model
-    from ryzen_opt.models.zoo import _manifest_files, verify
 
     config = config or DraftConfig()
     model_dir = Path(model_dir)
@@ -722,9 +721,17 @@ def build_draft(
         try:
             draft, summary = train_draft(model, tokenizer, config, progress=progress)
             save_draft(draft, tmp, {"model_dir": str(model_dir), "config": config.to_dict(), "build": summary})
-            atomic_write_json(tmp / "manifest.json", {"files": _manifest_files(tmp)})
+            atomic_write_json(tmp / "manifest.json", {"files": manifest_files(tmp)})
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def reference_draft(config: DraftConfig | None = None, *, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """``(draft, tokenizer)``: SmolLM2-135M-Instruct's feature draft (built on first use within ``config``'s budget,
+    20 minutes by default, then cached) and the target's tokenizer. Pass the draft to ``SpeculativeDecoder(target,
+    draft)``; the target is ``zoo.reference_model("smollm2")``."""
+    root = zoo.smollm2_dir()
+    return load_draft(build_draft(root, config, progress=True)).to(device), AutoTokenizer.from_pretrained(root)

@@ -84,7 +84,7 @@ class ModelSection(ConfigMixin):
 @dataclass(frozen=True)
 class TrainingSection(ConfigMixin):
     """``[training]``: fine-tune the target on ``text_files``, or, without them, on the built-in corpus (English prose
-    from CPython's documentation, ``zoo.prose_texts("tune")``: the half that accuracy is never measured on). The zoo
+    from CPython's documentation, ``corpus.prose_texts("tune")``: the half that accuracy is never measured on). The zoo
     target without ``text_files`` is not fine-tuned: its recipe's own training (cached) is what this stage reports.
 
     The text is cut into ``block_size``-token blocks; the last ``heldout_blocks`` of them (at most a tenth) are held
@@ -134,7 +134,7 @@ class ValidationSection(ConfigMixin):
     INCONCLUSIVE); with 48, 0.11% (-0.30% to 0.54%). With 32 new tokens the prompt pass weighed enough to keep all
     four at 2.8x where the perf gate measures 4.1x at 64.
 
-    ``spec_task_prompts`` chat requests per task (``zoo.chat_prompts``, "test" halves) measure speculation on a
+    ``spec_task_prompts`` chat requests per task (``corpus.chat_prompts``, "test" halves) measure speculation on a
     copy-heavy set (repeat, spelling, code: gated by ``copy_speculative_speedup``) and an open one (reported), each
     answer up to ``spec_new_tokens``; 0 leaves them out. Targets without a chat template skip them.
     """

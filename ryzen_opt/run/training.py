@@ -54,7 +54,7 @@ def fine_tune(ctx: RunContext) -> dict[str, Any]:
         corpus: Any = list(cfg.text_files)
     else:
         ctx.say(f"training: no [training] text_files; fine-tuning on the built-in corpus: {BUILTIN_CORPUS}")
-        ids = zoo.prose_blocks(ctx.tokenizer, "tune", blocks=None, block_size=cfg.block_size).flatten()
+        ids = corpus.prose_blocks(ctx.tokenizer, "tune", blocks=None, block_size=cfg.block_size).flatten()
         corpus = BUILTIN_CORPUS
     if ids.numel() < 2 * cfg.block_size:
         raise ConfigError(

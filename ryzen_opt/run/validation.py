@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ryzen_opt.measure.accuracy import MemoLogits
 from ryzen_opt.measure.timing import accuracy, compare
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kv_cache import CachedForward, KVCacheOptimizer
 from ryzen_opt.optimizers.speculative import NGramDrafter, SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import build_variants, compose
@@ -41,7 +41,7 @@ def memo_logits(model: Any, blocks: Any) -> Any:
 
 def speculative_workloads(ctx: RunContext, validator: Any, target: Any) -> dict[str, Any]:
     """N-gram speculation on chat requests, against ``target`` alone (the same kernels): a copy-heavy set (answers
-    that copy the prompt: ``zoo.COPY_TASKS``), gated (``copy_speculative_speedup``, lossless), and an open set
+    that copy the prompt: ``corpus.COPY_TASKS``), gated (``copy_speculative_speedup``, lossless), and an open set
     (questions), reported: prompt lookup pays where the answer repeats its prompt, and what it costs elsewhere is
     the other half of the claim."""
 
@@ -58,8 +58,8 @@ def speculative_workloads(ctx: RunContext, validator: Any, target: Any) -> dict[
     eos = tokenizer.eos_token_id
     n = v.spec_task_prompts
     sets = {
-        "copy-heavy": [p for task in zoo.COPY_TASKS for p in zoo.chat_prompts(tokenizer, task, "test", n=n)],
-        "open": zoo.chat_prompts(tokenizer, "open", "test", n=n),
+        "copy-heavy": [p for task in corpus.COPY_TASKS for p in corpus.chat_prompts(tokenizer, task, "test", n=n)],
+        "open": corpus.chat_prompts(tokenizer, "open", "test", n=n),
     }
     out: dict[str, Any] = {}
     for name, prompts in sets.items():
@@ -80,7 +80,7 @@ def speculative_workloads(ctx: RunContext, validator: Any, target: Any) -> dict[
             baseline_name="target alone, same kernels",
             candidate_name=f"n-gram speculation ({name})",
         )
-        tasks = zoo.COPY_TASKS if name == "copy-heavy" else ("open",)
+        tasks = corpus.COPY_TASKS if name == "copy-heavy" else ("open",)
         workload = (
             f"{name} chat requests ({', '.join(tasks)}; {v.spec_task_prompts} each, 'test' half), "
             f"up to {v.spec_new_tokens} new tokens, greedy"
@@ -280,8 +280,8 @@ def run_validation(ctx: RunContext) -> dict[str, Any]:
 
 def validation_blocks(ctx: RunContext, n: int) -> Any:
     """Held-out blocks for accuracy: the zoo's held-out files for the zoo target; for any other target, English prose
-    from CPython's docs, the half that neither training nor any default was tuned on (``zoo.prose_blocks``)."""
+    from CPython's docs, the half that neither training nor any default was tuned on (``corpus.prose_blocks``)."""
 
     if ctx.config.model.target == "zoo":
-        return zoo.heldout_blocks(ctx.tokenizer, ctx.config.zoo_recipe, blocks=n).to(ctx.device)
-    return zoo.prose_blocks(ctx.tokenizer, "test", blocks=n).to(ctx.device)
+        return corpus.heldout_blocks(ctx.tokenizer, ctx.config.zoo_recipe, blocks=n).to(ctx.device)
+    return corpus.prose_blocks(ctx.tokenizer, "test", blocks=n).to(ctx.device)

@@ -78,9 +78,9 @@ def max_positions(model: Any) -> int:
 @pytest.fixture(scope="session")
 def prose(model: Any, tokenizer: Any) -> torch.Tensor:
     """``[4, T]`` blocks of held-out English prose (CPython's docs, the half no default was tuned on)."""
-    from ryzen_opt.models import zoo
+    from ryzen_opt.models import corpus
 
-    return zoo.prose_blocks(tokenizer, "test", blocks=PROSE_BLOCKS, block_size=min(256, max_positions(model) // 2))
+    return corpus.prose_blocks(tokenizer, "test", blocks=PROSE_BLOCKS, block_size=min(256, max_positions(model) // 2))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ryzen_opt.measure.timing import accuracy, bootstrap_ci, greedy_agreement
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 
 pytestmark = pytest.mark.slow
@@ -25,13 +25,13 @@ pytestmark = pytest.mark.slow
 def target():
     model, tokenizer = zoo.reference_model("smollm2")
     model.generation_config.eos_token_id = None
-    return model, zoo.prose_blocks(tokenizer, "test", blocks=16)
+    return model, corpus.prose_blocks(tokenizer, "test", blocks=16)
 
 
 @pytest.fixture(scope="module")
 def tiny_target():
     model, tokenizer = zoo.reference_model("target", "tiny")
-    return model, zoo.heldout_blocks(tokenizer, "tiny", blocks=8)
+    return model, corpus.heldout_blocks(tokenizer, "tiny", blocks=8)
 
 
 def _prompts(blocks: torch.Tensor, n: int) -> list[torch.Tensor]:

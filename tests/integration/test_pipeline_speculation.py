@@ -12,7 +12,7 @@ import copy
 
 import pytest
 
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelOptimizer
 from ryzen_opt.optimizers.system import SystemConfig
 from ryzen_opt.run.config import RunConfig
@@ -34,7 +34,7 @@ def test_copy_heavy_and_open_sets_are_measured_and_the_copy_set_is_gated() -> No
     ctx = _context(tokenizer, spec_task_prompts=1, spec_new_tokens=16, pairs=3)
     out = speculative_workloads(ctx, validator, target)
     assert set(out) == {"copy-heavy", "open"}
-    assert out["copy-heavy"]["prompts"] == len(zoo.COPY_TASKS)
+    assert out["copy-heavy"]["prompts"] == len(corpus.COPY_TASKS)
     assert out["copy-heavy"]["identical"] + out["copy-heavy"]["stats"]["near_ties"] >= 1
     for name in out:
         assert out[name]["speedup"]["ratio"] > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder
 
@@ -24,7 +24,7 @@ def test_compiled_draft_keeps_the_targets_greedy_output() -> None:
     target = KernelOptimizer(KernelConfig(weights="none")).apply_to_model(target)
     draft = KernelOptimizer(KernelConfig(weights="none", compile=True)).apply_to_model(draft)
     decoder = SpeculativeDecoder(target, draft, SpecConfig())
-    blocks = zoo.heldout_blocks(tokenizer, "tiny", blocks=4)
+    blocks = corpus.heldout_blocks(tokenizer, "tiny", blocks=4)
     for i in range(4):
         ids = blocks[i : i + 1, :48]
         out = decoder.generate(ids, 48)

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from ryzen_opt.cli import ZOO_BARS
-from ryzen_opt.models import zoo
+from ryzen_opt.models import recipes, zoo
 
 # The default zoo trains for 10 minutes on 2 Zen 4 cores and about 30 on 2 AVX2 ones: `make test` leaves these out
 # (SmolLM2 is the reference now); `make test-zoo` runs them.
@@ -46,7 +46,7 @@ def test_build_left_a_complete_training_report() -> None:
     path = zoo.build("default")
     report = json.loads((path / "training_metrics_report.json").read_text())
     validate_report("training_metrics_report", report)
-    recipe = zoo.get_recipe("default")
+    recipe = recipes.get_recipe("default")
     assert report["statistics"]["total_batches"] == recipe.train.steps
     epochs = report["epoch_metrics"]
     assert len(epochs) == recipe.train.steps // recipe.train.eval_every

@@ -1,6 +1,6 @@
 """The reference model for every perf gate: SmolLM2-135M-Instruct, loaded once per session.
 
-Accuracy is judged on the "test" half of the held-out prose (``zoo.prose_blocks``); defaults were chosen on the
+Accuracy is judged on the "test" half of the held-out prose (``corpus.prose_blocks``); defaults were chosen on the
 "tune" half, never on this one.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def smollm2(device: torch.device) -> tuple[Any, Any]:
 @pytest.fixture(scope="session")
 def prose(smollm2: tuple[Any, Any], device: torch.device) -> torch.Tensor:
     """24 held-out blocks of 256 tokens (6,120 scored positions) of English prose, the "test" half."""
-    return zoo.prose_blocks(smollm2[1], "test", blocks=24).to(device)
+    return corpus.prose_blocks(smollm2[1], "test", blocks=24).to(device)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, speedup
 from ryzen_opt.measure.timing import generate_workload
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 from ryzen_opt.optimizers.kv_cache import CachedForward
 
@@ -74,7 +74,7 @@ def test_int8_decode_beats_hf_generate_at_2_threads(ryzen, smollm2, prose, two_t
 def test_prefill_accuracy(ryzen, smollm2, weights: str) -> None:
     reference, tokenizer = smollm2
     optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
-    blocks = zoo.prose_blocks(tokenizer, "test", blocks=72).to(reference.device)
+    blocks = corpus.prose_blocks(tokenizer, "test", blocks=72).to(reference.device)
     m = ryzen.record_accuracy(
         reference,
         optimized,

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, memory_reduction
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus
 from ryzen_opt.optimizers.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, passkey_probe, passkey_prompt
 
 pytestmark = pytest.mark.perf
@@ -49,7 +49,7 @@ def test_int8_cache_stores_less(ryzen, smollm2, context: int) -> None:
 @accuracy_loss(0.01)
 def test_int8_cache_accuracy_over_2k_token_documents(ryzen, smollm2, device: torch.device) -> None:
     model, tokenizer = smollm2
-    documents = zoo.prose_blocks(tokenizer, "test", blocks=3, block_size=2048).to(device)
+    documents = corpus.prose_blocks(tokenizer, "test", blocks=3, block_size=2048).to(device)
     optimizer = KVCacheOptimizer(CONFIG)
     m = ryzen.record_accuracy(
         CachedForward(model, lambda: DynamicCache(config=model.config), chunk=256),
@@ -66,7 +66,7 @@ def test_int8_cache_accuracy_over_2k_token_documents(ryzen, smollm2, device: tor
 @pytest.mark.parametrize("context", [2048, 4096])
 def test_pass_key_survives_the_quantized_cache(smollm2, context: int, record_property) -> None:
     model, tokenizer = smollm2
-    filler = zoo.prose_texts("test")
+    filler = corpus.prose_texts("test")
     for key in ("48213", "7391"):
         prompt = passkey_prompt(tokenizer, filler, context, key)
         full = passkey_probe(model, tokenizer, prompt, key, lambda: DynamicCache(config=model.config))

@@ -1,5 +1,5 @@
 """Perf gates of the SpeculativeDecoder on SmolLM2-135M-Instruct with n-gram drafting (prompt lookup), on the chat
-tasks of ``zoo.chat_prompts`` (held-out "test" halves; the drafter's defaults were chosen on "tune" with
+tasks of ``corpus.chat_prompts`` (held-out "test" halves; the drafter's defaults were chosen on "tune" with
 ``benchmarks/bench_spec_tasks.py --split tune``):
 
 - prompts whose answer copies the prompt: repeat a prose passage, correct its spelling, add type hints to a Python
@@ -26,7 +26,7 @@ import copy
 import pytest
 
 from pytest_ryzen import speedup
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus
 from ryzen_opt.optimizers.kernels import KernelOptimizer
 from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import SystemConfig
@@ -82,12 +82,12 @@ def _check_and_time(ryzen, target, tokenizer, prompts, label: str) -> None:
 @speedup(1.5)  # Thresholds.copy_speculative_speedup, the gate `ryzen-opt run` applies to the same prompts
 def test_ngram_drafting_pays_where_the_answer_copies_the_prompt(ryzen, target, smollm2) -> None:
     _, tokenizer = smollm2
-    prompts = [ids for task in zoo.COPY_TASKS for ids in zoo.chat_prompts(tokenizer, task, "test", n=2)]
+    prompts = [ids for task in corpus.COPY_TASKS for ids in corpus.chat_prompts(tokenizer, task, "test", n=2)]
     _check_and_time(ryzen, target, tokenizer, prompts, "repeat, spelling, code: 2 prompts each")
 
 
 @speedup(0.75)
 def test_ngram_drafting_costs_little_on_open_questions(ryzen, target, smollm2) -> None:
     _, tokenizer = smollm2
-    prompts = zoo.chat_prompts(tokenizer, "open", "test", n=3)
+    prompts = corpus.chat_prompts(tokenizer, "open", "test", n=3)
     _check_and_time(ryzen, target, tokenizer, prompts, "open questions: 3 prompts")

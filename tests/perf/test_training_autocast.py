@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from pytest_ryzen import speedup
-from ryzen_opt.models import zoo
+from ryzen_opt.models import recipes, zoo
 from ryzen_opt.training.loop import TrainConfig, make_train_step, use_bf16_autocast
 
 pytestmark = pytest.mark.perf
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.perf
 
 def _zoo_shaped(device: torch.device) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    recipe = zoo.get_recipe("default")
-    return LlamaForCausalLM(zoo._llama_config(recipe, recipe.layers, 0)).to(device)
+    recipe = recipes.get_recipe("default")
+    return LlamaForCausalLM(zoo.llama_config(recipe, recipe.layers, 0)).to(device)
 
 
 @speedup(1.3)

@@ -17,7 +17,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt.errors import ConfigError, ModelLoadError
-from ryzen_opt.models.zoo import verify
+from ryzen_opt.models.cache import verify
 from ryzen_opt.optimizers import draft as draft_mod
 from ryzen_opt.optimizers.draft import (
     DraftConfig,

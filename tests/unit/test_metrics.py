@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.training import metrics as metrics_mod
+from ryzen_opt.training.callback import trainer_callback
 from ryzen_opt.training.metrics import (
     Anomaly,
     AnomalyConfig,
     BatchMetric,
     EpochMetric,
     TrainingMetricsCollector,
-    trainer_callback,
 )
 from ryzen_opt.validation import reports
 

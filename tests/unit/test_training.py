@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, recipes, zoo
 from ryzen_opt.models.loading import load_model
 from ryzen_opt.training.loop import TokenBlocks, TrainConfig, TrainingDivergedError, lr_at, train, use_bf16_autocast
 from ryzen_opt.training.metrics import TrainingMetricsCollector
@@ -93,9 +93,9 @@ def test_trains_even_when_called_under_no_grad(tiny_data: tuple) -> None:
     from transformers import LlamaForCausalLM
 
     _, train_blocks, _ = tiny_data
-    recipe = zoo.get_recipe("tiny")
+    recipe = recipes.get_recipe("tiny")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(zoo._llama_config(recipe, recipe.layers, 0))
+    model = LlamaForCausalLM(zoo.llama_config(recipe, recipe.layers, 0))
     before = model.model.embed_tokens.weight.detach().clone()
     with torch.no_grad():
         train(model, train_blocks, dataclasses.replace(recipe.train, steps=2, eval_every=100), None)
@@ -110,13 +110,13 @@ def test_token_blocks_need_enough_tokens() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_data() -> tuple[object, TokenBlocks, TokenBlocks]:
-    recipe = zoo.get_recipe("tiny")
-    train_docs, heldout_docs = zoo.corpus(recipe)
+    recipe = recipes.get_recipe("tiny")
+    train_docs, heldout_docs = corpus.corpus(recipe)
     tok = zoo.train_tokenizer(train_docs, recipe.vocab_size)
     return (
         tok,
-        TokenBlocks(zoo.encode_documents(tok, train_docs), recipe.block_size),
-        TokenBlocks(zoo.encode_documents(tok, heldout_docs), recipe.block_size),
+        TokenBlocks(corpus.encode_documents(tok, train_docs), recipe.block_size),
+        TokenBlocks(corpus.encode_documents(tok, heldout_docs), recipe.block_size),
     )
 
 
@@ -124,9 +124,9 @@ def test_short_real_run_learns_and_reports(tiny_data: tuple, tmp_path: Path) -> 
     from transformers import LlamaForCausalLM
 
     tok, train_blocks, heldout = tiny_data
-    recipe = zoo.get_recipe("tiny")
+    recipe = recipes.get_recipe("tiny")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(zoo._llama_config(recipe, recipe.layers, 0))
+    model = LlamaForCausalLM(zoo.llama_config(recipe, recipe.layers, 0))
     config = dataclasses.replace(recipe.train, steps=80, eval_every=40, checkpoint_dir=str(tmp_path / "ckpt"))
     collector = TrainingMetricsCollector(experiment_id="short-run", model="tiny-llama", batch_size=config.batch_size)
     summary = train(model, train_blocks, config, collector, heldout=heldout)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ryzen_opt.errors import ConfigError
-from ryzen_opt.models import zoo
+from ryzen_opt.models import cache as model_cache
+from ryzen_opt.models import corpus, recipes, zoo
 
 
 @pytest.fixture(scope="module")
@@ -28,32 +29,32 @@ def built(cache: Path) -> Path:
 
 
 def test_corpus_split_is_deterministic_and_disjoint() -> None:
-    rels = [rel for rel, _ in zoo.corpus_files()]
+    rels = [rel for rel, _ in corpus.corpus_files()]
     assert rels == sorted(rels)
     assert not any(r.startswith(("test", "idlelib/", "lib2to3/", "encodings/")) for r in rels)
-    heldout = [r for r in rels if zoo.is_heldout(r, 20)]
+    heldout = [r for r in rels if corpus.is_heldout(r, 20)]
     assert 0 < len(heldout) < len(rels) / 5
-    train_docs, heldout_docs = zoo.corpus("default")
+    train_docs, heldout_docs = corpus.corpus("default")
     # The split is by file path: every file lands in exactly one side.
     assert len(heldout_docs) == len(heldout)
     assert len(train_docs) + len(heldout_docs) == len(rels)
-    assert zoo.corpus("default") == (train_docs, heldout_docs)
+    assert corpus.corpus("default") == (train_docs, heldout_docs)
 
 
 def test_unknown_names() -> None:
     with pytest.raises(ConfigError, match="unknown zoo recipe 'huge'"):
-        zoo.get_recipe("huge")
+        recipes.get_recipe("huge")
     with pytest.raises(ConfigError, match="'target' or 'draft'"):
         zoo.reference_model("teacher", "tiny")
     with pytest.raises(ConfigError, match="draft_layers"):
-        zoo.Recipe(layers=2, draft_layers=2)
+        recipes.Recipe(layers=2, draft_layers=2)
 
 
 def test_tiny_zoo_builds_loads_and_is_cached(cache: Path, built: Path) -> None:
     path = zoo.build("tiny")
     assert path == built
     assert path.parent == cache / "zoo"
-    assert zoo.verify(path) is None
+    assert model_cache.verify(path) is None
     manifest_mtime = (path / "manifest.json").stat().st_mtime_ns
     assert zoo.build("tiny") == path
     assert (path / "manifest.json").stat().st_mtime_ns == manifest_mtime, "an intact cache must not retrain"
@@ -61,7 +62,7 @@ def test_tiny_zoo_builds_loads_and_is_cached(cache: Path, built: Path) -> None:
     target, tok = zoo.reference_model("target", "tiny")
     draft, draft_tok = zoo.reference_model("draft", "tiny")
     assert tok.get_vocab() == draft_tok.get_vocab()
-    recipe = zoo.get_recipe("tiny")
+    recipe = recipes.get_recipe("tiny")
     assert target.config.num_hidden_layers == recipe.layers
     assert draft.config.num_hidden_layers == recipe.draft_layers
     # The draft is the target's early exit: same embedding (tied LM head) and first layers.
@@ -70,13 +71,13 @@ def test_tiny_zoo_builds_loads_and_is_cached(cache: Path, built: Path) -> None:
     torch.testing.assert_close(
         draft.model.layers[0].mlp.up_proj.weight, target.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0
     )
-    assert target.generation_config.eos_token_id == tok.convert_tokens_to_ids(zoo.EOT)
+    assert target.generation_config.eos_token_id == tok.convert_tokens_to_ids(corpus.EOT)
     text = "def f(x):\n    return x\n"
     assert tok.decode(tok(text).input_ids) == text  # byte-level BPE is lossless
 
 
 def test_changed_recipe_retrains_elsewhere(built: Path) -> None:
-    base = zoo.get_recipe("tiny")
+    base = recipes.get_recipe("tiny")
     changed = dataclasses.replace(base, seed=1)
     assert zoo.zoo_dir(base) != zoo.zoo_dir(changed)
     a, b = built, zoo.build(changed)
@@ -96,25 +97,25 @@ def test_truncated_weights_are_detected_and_rebuilt(built: Path) -> None:
     weights = path / "target" / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
-    assert "truncated" in (zoo.verify(path) or "")
+    assert "truncated" in (model_cache.verify(path) or "")
     assert zoo.build("tiny") == path
-    assert zoo.verify(path) is None
+    assert model_cache.verify(path) is None
     assert weights.read_bytes() == good
 
 
 def test_unfinished_build_is_rebuilt(built: Path) -> None:
     path = built
     (path / "manifest.json").unlink()  # as if killed before the manifest was written
-    assert "manifest" in (zoo.verify(path) or "")
+    assert "manifest" in (model_cache.verify(path) or "")
     zoo.build("tiny")
-    assert zoo.verify(path) is None
+    assert model_cache.verify(path) is None
 
 
 def test_cache_key_survives_minor_upgrades_but_not_major_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     import tokenizers
     import transformers
 
-    recipe = zoo.get_recipe("tiny")
+    recipe = recipes.get_recipe("tiny")
     key = zoo.recipe_hash(recipe)
     major = transformers.__version__.split(".")[0]
     monkeypatch.setattr(transformers, "__version__", f"{major}.999.0")
@@ -128,30 +129,30 @@ def test_cache_key_survives_minor_upgrades_but_not_major_ones(monkeypatch: pytes
 
 
 def test_chat_task_texts_split_into_disjoint_halves_and_bad_names_are_refused() -> None:
-    for task in zoo.CHAT_TASKS:
-        tune, test = zoo.task_texts(task, "tune", n=4), zoo.task_texts(task, "test", n=4)
+    for task in corpus.CHAT_TASKS:
+        tune, test = corpus.task_texts(task, "tune", n=4), corpus.task_texts(task, "test", n=4)
         assert len(tune) == len(test) == 4
         assert not set(tune) & set(test), task
-    repeat, spelling = zoo.task_texts("repeat", n=4), zoo.task_texts("spelling", n=4)
-    assert not set(repeat) & {zoo.misspell(t) for t in spelling}
+    repeat, spelling = corpus.task_texts("repeat", n=4), corpus.task_texts("spelling", n=4)
+    assert not set(repeat) & {corpus.misspell(t) for t in spelling}
     with pytest.raises(ConfigError, match="chat task 'poem'"):
-        zoo.task_texts("poem")
+        corpus.task_texts("poem")
     with pytest.raises(ConfigError, match="not 999"):
-        zoo.task_texts("open", n=999)
+        corpus.task_texts("open", n=999)
 
 
 def test_passages_to_repeat_end_at_a_sentence_end() -> None:
     # A passage cut mid-sentence reads as text to continue: SmolLM2 summarised one instead of repeating it.
-    for split in zoo.PROSE_SPLITS:
-        for text in zoo.task_texts("repeat", split, n=4):
+    for split in corpus.PROSE_SPLITS:
+        for text in corpus.task_texts("repeat", split, n=4):
             assert text.rstrip("\"')\u201d").endswith((".", "?", "!")), text[-40:]
             assert 45 <= len(text.split()) <= 90
 
 
 def test_misspell_swaps_letters_in_every_sixth_long_word_and_nothing_else() -> None:
     text = "alpha bravo charlie delta foxtrot hotel india juliet kilos lima mike"
-    out = zoo.misspell(text, every=2)
+    out = corpus.misspell(text, every=2)
     assert out.split()[1] == "barvo"  # the second word of five or more letters: 2nd and 3rd letters swapped
     assert out.split()[3] == "dleta"
     assert [len(w) for w in out.split()] == [len(w) for w in text.split()]
-    assert zoo.misspell(text, every=2) == out  # deterministic
+    assert corpus.misspell(text, every=2) == out  # deterministic
