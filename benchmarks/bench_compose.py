@@ -5,7 +5,8 @@
 SmolLM2 (the default) is drafted by n-gram lookup on copy prompts (``corpus.copy_prompts``: held-out prose to repeat);
 the zoo target by its early-exit draft on held-out code; the random-weight 134M Llama has no draft.
 
-The same measurement as ``ryzen-opt run``'s validation stage (``ryzen_opt.optimizers.system.compose``): 32-token prompts,
+The same measurement as ``ryzen-opt run``'s validation stage (``ryzen_opt.optimizers.system.compose``): 32-token
+prompts,
 exactly 64 new tokens, batch 1, paired ABBA samples with a 95% CI. Results go to ``benchmarks/results/compose.json``.
 """
 

@@ -5,7 +5,8 @@
     python benchmarks/bench_distributed.py --model tiny      # a 2-layer random Llama: seconds, for a smoke test
 
 Every configuration is a real job: ``python -m torch.distributed.run --standalone --nproc-per-node=N`` on this
-script's ``--worker`` mode, which fine-tunes with ``ryzen_opt.training.loop.train`` (DistributedDataParallel over gloo on
+script's ``--worker`` mode, which fine-tunes with ``ryzen_opt.training.loop.train`` (DistributedDataParallel over gloo
+on
 CPU, one thread per rank) on the built-in prose corpus and writes, from rank 0, its per-step losses and times.
 
 Sections:

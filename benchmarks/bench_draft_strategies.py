@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from ryzen_opt.models import corpus, zoo
+from ryzen_opt.optimizers.drafting import NGramDrafter
 from ryzen_opt.optimizers.kernels import KernelOptimizer
-from ryzen_opt.optimizers.speculative import NGramDrafter
 from ryzen_opt.optimizers.system import SystemConfig
 from ryzen_opt.validation.reports import atomic_write_json, environment
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.measure.accuracy import MemoLogits
-from ryzen_opt.measure.timing import accuracy, compare, generate_workload
+from ryzen_opt.measure.accuracy import MemoLogits, accuracy
+from ryzen_opt.measure.timing import compare, generate_workload
 from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.validation.reports import run_sections

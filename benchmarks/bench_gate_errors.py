@@ -4,7 +4,8 @@
     python benchmarks/bench_gate_errors.py --runs 20 --threads 2
 
 Each run is a fresh ``ryzen_opt.measure.timing.compare`` with the plugin's defaults (the gate as its threshold, adaptive
-stopping, calibrated calls per sample) and its own bootstrap seed, judged by ``ryzen_opt.validation.validator.check``, the
+stopping, calibrated calls per sample) and its own bootstrap seed, judged by ``ryzen_opt.validation.validator.check``,
+the
 function every gate uses. The work is a ``size x size`` float32 matmul.
 
 Cases (the truth is known by construction):

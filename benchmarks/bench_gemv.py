@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ryzen_opt.measure.timing import compare
-from ryzen_opt.optimizers.kernels import fbgemm_reduce_range
+from ryzen_opt.ops.linear import fbgemm_reduce_range
 from ryzen_opt.validation.reports import atomic_write_json, environment
 
 SHAPES = {  # (out, in) per model; qkv and gate/up fused as the KernelOptimizer fuses them

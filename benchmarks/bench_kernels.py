@@ -6,7 +6,8 @@
 Sections:
 - **decode**: batch 1, a 32-token prompt and exactly 64 new tokens (``min_new_tokens`` holds EOS off). Each optimized
   model against HF ``generate`` on an untouched copy (transformers' default attention, dynamic cache, fp32): paired,
-  interleaved A/B samples (``ryzen_opt.measure.timing.compare``), median ratio with a 95% bootstrap interval. Tokens/s are
+  interleaved A/B samples (``ryzen_opt.measure.timing.compare``), median ratio with a 95% bootstrap interval. Tokens/s
+  are
   end to end (prefill included, as a user sees them). The bandwidth figure uses the lean loop's own per-step time
   (prefill excluded): weight bytes read per token / seconds per token, against this machine's read bandwidth
   measured in the same run (a sum over 512 MiB).
@@ -36,8 +37,8 @@ from typing import Any
 
 import torch
 
-from ryzen_opt.measure.accuracy import MemoLogits
-from ryzen_opt.measure.timing import accuracy, compare, generate_workload, greedy_agreement, read_bandwidth_gbs
+from ryzen_opt.measure.accuracy import MemoLogits, accuracy, greedy_agreement
+from ryzen_opt.measure.timing import compare, generate_workload, read_bandwidth_gbs
 from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 from ryzen_opt.runtime import decoder_of

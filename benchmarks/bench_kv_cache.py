@@ -40,18 +40,12 @@ import torch
 from transformers import DynamicCache
 
 from ryzen_opt.compat import cache_kwargs
-from ryzen_opt.measure.timing import accuracy
+from ryzen_opt.measure.accuracy import accuracy
+from ryzen_opt.measure.decode import CachedForward
+from ryzen_opt.measure.passkey import passkey_probe, passkey_prompt
 from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.optimizers.kv_cache import (
-    CachedForward,
-    KVCacheConfig,
-    KVCacheOptimizer,
-    PeakMemory,
-    cache_bytes,
-    passkey_probe,
-    passkey_prompt,
-)
+from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer, PeakMemory, cache_bytes
 from ryzen_opt.runtime import decoder_of
 from ryzen_opt.validation.reports import run_sections
 

@@ -678,7 +678,8 @@ class _Logits(torch.nn.Module):
 
 def measure_quality(entries: list[Entry], threads: int, blocks: torch.Tensor) -> None:
     """Each engine's next-token logits on the same held-out token blocks against HF fp32's, through the one
-    ``ryzen_opt.measure.accuracy`` (top-1 loss with its paired-bootstrap interval, KL, top-1 agreement, perplexity ratio)."""
+    ``ryzen_opt.measure.accuracy`` (top-1 loss with its paired-bootstrap interval, KL, top-1 agreement, perplexity
+    ratio)."""
     from ryzen_opt.measure.accuracy import MemoLogits, accuracy
 
     hf = next((e for e in entries if e.engine == "hf" and not e.skip), None)

@@ -28,8 +28,9 @@ import torch
 
 from ryzen_opt.measure.timing import compare
 from ryzen_opt.models import corpus, zoo
+from ryzen_opt.optimizers.drafting import NGramDrafter
 from ryzen_opt.optimizers.kernels import KernelOptimizer
-from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
+from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import SystemConfig
 from ryzen_opt.validation.reports import atomic_write_json, environment
 

@@ -38,8 +38,9 @@ import torch
 
 from ryzen_opt.measure.timing import compare
 from ryzen_opt.models import corpus, zoo
+from ryzen_opt.optimizers.drafting import NGramDrafter
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
-from ryzen_opt.optimizers.speculative import ModelDrafter, NGramDrafter, SpecConfig, SpeculativeDecoder
+from ryzen_opt.optimizers.speculative import ModelDrafter, SpecConfig, SpeculativeDecoder
 from ryzen_opt.validation.reports import atomic_write_json, environment
 
 NEW = 64

@@ -3,7 +3,8 @@
 A memory-bound decoder should verify several tokens for little more than one step: the weights are read once and
 every row is computed from them. This measures it as the lean decoder runs it (``decoder_of(model).forward(ids,
 all_logits=True)``, the call the speculative decoder makes), after a prefill of ``--position`` tokens: each arm
-crops the cache back to that position and appends T tokens. Paired, interleaved samples (``ryzen_opt.measure.timing.compare``),
+crops the cache back to that position and appends T tokens. Paired, interleaved samples
+(``ryzen_opt.measure.timing.compare``),
 so the cost comes with a 95% interval; it is the inverse of the measured "speedup" of the one-token arm.
 
     python benchmarks/bench_verify.py                        # int8 and int4, T = 2, 4, 6, 8, 2 threads

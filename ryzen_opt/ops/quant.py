@@ -150,7 +150,8 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
-# The native kernels' weight layout (ryzen_opt/ops/csrc, docs/native.md): panels of PANEL output rows. Inside a panel the
+# The native kernels' weight layout (ryzen_opt/ops/csrc, docs/native.md): panels of PANEL output rows. Inside a panel
+# the
 # inputs come in steps of 4 (int8) or 8 (int4), and each step holds those inputs of the panel's 16 rows side by side:
 # 64 bytes, one 32-bit lane a row. One vector load then feeds 16 outputs at once (vpdpbusd against 4 activations
 # broadcast), so no horizontal sums are left, and every row of activations is computed from the weights read once.

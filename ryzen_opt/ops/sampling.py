@@ -1,6 +1,7 @@
 """Sampling: the one definition of the logit warping HF ``generate`` applies (temperature, then top-k, then top-p).
 
-The lean decode loop (:mod:`ryzen_opt.optimizers.kernels`) draws from it, and speculative decoding (:mod:`ryzen_opt.optimizers.speculative`)
+The lean decode loop (:mod:`ryzen_opt.optimizers.kernels`) draws from it, and speculative decoding
+(:mod:`ryzen_opt.optimizers.speculative`)
 warps both models' logits with it: its rejection sampling is lossless only when the target's distribution is exactly
 the one ``generate`` would sample from.
 """

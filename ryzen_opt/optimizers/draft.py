@@ -54,8 +54,8 @@ from ryzen_opt.models import corpus, zoo
 from ryzen_opt.models.cache import cache_root, manifest_files, verify
 from ryzen_opt.models.loading import load_model
 from ryzen_opt.ops import native
+from ryzen_opt.optimizers.drafting import draft_tokens
 from ryzen_opt.optimizers.kernels import Int8Linear
-from ryzen_opt.optimizers.speculative import draft_tokens
 from ryzen_opt.runtime import SUPPORTED_MODEL_TYPES, UnsupportedModelError, model_type
 from ryzen_opt.validation.reports import atomic_write_json
 

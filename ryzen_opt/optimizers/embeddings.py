@@ -17,7 +17,8 @@ Rules that hold for every method:
   that would grow the model before shrinking it.
 - **Every stored tensor counts** (scales, zeros, padding, factors); bytes of a tensor shared by two modules count once.
 - **No full-size rebuild on the hot path**: a lookup dequantizes only the rows asked for; the LM head runs a kernel on
-  the compressed storage (int8: :mod:`ryzen_opt.ops.native`'s fp32-activation kernel, or ``_weight_int8pack_mm`` where it
+  the compressed storage (int8: :mod:`ryzen_opt.ops.native`'s fp32-activation kernel, or ``_weight_int8pack_mm`` where
+  it
   cannot be built; int4: ``_weight_int4pack_mm_for_cpu``, with bf16 activations; low rank: two thin matmuls).
   ``dequantize()`` exists for measurement, never for ``forward``.
   On CUDA/ROCm the int8/int4 LM head dequantizes in the matmul (fused under ``torch.compile``).

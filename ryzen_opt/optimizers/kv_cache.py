@@ -25,12 +25,8 @@ Sizes are accounted from the tensors actually stored (codes, scales, zeros, the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.configs import ConfigMixin
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.measure.memory import PeakMemory, cache_bytes
 from ryzen_opt.ops import native
 from ryzen_opt.ops.quant import pack_nibbles, unpack_nibbles
 
@@ -474,108 +471,7 @@ class SinkKVCache(Cache):
         return sum(layer.stored_bytes() for layer in self.layers)
 
 
-def cache_bytes(cache: Cache) -> int:
-    """Stored bytes of any cache: ours report their own; HF layers are summed from their key/value tensors."""
-    own = getattr(cache, "stored_bytes", None)
-    if own is not None:
-        return int(own())
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 # ------------------------------------------------------------------------------------------- peak memory
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextlib.contextmanager
-def _quiet_native_output() -> Iterator[None]:
-    """Silence the profiler's native start/stop lines (kineto writes them straight to fd 1/2, past Python)."""
-    saved = []
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            saved.append((fd, os.dup(fd)))
-            os.dup2(devnull, fd)
-        os.close(devnull)
-    except OSError:  # no real file descriptors (an embedded interpreter): leave the output alone
-        pass
-    try:
-        yield
-    finally:
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-
-
-class PeakMemory:
-    """Peak bytes allocated above the start of the block, overall and after :meth:`mark` (e.g. once decode begins).
-
-    GPU: the CUDA allocator's peak. CPU: every allocation and free inside the block, traced by ``torch.profiler``
-    (``profile_memory=True``) and summed in time order: the peak of live tensor bytes. Everything measured must be
-    allocated inside the block (the profiler cannot see frees of older tensors), so a caller builds the cache inside
-    it. The resident set cannot show this peak, because the allocator reuses the pages a step freed (measured: RSS grew
-    by 20 KB across decode steps that each allocated and freed megabytes); ``rss_delta`` is kept beside it.
-    """
-
-    _MARK = "ryzen_opt.peak_memory.mark"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self.peak_after_mark = 0
-        self.rss_delta = 0
-
-    def __enter__(self) -> PeakMemory:
-        self._rss = _rss_bytes()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with _quiet_native_output():
-                self._profile.__enter__()
-        return self
-
-    def mark(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self._start)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            with torch.profiler.record_function(self._MARK):
-                pass
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_after_mark = torch.cuda.max_memory_allocated(self.device) - self._start
-            self.peak = max(self.peak, self.peak_after_mark)
-        else:
-            with _quiet_native_output():
-                self._profile.__exit__(*exc)
-            events = sorted(self._profile.events(), key=lambda e: e.time_range.start)
-            marks = [e.time_range.start for e in events if e.name == self._MARK]
-            mark = marks[0] if marks else math.inf
-            live = 0
-            for event in events:
-                live += event.self_cpu_memory_usage
-                self.peak = max(self.peak, live)
-                if event.time_range.start >= mark:
-                    self.peak_after_mark = max(self.peak_after_mark, live)
-        self.rss_delta = _rss_bytes() - self._rss
 
 
 # ------------------------------------------------------------------------------------------- optimizer
@@ -647,35 +543,6 @@ class KVCacheOptimizer:
         return result
 
 
-class CachedForward(torch.nn.Module):
-    """``model`` read through a cache: ``forward(input_ids)`` feeds the sequence ``chunk`` tokens at a time, each chunk
-    attending to what the cache stored of the previous ones, and returns every position's logits.
-
-    This is how accuracy with a KV cache is measured (docs/definitions.md, "accuracy loss"; reference = the same
-    procedure with HF's full-precision ``DynamicCache``): the logits are the ones a decode would see, quantization
-    error included, while the scoring stays teacher-forced over held-out text.
-    """
-
-    def __init__(self, model: Any, make_cache: Any, chunk: int = 32) -> None:
-        super().__init__()
-        if chunk < 1:
-            raise ConfigError(f"chunk = {chunk}: at least 1")
-        self.model = model
-        self.make_cache = make_cache
-        self.chunk = chunk
-
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> Any:
-        from types import SimpleNamespace
-
-        cache = self.make_cache()
-        logits = []
-        for start in range(0, input_ids.shape[1], self.chunk):
-            out = self.model(input_ids[:, start : start + self.chunk], **cache_kwargs(cache), use_cache=True)
-            logits.append(out.logits)
-        return SimpleNamespace(logits=torch.cat(logits, dim=1))
-
-
 def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain causal attention of new queries over ``k``/``v`` whose last ``T`` entries are the queries' own (tests)."""
     t, n = q.shape[2], k.shape[2]
@@ -684,54 +551,3 @@ def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 # ------------------------------------------------------------------------------------------ retrieval probe
-
-PASSKEY_INSTRUCTION = "There is a pass key hidden in the following text. Find it and remember it.\n\n"
-PASSKEY_QUESTION = "\n\nWhat is the pass key?"
-PASSKEY_ANSWER = "The pass key is"
-
-
-def passkey_prompt(
-    tokenizer: Any, filler: list[str], context_tokens: int, key: str, depth: float = 0.9
-) -> torch.Tensor:
-    """``[1, ~context_tokens]`` ids: ``filler`` prose with a sentence naming ``key`` planted at ``depth`` (0 = start,
-    1 = end), then the question (the pass key retrieval test of Mohtashami & Jaggi 2023). Through the tokenizer's chat
-    template when it has one (an instruct model answers a question asked as a user), ending with the answer's start.
-
-    Measured on SmolLM2-135M-Instruct with its full cache: it retrieves the key at 2k and 4k tokens with the needle at
-    depth 0.9, and not at 0.25 or 0.5 (2k): a probe of what the cache keeps has to sit where the full-precision model
-    passes, so 0.9 is the default.
-    """
-    needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
-    overhead = len(tokenizer(PASSKEY_INSTRUCTION + needle + PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
-    budget = context_tokens - overhead - 16  # the chat template's own tokens and the answer's start
-    ids: list[int] = []
-    for text in filler:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if len(ids) >= budget:
-            break
-    if len(ids) < budget:
-        raise ConfigError(f"passkey_prompt: the filler holds {len(ids)} tokens, fewer than the {budget} needed")
-    at = int(budget * depth)
-    text = tokenizer.decode(ids[:at]) + needle + tokenizer.decode(ids[at:budget])
-    question = PASSKEY_INSTRUCTION + text + PASSKEY_QUESTION
-    if getattr(tokenizer, "chat_template", None):
-        chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-        )
-        full = chat + PASSKEY_ANSWER
-    else:
-        full = question + "\n" + PASSKEY_ANSWER
-    return torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
-
-
-@torch.no_grad()
-def passkey_probe(model: Any, tokenizer: Any, prompt: torch.Tensor, key: str, make_cache: Any) -> dict[str, Any]:
-    """Greedy answer to a :func:`passkey_prompt` through the cache ``make_cache()`` builds: passed when the key is in
-    the first tokens generated."""
-    ids = prompt.to(next(model.parameters()).device)
-    new = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 2
-    out = model.generate(
-        ids, **cache_kwargs(make_cache()), max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None
-    )
-    answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return {"context_tokens": int(ids.shape[1]), "key": key, "answer": answer, "passed": key in answer}

@@ -26,11 +26,13 @@ import torch
 
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.measure.decode import CachedForward
 from ryzen_opt.measure.timing import SpeedupMeasurement, compare_arms, generate_workload
+from ryzen_opt.optimizers.drafting import NGramDrafter
 from ryzen_opt.optimizers.embeddings import CompressionConfig, EmbeddingCompressor
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
-from ryzen_opt.optimizers.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer
-from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder
+from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer
+from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.models import zoo
+from ryzen_opt.models import corpus, zoo
 from ryzen_opt.run.context import RunContext
 from ryzen_opt.run.setup import fine_tunes
 from ryzen_opt.training.loop import TokenBlocks, TrainConfig, evaluate, train, use_bf16_autocast
@@ -51,11 +51,11 @@ def fine_tune(ctx: RunContext) -> dict[str, Any]:
                 raise ConfigError(f"[training] text_files: {name!r} does not exist")
             texts.append(p.read_text(encoding="utf-8", errors="replace"))
         ids = ctx.tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-        corpus: Any = list(cfg.text_files)
+        source: Any = list(cfg.text_files)
     else:
         ctx.say(f"training: no [training] text_files; fine-tuning on the built-in corpus: {BUILTIN_CORPUS}")
         ids = corpus.prose_blocks(ctx.tokenizer, "tune", blocks=None, block_size=cfg.block_size).flatten()
-        corpus = BUILTIN_CORPUS
+        source = BUILTIN_CORPUS
     if ids.numel() < 2 * cfg.block_size:
         raise ConfigError(
             f"[training] the text holds {ids.numel()} tokens: need at least 2 blocks of {cfg.block_size} "
@@ -110,7 +110,7 @@ def fine_tune(ctx: RunContext) -> dict[str, Any]:
     after = summary["final_eval"]
     data = {
         "mode": "fine-tune",
-        "corpus": corpus,
+        "corpus": source,
         "tokens": int(ids.numel()),
         "train_blocks": len(train_blocks),
         "heldout_blocks": n_heldout,

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ryzen_opt.measure.accuracy import MemoLogits
-from ryzen_opt.measure.timing import accuracy, compare
+from ryzen_opt.measure.accuracy import MemoLogits, accuracy
+from ryzen_opt.measure.decode import CachedForward
+from ryzen_opt.measure.timing import compare
 from ryzen_opt.models import corpus, zoo
-from ryzen_opt.optimizers.kv_cache import CachedForward, KVCacheOptimizer
-from ryzen_opt.optimizers.speculative import NGramDrafter, SpeculativeDecoder, check_lossless
+from ryzen_opt.optimizers.drafting import NGramDrafter
+from ryzen_opt.optimizers.kv_cache import KVCacheOptimizer
+from ryzen_opt.optimizers.speculative import SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import build_variants, compose
 from ryzen_opt.run.context import RunContext
 from ryzen_opt.validation.validator import OptimizationValidator, load_thresholds

@@ -66,7 +66,8 @@ def _prompts(tokenizer: Any, prose: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("which", ["repeating", "prose"])
 def test_speculative_ngram_is_lossless(model: Any, tokenizer: Any, prose: torch.Tensor, system_config: Any, which):
-    from ryzen_opt.optimizers.speculative import NGramDrafter, SpeculativeDecoder
+    from ryzen_opt.optimizers.drafting import NGramDrafter
+    from ryzen_opt.optimizers.speculative import SpeculativeDecoder
 
     ids = _prompts(tokenizer, prose)[which]
     n = 24
@@ -103,7 +104,7 @@ def _check_accuracy(m: Any, what: str) -> None:
 
 
 def test_kernels_keep_accuracy(model: Any, reference: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.measure.timing import accuracy
+    from ryzen_opt.measure.accuracy import accuracy
     from ryzen_opt.optimizers.kernels import KernelOptimizer
 
     optimized = KernelOptimizer(system_config.kernels).apply_to_model(copy.deepcopy(model))
@@ -112,7 +113,7 @@ def test_kernels_keep_accuracy(model: Any, reference: Any, prose: torch.Tensor, 
 
 
 def test_embedding_compression_keeps_accuracy(model: Any, reference: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.measure.timing import accuracy
+    from ryzen_opt.measure.accuracy import accuracy
     from ryzen_opt.optimizers.embeddings import EmbeddingCompressor
 
     compressor = EmbeddingCompressor(system_config.embeddings)

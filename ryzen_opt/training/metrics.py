@@ -1,7 +1,8 @@
 """Metrics of a real training loop: per-batch and per-epoch records, statistics, anomalies and the JSON report.
 
 The seed's ``training_metrics_collector.py`` fed itself simulated numbers; this collector only ever holds what a
-training loop (ours in ``ryzen_opt.training.loop``, or a ``transformers.Trainer`` through :func:`~ryzen_opt.training.callback.trainer_callback`)
+training loop (ours in ``ryzen_opt.training.loop``, or a ``transformers.Trainer`` through
+:func:`~ryzen_opt.training.callback.trainer_callback`)
 recorded. Three rules shape it:
 
 - Recording is on the hot path, so it only appends. A loss or gradient norm given as a device tensor is kept,

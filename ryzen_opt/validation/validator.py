@@ -556,7 +556,8 @@ class OptimizationValidator:
         plugin's controller under xdist) builds the same report.
 
         Args:
-            environment: the environment block; default :func:`ryzen_opt.validation.reports.environment` for this device.
+            environment: the environment block; default :func:`ryzen_opt.validation.reports.environment` for this
+            device.
             extra: more top-level fields (e.g. the gate mode); may not replace the core ones.
 
         Returns:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ryzen_opt.measure.timing import accuracy, bootstrap_ci, greedy_agreement
+from ryzen_opt.measure.accuracy import accuracy, greedy_agreement
+from ryzen_opt.measure.stats import bootstrap_ci
 from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
 

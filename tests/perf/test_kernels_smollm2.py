@@ -32,10 +32,10 @@ import pytest
 from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, speedup
+from ryzen_opt.measure.decode import CachedForward
 from ryzen_opt.measure.timing import generate_workload
 from ryzen_opt.models import corpus
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
-from ryzen_opt.optimizers.kv_cache import CachedForward
 
 pytestmark = pytest.mark.perf
 

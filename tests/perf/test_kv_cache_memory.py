@@ -18,8 +18,10 @@ import torch
 from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, memory_reduction
+from ryzen_opt.measure.decode import CachedForward
+from ryzen_opt.measure.passkey import passkey_probe, passkey_prompt
 from ryzen_opt.models import corpus
-from ryzen_opt.optimizers.kv_cache import CachedForward, KVCacheConfig, KVCacheOptimizer, passkey_probe, passkey_prompt
+from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer
 
 pytestmark = pytest.mark.perf
 

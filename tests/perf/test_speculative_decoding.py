@@ -27,8 +27,9 @@ import pytest
 
 from pytest_ryzen import speedup
 from ryzen_opt.models import corpus
+from ryzen_opt.optimizers.drafting import NGramDrafter
 from ryzen_opt.optimizers.kernels import KernelOptimizer
-from ryzen_opt.optimizers.speculative import NGramDrafter, SpecConfig, SpeculativeDecoder, check_lossless
+from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import SystemConfig
 
 pytestmark = pytest.mark.perf

@@ -1,4 +1,5 @@
-"""ryzen_opt.measure.timing accuracy measures: accuracy loss, its paired bootstrap interval, KL, agreement, greedy agreement.
+"""ryzen_opt.measure.timing accuracy measures: accuracy loss, its paired bootstrap interval, KL, agreement, greedy
+agreement.
 
 Every model here is a tiny random Llama (vocab 64, hidden 32, 2 layers), seeded. Its weights are initialised
 with a large spread (``initializer_range=0.3``) so that its next-token distributions are peaked, and the
@@ -24,7 +25,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.measure import accuracy as accuracy_module
-from ryzen_opt.measure.timing import AccuracyMeasurement, MeasurementError, accuracy, greedy_agreement
+from ryzen_opt.measure.accuracy import AccuracyMeasurement, accuracy, greedy_agreement
+from ryzen_opt.measure.timing import MeasurementError
 from ryzen_opt.training.loop import TokenBlocks
 
 VOCAB = 64

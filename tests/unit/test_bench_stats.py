@@ -25,12 +25,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.measure.stats import bootstrap_ci
 from ryzen_opt.measure.timing import (
     MeasurementError,
     NoiseFloor,
     SpeedupMeasurement,
     Verdict,
-    bootstrap_ci,
     compare,
     noise_floor,
     read_bandwidth_gbs,

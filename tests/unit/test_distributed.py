@@ -1,4 +1,5 @@
-"""ryzen_opt.training.distributed without processes: torchrun's environment, backends, sharding, and what a single process
+"""ryzen_opt.training.distributed without processes: torchrun's environment, backends, sharding, and what a single
+process
 sees (every helper a no-op). The multi-process behaviour is in tests/integration/test_distributed_torchrun.py."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The feature draft (``ryzen_opt.optimizers.draft``): its cache, losslessness in SpeculativeDecoder, training, the build cache.
+"""The feature draft (``ryzen_opt.optimizers.draft``): its cache, losslessness in SpeculativeDecoder, training, the
+build cache.
 
 Why exact checks hold: the draft only proposes; the target verifies every token, so greedy output equals the target's
 own whatever the draft says (up to counted near-ties). The incremental-versus-whole check is fp32 attention over the

@@ -36,11 +36,14 @@ from transformers import (
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.ops import native
 from ryzen_opt.ops.quant import (
+    dequantize_int4,
     gptq_int4,
     pack_group_panels,
     pack_int4_panels,
     pack_int8_panels,
     pack_nibbles,
+    quantize_int4,
+    quantize_int8,
     unpack_group_panels,
     unpack_int4_panels,
     unpack_int8_panels,
@@ -54,11 +57,8 @@ from ryzen_opt.optimizers.kernels import (
     KernelConfig,
     KernelOptimizer,
     UnsupportedModelError,
-    dequantize_int4,
     iter_kernel_modules,
     kernel_report,
-    quantize_int4,
-    quantize_int8,
 )
 from ryzen_opt.runtime import decoder_of
 

@@ -19,10 +19,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.measure.decode import CachedForward
 from ryzen_opt.ops import native
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.kv_cache import (
-    CachedForward,
     KVCacheConfig,
     KVCacheOptimizer,
     QuantizedKVCache,

@@ -1,4 +1,5 @@
-"""ryzen_opt.training.metrics: recording without device syncs, statistics, anomaly detection, the report and the HF callback."""
+"""ryzen_opt.training.metrics: recording without device syncs, statistics, anomaly detection, the report and the HF
+callback."""
 
 from __future__ import annotations
 

@@ -338,7 +338,7 @@ def test_a_fine_tune_that_does_not_lower_held_out_loss_fails_the_stage(tmp_path:
 def test_the_built_in_corpus_is_the_tune_half_of_the_prose(tmp_path: Path, monkeypatch):
     import torch
 
-    from ryzen_opt.models import zoo
+    from ryzen_opt.models import corpus
 
     asked = []
 
@@ -346,7 +346,7 @@ def test_the_built_in_corpus_is_the_tune_half_of_the_prose(tmp_path: Path, monke
         asked.append((split, blocks, block_size))
         return torch.arange(40 * block_size).remainder(96).view(40, block_size)
 
-    monkeypatch.setattr(zoo, "prose_blocks", prose_blocks)
+    monkeypatch.setattr(corpus, "prose_blocks", prose_blocks)
     ctx = _ctx(tmp_path, training=run_config.TrainingSection(steps=3, batch_size=2, block_size=16, lr=3e-3))
     ctx.target, ctx.tokenizer = _tiny_llama(), object()
     data = stage_training.run_training(ctx)

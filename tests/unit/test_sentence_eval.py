@@ -1,4 +1,5 @@
-"""ryzen_opt.measure.sentence_eval without the real model: a tiny random BertModel and fake encoders of known geometry."""
+"""ryzen_opt.measure.sentence_eval without the real model: a tiny random BertModel and fake encoders of known
+geometry."""
 
 from __future__ import annotations
 

@@ -20,16 +20,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ryzen_opt.compat import cache_kwargs
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.optimizers.drafting import NGramDrafter
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.kv_cache import KVCacheConfig, KVCacheOptimizer
-from ryzen_opt.optimizers.speculative import (
-    ModelDrafter,
-    NGramDrafter,
-    SpecConfig,
-    SpecStats,
-    SpeculativeDecoder,
-    rejection_sample,
-)
+from ryzen_opt.optimizers.speculative import ModelDrafter, SpecConfig, SpecStats, SpeculativeDecoder, rejection_sample
 
 VOCAB = 64
 

@@ -1,4 +1,5 @@
-"""ryzen_opt.validation.validator: the three-state check, gates, thresholds and profiles, the validator and its report."""
+"""ryzen_opt.validation.validator: the three-state check, gates, thresholds and profiles, the validator and its
+report."""
 
 from __future__ import annotations
 
