@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ryzen_opt.measure.accuracy import accuracy
+from ryzen_opt.measure.timing import compare as paired_compare
 from ryzen_opt.validation.gates import METRICS
 
 
@@ -47,13 +49,13 @@ class RyzenRecorder:
         The threshold defaults to this test's ``speedup`` marker. Under xdist the sampling holds a cross-process
         lock so that two perf tests never time at once; the record notes how long it waited.
         """
-        from ryzen_opt.measure.timing import compare
-
         kwargs.setdefault("threshold", self.thresholds.get("speedup"))
         kwargs.setdefault("device", self.device)
         if self.lock:
             kwargs.setdefault("lock", True)
-        measurement = compare(baseline, candidate, baseline_name=baseline_name, candidate_name=candidate_name, **kwargs)
+        measurement = paired_compare(
+            baseline, candidate, baseline_name=baseline_name, candidate_name=candidate_name, **kwargs
+        )
         self._add(
             "speedup",
             measurement.ratio,
@@ -85,12 +87,11 @@ class RyzenRecorder:
         optimizer: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Measure (``ryzen_opt.bench.accuracy``) or take an ``AccuracyMeasurement``; records ``accuracy_loss``."""
+        """Measure (``ryzen_opt.measure.accuracy.accuracy``) or take an ``AccuracyMeasurement``; records
+        ``accuracy_loss``."""
         if measurement is None:
             if reference is None or candidate is None or data is None:
                 raise TypeError("record_accuracy needs reference, candidate and data, or measurement=")
-            from ryzen_opt.measure.accuracy import accuracy
-
             measurement = accuracy(reference, candidate, data, device=self.device, **kwargs)
         self._add(
             "accuracy_loss",

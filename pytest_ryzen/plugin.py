@@ -36,7 +36,12 @@ from pytest_ryzen.session import (
     profile_key,
     threshold_markers,
 )
+from ryzen_opt.errors import RyzenOptError
+from ryzen_opt.training.metrics import TrainingMetricsCollector
+from ryzen_opt.validation import baselines
 from ryzen_opt.validation.gates import GATE_MODES, METRICS
+from ryzen_opt.validation.reports import atomic_write_json, environment
+from ryzen_opt.validation.validator import load_thresholds
 
 if TYPE_CHECKING:
     import torch
@@ -198,9 +203,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def _configure_baselines(config: pytest.Config) -> None:
     """Check ``--ryzen-save``'s name and load ``--ryzen-compare``'s baseline now (in every xdist worker too: the
     comparison runs where the test ran), so that a typo stops the run before anything is measured."""
-    from ryzen_opt.errors import RyzenOptError
-    from ryzen_opt.validation import baselines
-
     try:
         if config.getoption("ryzen_save"):
             baselines.check_name(config.getoption("ryzen_save"))
@@ -229,8 +231,8 @@ def _check_report_dir(out: Path) -> None:
 
 
 def _resolve(spec: str) -> torch.device:
+    # lazy: imports torch, and the plugin loads without torch
     from ryzen_opt.device import resolve_device
-    from ryzen_opt.errors import RyzenOptError
 
     try:
         return resolve_device(spec)
@@ -247,9 +249,8 @@ def _session_device(config: pytest.Config) -> torch.device:
 
 
 def _load_thresholds(config: pytest.Config, profile: str | None = None) -> Any:
+    # lazy: imports torch, and the plugin loads without torch
     from ryzen_opt.device import device_class
-    from ryzen_opt.errors import RyzenOptError
-    from ryzen_opt.validation.validator import load_thresholds
 
     cls = device_class(_session_device(config))
     try:
@@ -308,6 +309,7 @@ def ryzen_thresholds(pytestconfig: pytest.Config) -> Any:
 def ryzen(request: pytest.FixtureRequest, device: torch.device) -> RyzenRecorder:
     """Measure and record: ``compare``, ``record``, ``record_accuracy``, ``record_compression``, ``record_memory``,
     ``record_acceptance``. The test's threshold markers are checked against these records after it runs."""
+    # lazy: imports torch, and the plugin loads without torch
     from pytest_ryzen.fixture import RyzenRecorder
 
     thresholds = {
@@ -324,8 +326,6 @@ def ryzen(request: pytest.FixtureRequest, device: torch.device) -> RyzenRecorder
 def training_metrics(request: pytest.FixtureRequest) -> Iterator[TrainingMetricsCollector]:
     """A ``TrainingMetricsCollector`` for this test; at session end all of them merge into
     ``training_metrics_report.json``."""
-    from ryzen_opt.training.metrics import TrainingMetricsCollector
-
     collector = TrainingMetricsCollector(experiment_id=request.node.nodeid)
     yield collector
     session = request.config.stash[_SESSION_KEY]
@@ -363,8 +363,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _compare_with_baseline(gates: list[dict[str, Any]], baseline: dict[str, Any], mode: str) -> list[str]:
     """Attach each gate's comparison with the stored measurement (``gate["baseline_compare"]``); the failure lines
     of those that regressed (none under ``--ryzen-gate=report``, which records only)."""
-    from ryzen_opt.validation import baselines
-
     measured = [g for g in gates if g.get("actual") is not None]
     comparisons = baselines.compare(baseline["entries"], [baselines.entry_from_gate(g) for g in measured], gone=False)
     lines = []
@@ -448,7 +446,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if exitstatus == pytest.ExitCode.USAGE_ERROR:
         return
-    from ryzen_opt.validation.reports import atomic_write_json, environment
 
     env = environment(_session_device(config))
     out = report_dir(config)
@@ -460,8 +457,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ryzen.written = out
     save = config.getoption("ryzen_save")
     if save:
-        from ryzen_opt.validation import baselines
-
         ryzen.saved = baselines.save(config.rootpath, save, ryzen.gates(), env)
 
 
@@ -523,9 +518,6 @@ def _summarize_baseline(
     terminalreporter: Any, config: pytest.Config, gates: list[dict[str, Any]], baseline: Any
 ) -> None:
     """The comparison table against the baseline, with what differs about the machine it was saved on."""
-    from ryzen_opt.validation import baselines
-    from ryzen_opt.validation.reports import environment
-
     compared = [g["baseline_compare"] for g in gates if g.get("baseline_compare")]
     terminalreporter.section(f"ryzen baseline {baseline['name']!r}")
     saved = f"saved {baseline.get('saved_at')} at commit {(baseline.get('commit') or 'unknown')[:12]}"

@@ -16,7 +16,18 @@ from typing import Any
 
 import pytest
 
+from ryzen_opt.measure.stats import SpeedupMeasurement
+from ryzen_opt.training.metrics import TrainingMetricsCollector
 from ryzen_opt.validation.gates import METRICS
+from ryzen_opt.validation.reports import SCHEMA_VERSION
+from ryzen_opt.validation.validator import (
+    OptimizationValidator,
+    ValidationResult,
+    ValidationStatus,
+    check,
+    is_failing,
+    threshold_kind,
+)
 
 GATES_PROPERTY = "ryzen_gates"
 RECORDS_PROPERTY = "ryzen_records"
@@ -57,7 +68,6 @@ def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
         if thresholds.get(value) is None:
             allowed = ", ".join(thresholds.to_dict())
             raise pytest.UsageError(f"@{name}({value!r}): no such threshold; the profile has {allowed}")
-        from ryzen_opt.validation.validator import threshold_kind  # here: importing it imports torch
 
         kind = threshold_kind(value)
         if kind != name:
@@ -81,9 +91,6 @@ def evaluate_gates(
     item: pytest.Item, records: list[dict[str, Any]], thresholds: Any | None, device: str | None
 ) -> list[dict[str, Any]]:
     """Check each threshold marker of ``item`` against the matching records; one result dict per check."""
-    from ryzen_opt.measure.timing import SpeedupMeasurement
-    from ryzen_opt.validation.validator import ValidationResult, ValidationStatus, check
-
     results: list[dict[str, Any]] = []
     for marker in threshold_markers(item):
         threshold = marker_threshold(marker, thresholds)
@@ -234,8 +241,6 @@ class RyzenSession:
         return built
 
     def _validation_report(self, environment: dict[str, Any], thresholds: Any | None) -> dict[str, Any]:
-        from ryzen_opt.validation.validator import OptimizationValidator, ValidationResult
-
         validator = OptimizationValidator(thresholds)
         for gate in self.gates():
             result = ValidationResult.from_dict({k: v for k, v in gate.items() if k not in _GATE_ONLY})
@@ -271,8 +276,6 @@ class RyzenSession:
         }
 
     def _training_report(self, environment: dict[str, Any]) -> dict[str, Any]:
-        from ryzen_opt.training.metrics import TrainingMetricsCollector
-
         merged = TrainingMetricsCollector(experiment_id="pytest-session")
         for data in self.training:
             merged.merge(TrainingMetricsCollector.from_dict(data))
@@ -339,14 +342,10 @@ def _short(report: pytest.TestReport) -> str:
 
 
 def _schema_version() -> str:
-    from ryzen_opt.validation.reports import SCHEMA_VERSION
-
     return SCHEMA_VERSION
 
 
 def iter_gate_failures(gates: Iterable[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    from ryzen_opt.validation.validator import ValidationResult, is_failing
-
     return [
         g
         for g in gates

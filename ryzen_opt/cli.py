@@ -38,6 +38,7 @@ def print_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = No
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.device import device_info
 
     info = device_info(args.device)
@@ -65,10 +66,19 @@ def _first_reason(report: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.run.config import RunConfig
+
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.run.context import StageResult
+
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.run.pipeline import run_pipeline
+
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.run.summary import gate_rows
+
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.training import distributed
 
     config = RunConfig.from_toml(args.config) if args.config else RunConfig()
@@ -115,6 +125,7 @@ ZOO_BARS = {"target_top1": 0.25, "draft_agreement": 0.60}
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.models import zoo
 
     path = zoo.build(args.recipe, force=args.force, progress=not args.json)
@@ -157,7 +168,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_bench_noise(args: argparse.Namespace) -> int:
     import torch
 
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.device import resolve_device
+
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.measure.timing import noise_floor
 
     device = resolve_device(args.device)
@@ -198,6 +212,7 @@ def cmd_report_compare(args: argparse.Namespace) -> int:
     """Two runs' gate measurements side by side: baselines saved with ``--ryzen-save`` or report directories."""
     from pathlib import Path
 
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.validation import baselines
 
     root = Path(args.root)
@@ -219,7 +234,10 @@ def cmd_report_merge(args: argparse.Namespace) -> int:
     """One table and one final report from the report directories of a CI matrix."""
     from pathlib import Path
 
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.validation import baselines
+
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.validation.reports import atomic_write_json
 
     merged, header, rows = baselines.merge(args.dirs)
@@ -235,7 +253,10 @@ def cmd_draft_build(args: argparse.Namespace) -> int:
     """Build (or find in the cache) a feature draft for a local model; print where it is and how it did."""
     from pathlib import Path
 
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.models import zoo
+
+    # lazy: the CLI answers --help and bad arguments without importing torch
     from ryzen_opt.optimizers.draft import DraftConfig, build_draft, expected_agreement
 
     aliases = {"smollm2": zoo.smollm2_dir, "zoo": lambda: zoo.build() / "target"}

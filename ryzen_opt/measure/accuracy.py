@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ryzen_opt.errors import ConfigError, MeasurementError
+from ryzen_opt.measure.token_blocks import TokenBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,6 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _iter_batches(heldout: Any, batch_size: int) -> Iterator[torch.Tensor]:
     """``[B, T]`` LongTensor batches of ``heldout``: blocks in order, or one variable-length sequence each."""
-    from ryzen_opt.training.loop import TokenBlocks
-
     if isinstance(heldout, TokenBlocks):
         heldout = heldout.blocks
     if isinstance(heldout, torch.Tensor):
@@ -296,7 +295,7 @@ def accuracy(
     Args:
         reference: the unoptimized model.
         candidate: the optimized model (same vocabulary).
-        heldout: a :class:`~ryzen_opt.training.loop.TokenBlocks`, an ``[N, T]`` LongTensor (batched
+        heldout: a :class:`~ryzen_opt.measure.token_blocks.TokenBlocks`, an ``[N, T]`` LongTensor (batched
             ``batch_size`` rows at a time, in order), or a list of 1-D LongTensors of any lengths >= 2
             (one sequence per forward, so no padding ever touches the logits).
         batch_size: rows per forward for block input.
@@ -311,6 +310,17 @@ def accuracy(
             loss is undefined), or a model produced non-finite logits.
         ConfigError: malformed held-out data, arguments, or logits of mismatched shape.
     """
+    _check_accuracy_args(confidence, batch_size, max_batches, n_boot)
+    names = (reference_name, candidate_name)
+    parts = _score_heldout(reference, candidate, heldout, batch_size, max_batches, device, names)
+    per_seq = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    result = _summarize(per_seq, confidence, n_boot, seed, names)
+    logger.info("%s vs %s: %s", candidate_name, reference_name, result.describe())
+    return result
+
+
+def _check_accuracy_args(confidence: float, batch_size: int, max_batches: int | None, n_boot: int) -> None:
+    """Refuse bad arguments of :func:`accuracy` before any model runs."""
     check_confidence(confidence)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -318,6 +328,39 @@ def accuracy(
         raise ConfigError(f"max_batches must be >= 1 or None, got {max_batches!r}")
     if n_boot < 1:
         raise ConfigError(f"n_boot must be >= 1, got {n_boot!r}")
+
+
+def _paired_logits(
+    reference: nn.Module,
+    candidate: nn.Module,
+    batch: torch.Tensor,
+    devices: tuple[torch.device, torch.device],
+    names: tuple[str, str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' logits for one batch, refused unless they share a shape and a vocabulary worth a top-1."""
+    reference_name, candidate_name = names
+    ref_logits = _logits(reference, batch.to(devices[0]), reference_name)
+    cand_logits = _logits(candidate, batch.to(devices[1]), candidate_name)
+    if ref_logits.shape != cand_logits.shape:
+        raise ConfigError(
+            f"{reference_name} and {candidate_name} logits differ in shape: "
+            f"{tuple(ref_logits.shape)} vs {tuple(cand_logits.shape)} (different vocabularies?)"
+        )
+    if ref_logits.shape[-1] < 2:
+        raise ConfigError(f"a vocabulary of {ref_logits.shape[-1]} token(s) has no top-1 to measure")
+    return ref_logits, cand_logits
+
+
+def _score_heldout(
+    reference: nn.Module,
+    candidate: nn.Module,
+    heldout: Any,
+    batch_size: int,
+    max_batches: int | None,
+    device: torch.device | str | None,
+    names: tuple[str, str],
+) -> list[dict[str, np.ndarray]]:
+    """Per-batch statistics of both models in eval mode and without gradients; their modes are restored after."""
     modes = [(model, model.training) for model in (reference, candidate)]
     parts: list[dict[str, np.ndarray]] = []
     try:
@@ -329,21 +372,19 @@ def accuracy(
             for i, batch in enumerate(_iter_batches(heldout, batch_size)):
                 if max_batches is not None and i >= max_batches:
                     break
-                ref_logits = _logits(reference, batch.to(ref_dev), reference_name)
-                cand_logits = _logits(candidate, batch.to(cand_dev), candidate_name)
-                if ref_logits.shape != cand_logits.shape:
-                    raise ConfigError(
-                        f"{reference_name} and {candidate_name} logits differ in shape: "
-                        f"{tuple(ref_logits.shape)} vs {tuple(cand_logits.shape)} (different vocabularies?)"
-                    )
-                if ref_logits.shape[-1] < 2:
-                    raise ConfigError(f"a vocabulary of {ref_logits.shape[-1]} token(s) has no top-1 to measure")
-                parts.append(_score_batch(ref_logits, cand_logits, batch, (reference_name, candidate_name), i))
+                ref_logits, cand_logits = _paired_logits(reference, candidate, batch, (ref_dev, cand_dev), names)
+                parts.append(_score_batch(ref_logits, cand_logits, batch, names, i))
     finally:
         for model, was_training in modes:
             model.train(was_training)
+    return parts
 
-    per_seq = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+def _summarize(
+    per_seq: dict[str, np.ndarray], confidence: float, n_boot: int, seed: int, names: tuple[str, str]
+) -> AccuracyMeasurement:
+    """The measurement from per-sequence sums: accuracies, their bootstrap interval, perplexities, KL, agreement."""
+    reference_name, candidate_name = names
     correct_ref = per_seq["correct_ref"].astype(np.int64)
     correct_cand = per_seq["correct_cand"].astype(np.int64)
     n = int(correct_ref.size)
@@ -357,7 +398,7 @@ def accuracy(
     ci_low, ci_high = _paired_bootstrap_loss(correct_ref, correct_cand, confidence, n_boot, seed)
     ref_ppl = _perplexity(float(per_seq["nll_ref"].sum()), tokens, reference_name)
     cand_ppl = _perplexity(float(per_seq["nll_cand"].sum()), tokens, candidate_name)
-    result = AccuracyMeasurement(
+    return AccuracyMeasurement(
         reference_accuracy=c_ref / tokens,
         candidate_accuracy=c_cand / tokens,
         accuracy_loss=(c_ref - c_cand) / c_ref,
@@ -376,8 +417,6 @@ def accuracy(
         reference_name=reference_name,
         candidate_name=candidate_name,
     )
-    logger.info("%s vs %s: %s", candidate_name, reference_name, result.describe())
-    return result
 
 
 def _pad_token_id(model: nn.Module) -> int:

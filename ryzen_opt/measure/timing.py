@@ -24,7 +24,9 @@ interleaved samples in one process, after warm-up, with the same thread count fo
   one of its samples takes at least ``MIN_SAMPLE_S`` (1 ms: two timer reads of ~50 ns are then 0.01% of it). Each arm
   has its own count (``baseline_calls``, ``candidate_calls``, recorded): one count for both made a 100 us arm run
   20,000 times a sample beside a 30 ns one, so a pair took seconds. Times are reported per call; a pair's ratio is
-  of per-call times, its two samples still adjacent in time.
+  of per-call times, its two samples still adjacent in time, and the stopping rule reads those same per-call ratios
+  (on raw sample times it would see the true ratio times ``baseline_calls / candidate_calls``). Calibration starts
+  from the median of three timed warm-up rounds, so one slow call (an interrupt) cannot set an arm's count.
 - **Oversubscription is flagged**, not hidden: more torch threads than the cores this process may run on, or a
   coefficient of variation above 0.5 in either arm, marks the measurement ``oversubscribed`` with the reason.
 
@@ -40,6 +42,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -148,8 +151,10 @@ def compare(
 ) -> SpeedupMeasurement:
     """Measure the speedup of ``candidate`` over ``baseline`` on paired, interleaved (ABBA) samples.
 
-    ``warmup`` untimed calls of each arm (compilation, caches, allocator) come first. Then pair ``i`` runs A-B
-    when ``i`` is even and B-A when odd, each call timed alone between two ``sync()``-ed ``timer()`` reads.
+    ``warmup`` untimed calls of each arm (compilation, caches, allocator) come first (at least 3 when calibrating:
+    the last 3 are timed, and calibration starts from their median, so one slow call cannot set the calls per sample).
+    Then pair ``i`` runs A-B when ``i`` is even and B-A when odd, each sample timed alone between two ``sync()``-ed
+    ``timer()`` reads.
     From ``min_pairs`` on, every ``check_every`` pairs, sampling stops ("decided") when, with a ``threshold``,
     the Bonferroni-corrected interval (module docstring) gives PASS or FAIL, or, without one, when the
     interval's half-width is below ``target_precision`` of the ratio. It also stops at ``max_pairs``, or once
@@ -184,78 +189,151 @@ def compare(
     if not 0 < target_precision < 1:
         raise ConfigError(f"target_precision must be in (0, 1), got {target_precision!r}")
     sync_fn = _resolve_sync(sync, device)
-    looks = 1 + math.ceil((max_pairs - min_pairs) / check_every)
-    decision_confidence = 1.0 - (1.0 - confidence) / looks
-
     if calibrate is None:
         calibrate = timer is time.perf_counter_ns
-    warm: tuple[float, float] | None = None
-    for i in range(warmup):  # interleaved like the sampling so both arms reach the same warm state
-        if calibrate and i == warmup - 1:  # the last round is timed: calibration starts from it
-            warm = (
-                _timed_call(baseline, timer, sync_fn, f"{baseline_name} (warm-up)")[0],
-                _timed_call(candidate, timer, sync_fn, f"{candidate_name} (warm-up)")[0],
-            )
-        else:
-            baseline()
-            candidate()
-
+    arms = (_Arm(baseline, baseline_name), _Arm(candidate, candidate_name))
+    warm = _warm_up(arms, warmup, calibrate, timer, sync_fn)
     lock_cm = serial_lock(None if lock is True else lock) if lock else contextlib.nullcontext(0.0)
     with lock_cm as lock_wait_s:
-        if calibrate:
-            n_a = _calibrate(baseline, timer, sync_fn, None if warm is None else warm[0])
-            n_b = _calibrate(candidate, timer, sync_fn, None if warm is None else warm[1])
-        else:
-            n_a = n_b = 1
-        if n_a > 1:
-            baseline = _repeated(baseline, n_a)
-        if n_b > 1:
-            candidate = _repeated(candidate, n_b)
+        for arm, estimate in zip(arms, warm, strict=True):
+            arm.calls = _calibrate(arm.fn, timer, sync_fn, estimate) if calibrate else 1
         threads = torch.get_num_threads()
-        a_times: list[float] = []
-        b_times: list[float] = []
-        stopped_because = "max_pairs"
-        t_start = last_stop = timer()
-        for i in range(max_pairs):
-            if i % 2 == 0:  # ABBA
-                t_a, _ = _timed_call(baseline, timer, sync_fn, f"{baseline_name} (pair {i})")
-                t_b, last_stop = _timed_call(candidate, timer, sync_fn, f"{candidate_name} (pair {i})")
-            else:
-                t_b, _ = _timed_call(candidate, timer, sync_fn, f"{candidate_name} (pair {i})")
-                t_a, last_stop = _timed_call(baseline, timer, sync_fn, f"{baseline_name} (pair {i})")
-            a_times.append(t_a)
-            b_times.append(t_b)
-            n = i + 1
-            if n >= min_pairs and (n - min_pairs) % check_every == 0:
-                ratios = np.asarray(a_times) / np.asarray(b_times)
-                stats = bootstrap_distribution(ratios, N_BOOT, seed)
-                if _decided(stats, ratios, threshold, confidence, decision_confidence, target_precision):
-                    stopped_because = "decided"
-                    break
-            if n < max_pairs and (last_stop - t_start) / _NS_PER_S > max_time and n >= _MIN_PAIRS_FLOOR:
-                stopped_because = "max_time"
-                break
+        rule = _StoppingRule(threshold, confidence, min_pairs, max_pairs, check_every, target_precision, seed)
+        sampled = _sample_pairs(arms, rule, max_pairs, max_time, timer, sync_fn)
         if threads != torch.get_num_threads():
             logger.warning("torch thread count changed while sampling (%d -> %d)", threads, torch.get_num_threads())
-
+    a, b = sampled.per_call(arms)
     result = _measurement(
-        np.asarray(a_times) / n_a,
-        np.asarray(b_times) / n_b,
+        a,
+        b,
         confidence=confidence,
         seed=seed,
         threshold=threshold,
-        warmup=warmup,
+        warmup=max(warmup, _WARM_TIMED) if calibrate else warmup,
         threads=threads,
-        elapsed_s=(last_stop - t_start) / _NS_PER_S,
-        stopped_because=stopped_because,
+        elapsed_s=sampled.elapsed_ns / _NS_PER_S,
+        stopped_because=sampled.stopped_because,
         lock_wait_s=float(lock_wait_s),
         baseline_name=baseline_name,
         candidate_name=candidate_name,
-        baseline_calls=n_a,
-        candidate_calls=n_b,
+        baseline_calls=arms[0].calls,
+        candidate_calls=arms[1].calls,
     )
-    logger.info("%s over %s: %s (%s)", candidate_name, baseline_name, result.describe(), stopped_because)
+    logger.info("%s over %s: %s (%s)", candidate_name, baseline_name, result.describe(), sampled.stopped_because)
     return result
+
+
+# Calibration starts from the median of this many timed warm-up rounds (the last ones), so that one slow call (an
+# interrupt, a page fault) cannot set an arm's calls per sample; a calibrated run warms up at least this many rounds.
+_WARM_TIMED = 3
+
+
+@dataclass
+class _Arm:
+    """One side of a comparison: the callable, its name in messages, and its calls per sample once calibrated."""
+
+    fn: Callable[[], Any]
+    name: str
+    calls: int = 1
+
+    def sample(self, timer: Callable[[], int], sync: Callable[[], None] | None, label: str) -> tuple[float, int]:
+        """One timed sample of ``calls`` calls: ``(duration_ns, stop_timestamp)``."""
+        return _timed_call(_repeated(self.fn, self.calls), timer, sync, f"{self.name} ({label})")
+
+
+def _warm_up(
+    arms: tuple[_Arm, _Arm], rounds: int, timed: bool, timer: Callable[[], int], sync: Callable[[], None] | None
+) -> tuple[float | None, float | None]:
+    """Untimed rounds, interleaved like the sampling so both arms reach the same warm state. When calibrating, at
+    least ``_WARM_TIMED`` rounds, the last ``_WARM_TIMED`` timed: each arm's median of those is where calibration
+    starts (``None`` for both when not calibrating)."""
+    if not timed:
+        for _ in range(rounds):
+            for arm in arms:
+                arm.fn()
+        return None, None
+    rounds = max(rounds, _WARM_TIMED)
+    times: list[list[float]] = [[], []]
+    for i in range(rounds):
+        for k, arm in enumerate(arms):
+            if i < rounds - _WARM_TIMED:
+                arm.fn()
+            else:
+                times[k].append(_timed_call(arm.fn, timer, sync, f"{arm.name} (warm-up)")[0])
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+@dataclass(frozen=True)
+class _StoppingRule:
+    """When adaptive sampling may stop (module docstring): looks every ``check_every`` pairs from ``min_pairs`` on,
+    each judged at the Bonferroni-corrected confidence; without a threshold, when the interval is narrow enough."""
+
+    threshold: float | None
+    confidence: float
+    min_pairs: int
+    max_pairs: int
+    check_every: int
+    target_precision: float
+    seed: int
+
+    @property
+    def decision_confidence(self) -> float:
+        looks = 1 + math.ceil((self.max_pairs - self.min_pairs) / self.check_every)
+        return 1.0 - (1.0 - self.confidence) / looks
+
+    def is_look(self, n: int) -> bool:
+        return n >= self.min_pairs and (n - self.min_pairs) % self.check_every == 0
+
+    def decided(self, ratios: np.ndarray) -> bool:
+        """Judged on per-call ratios, the statistic the verdict reports (never raw sample times, which differ by the
+        arms' calls per sample)."""
+        stats = bootstrap_distribution(ratios, N_BOOT, self.seed)
+        return _decided(stats, ratios, self.threshold, self.confidence, self.decision_confidence, self.target_precision)
+
+
+@dataclass
+class _Sampled:
+    """Raw sample times of both arms (ns, ``calls`` calls each), and why and when sampling stopped."""
+
+    a: list[float]
+    b: list[float]
+    stopped_because: str
+    elapsed_ns: float
+
+    def per_call(self, arms: tuple[_Arm, _Arm]) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.a) / arms[0].calls, np.asarray(self.b) / arms[1].calls
+
+
+def _sample_pairs(
+    arms: tuple[_Arm, _Arm],
+    rule: _StoppingRule,
+    max_pairs: int,
+    max_time: float,
+    timer: Callable[[], int],
+    sync: Callable[[], None] | None,
+) -> _Sampled:
+    """Timed pairs in ABBA order until ``rule`` decides, the pair budget ends, or ``max_time`` has passed (never
+    fewer than 3 pairs)."""
+    sampled = _Sampled([], [], "max_pairs", 0.0)
+    baseline, candidate = arms
+    t_start = last_stop = timer()
+    for i in range(max_pairs):
+        first, second = (baseline, candidate) if i % 2 == 0 else (candidate, baseline)  # ABBA
+        t_first, _ = first.sample(timer, sync, f"pair {i}")
+        t_second, last_stop = second.sample(timer, sync, f"pair {i}")
+        sampled.a.append(t_first if first is baseline else t_second)
+        sampled.b.append(t_second if first is baseline else t_first)
+        n = i + 1
+        if rule.is_look(n):
+            a, b = sampled.per_call(arms)
+            if rule.decided(a / b):
+                sampled.stopped_because = "decided"
+                break
+        if n < max_pairs and (last_stop - t_start) / _NS_PER_S > max_time and n >= _MIN_PAIRS_FLOOR:
+            sampled.stopped_because = "max_time"
+            break
+    sampled.elapsed_ns = float(last_stop - t_start)
+    return sampled
 
 
 def compare_arms(

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.locking import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +217,6 @@ def _loaded() -> Any | None:
     flags = cpu_flags() if _is_x86() else set()
     chosen = select_isa(flags, os.environ.get("RYZEN_OPT_NATIVE_ISA")) if _is_x86() else "scalar"
     from torch.utils import cpp_extension
-
-    from ryzen_opt.locking import file_lock
 
     sources = _sources()
     cflags = _compile_flags()

@@ -48,6 +48,7 @@ from ryzen_opt.ops.quant import (
     quantize_int8,
     unpack_nibbles,
 )
+from ryzen_opt.runtime import state
 
 logger = logging.getLogger(__name__)
 
@@ -338,49 +339,14 @@ class EmbeddingCompressor:
             UnsupportedEmbeddingError: the embedding is not an ``nn.Embedding``, or the LM head not an ``nn.Linear``.
             ConfigError: already compressed, or the config cannot apply to these shapes.
         """
-        if getattr(model, "_ryzen_embeddings", None) is not None:
-            raise ConfigError("this model's embeddings are already compressed; apply to a fresh copy")
-        get_in = getattr(model, "get_input_embeddings", None)
-        if get_in is None:
-            raise UnsupportedEmbeddingError(
-                f"{type(model).__name__} has no get_input_embeddings(): not a transformers model"
-            )
+        embedding, head = _tables_of(model)
         started = time.perf_counter()
-        embedding = get_in()
-        get_out = getattr(model, "get_output_embeddings", None)
-        head = get_out() if get_out is not None else None
-        if not isinstance(embedding, nn.Embedding):
-            raise UnsupportedEmbeddingError(
-                f"input embedding is {type(embedding).__name__}, not nn.Embedding (already replaced?)"
-            )
-        if head is not None and not isinstance(head, nn.Linear):
-            raise UnsupportedEmbeddingError(
-                f"LM head is {type(head).__name__}, not nn.Linear: apply the EmbeddingCompressor first"
-            )
         tied = head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
         tensors: list[dict[str, Any]] = []
-        original_bytes = 0
         shared: CompressedTable | None = None
-
-        def record(name: str, weight: torch.Tensor, table: CompressedTable) -> None:
-            nonlocal original_bytes
-            size = weight.numel() * weight.element_size()
-            original_bytes += size
-            tensors.append(
-                {
-                    "name": name,
-                    "shape": list(weight.shape),
-                    "dtype": str(weight.dtype).removeprefix("torch."),
-                    "original_bytes": size,
-                    "compressed_bytes": table.stored_bytes(),
-                    "ratio": size / table.stored_bytes(),
-                    "sqnr_db": sqnr_db(weight, table.dequantize()),
-                }
-            )
-
         if self.config.embedding or (tied and self.config.lm_head):
             shared = self._table(embedding.weight)
-            record("embedding" + ("+lm_head (tied)" if tied else ""), embedding.weight, shared)
+            tensors.append(_tensor_record("embedding" + ("+lm_head (tied)" if tied else ""), embedding.weight, shared))
             if self.config.embedding:
                 model.set_input_embeddings(
                     CompressedEmbedding(shared, embedding.weight.dtype, getattr(embedding, "padding_idx", None))
@@ -391,14 +357,14 @@ class EmbeddingCompressor:
                 table = shared  # one table, read by both: never untie
             else:
                 table = self._table(head.weight)
-                record("lm_head", head.weight, table)
+                tensors.append(_tensor_record("lm_head", head.weight, table))
             model.set_output_embeddings(CompressedLMHead(table, head.bias))
+        original_bytes = sum(t["original_bytes"] for t in tensors)
+        compressed = sum(t["compressed_bytes"] for t in tensors)
         if tied and not self.config.embedding:
             # The embedding keeps its fp32 weight and the head reads the compressed copy: both are stored.
             original_bytes = embedding.weight.numel() * embedding.weight.element_size()
             tensors[0]["name"] = "lm_head (tied; the embedding keeps its weight)"
-        compressed = sum(t["compressed_bytes"] for t in tensors)
-        if tied and not self.config.embedding:
             compressed += original_bytes
         self._report = {
             "method": self.config.method,
@@ -410,7 +376,7 @@ class EmbeddingCompressor:
             "tensors": tensors,
             "apply_seconds": time.perf_counter() - started,
         }
-        model._ryzen_embeddings = self._report
+        state.attach(model, state.EMBEDDINGS, self._report)
         logger.info(
             "EmbeddingCompressor %s: %.2f MB -> %.2f MB (%.2fx)%s",
             self.config.method,
@@ -426,3 +392,47 @@ class EmbeddingCompressor:
         if self._report is None:
             raise ConfigError("compression_report() before apply_to_model(): nothing was compressed yet")
         return dict(self._report)
+
+
+def _tables_of(model: Any) -> tuple[nn.Embedding, nn.Linear | None]:
+    """The input embedding and the LM head (``None`` if the model has none), refused before anything changes when
+    either is not the plain module this compressor replaces."""
+    if embedding_report(model) is not None:
+        raise ConfigError("this model's embeddings are already compressed; apply to a fresh copy")
+    get_in = getattr(model, "get_input_embeddings", None)
+    if get_in is None:
+        raise UnsupportedEmbeddingError(
+            f"{type(model).__name__} has no get_input_embeddings(): not a transformers model"
+        )
+    embedding = get_in()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if get_out is not None else None
+    if not isinstance(embedding, nn.Embedding):
+        raise UnsupportedEmbeddingError(
+            f"input embedding is {type(embedding).__name__}, not nn.Embedding (already replaced?)"
+        )
+    if head is not None and not isinstance(head, nn.Linear):
+        raise UnsupportedEmbeddingError(
+            f"LM head is {type(head).__name__}, not nn.Linear: apply the EmbeddingCompressor first"
+        )
+    return embedding, head
+
+
+def _tensor_record(name: str, weight: torch.Tensor, table: CompressedTable) -> dict[str, Any]:
+    """One row of the compression report: sizes before and after, and the SQNR of what a lookup returns."""
+    size = weight.numel() * weight.element_size()
+    return {
+        "name": name,
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "original_bytes": size,
+        "compressed_bytes": table.stored_bytes(),
+        "ratio": size / table.stored_bytes(),
+        "sqnr_db": sqnr_db(weight, table.dequantize()),
+    }
+
+
+def embedding_report(model: Any) -> dict[str, Any] | None:
+    """The :meth:`EmbeddingCompressor.compression_report` of the compressor that compressed ``model``, or ``None``."""
+    report = state.attached(model, state.EMBEDDINGS, dict)
+    return None if report is None else dict(report)

@@ -63,6 +63,7 @@ from ryzen_opt.runtime import (  # noqa: F401  (this module's API too)
     bind_generate,
     is_conv1d,
     linear_params,
+    state,
 )
 
 logger = logging.getLogger(__name__)
@@ -337,6 +338,8 @@ class KernelOptimizer:
                 setattr(parent, n, FusedSlice(shared, start, start + w.shape[0]))
                 start += w.shape[0]
             report.fused.append(f"{label}: {'+'.join(names)} -> {start}x{weight.shape[1]}")
+            # A registered submodule, not a record (runtime.state): .to() and state_dict() must reach the fused
+            # weight; iter_kernel_modules() is how other modules find it.
             setattr(parent, "_ryzen_fused_" + "_".join(names), shared)
             return shared.linear
         modules = []
@@ -363,16 +366,8 @@ class KernelOptimizer:
             UnsupportedModelError: not a Llama/Mistral/Qwen2/GPT-2 causal LM.
             ConfigError: the config asks for something this device cannot do, or GPTQ without calibration.
         """
-        if getattr(model, "_ryzen_kernels", None) is not None:
-            raise ConfigError("this model was already optimized by a KernelOptimizer; apply to a fresh copy")
-        model_type = runtime.model_type(model, "KernelOptimizer")
+        model_type = self._check(model, calibration)
         gptq = self.config.weights == "int4" and self.config.int4_method == "gptq"
-        if gptq and calibration is None:
-            raise ConfigError(
-                "KernelConfig.int4_method='gptq' needs calibration text: apply_to_model(model, calibration=ids) with "
-                "ids an [N, T] LongTensor of token ids (e.g. 32 blocks of 256 tokens of text like your prompts), "
-                "or int4_method='rtn'"
-            )
         self._hessians = _input_hessians(model, calibration) if gptq else {}
         if model.training:
             logger.info(
@@ -394,6 +389,35 @@ class KernelOptimizer:
             _module_bytes(m) for layer in arch.layers for m in (layer.qkv, layer.o, layer.mlp_in, layer.down)
         ) + _module_bytes(arch.lm_head)
         report.weight_bytes_after = report.bytes_per_token
+        decoder = self._install_decoder(model, arch, report)
+        report.apply_seconds = time.perf_counter() - started
+        self._hessians = {}
+        if self.config.compile:
+            for _, module in iter_kernel_modules(model):
+                if isinstance(module, Int8Linear) and module.kernel == "fbgemm":
+                    module.register_packed()  # the compiled step reads packed weights through their handles
+            report.compile_seconds = decoder.compile()
+        _log_report(report)
+        self.report = report
+        return model
+
+    def _check(self, model: Any, calibration: torch.Tensor | None) -> str:
+        """Refuse what cannot be optimized before anything changes: a second pass, an unsupported architecture,
+        GPTQ without calibration text. Returns the model type."""
+        if kernel_report_or_none(model) is not None:
+            raise ConfigError("this model was already optimized by a KernelOptimizer; apply to a fresh copy")
+        model_type = runtime.model_type(model, "KernelOptimizer")
+        gptq = self.config.weights == "int4" and self.config.int4_method == "gptq"
+        if gptq and calibration is None:
+            raise ConfigError(
+                "KernelConfig.int4_method='gptq' needs calibration text: apply_to_model(model, calibration=ids) with "
+                "ids an [N, T] LongTensor of token ids (e.g. 32 blocks of 256 tokens of text like your prompts), "
+                "or int4_method='rtn'"
+            )
+        return model_type
+
+    def _install_decoder(self, model: Any, arch: runtime.Arch, report: KernelReport) -> StaticDecoder:
+        """Build the lean decoder over the swapped linears, bind ``generate`` to it when asked, and record both."""
         decoder = StaticDecoder(
             model,
             arch,
@@ -407,33 +431,9 @@ class KernelOptimizer:
         report.native_layers = decoder.native_layers() is not None
         if self.config.decode == "static":
             bind_generate(model, decoder)
-        model._ryzen_kernels = report
+        state.attach(model, state.KERNELS, report)
         attach_decoder(model, decoder)
-        report.apply_seconds = time.perf_counter() - started
-        self._hessians = {}
-        if self.config.compile:
-            for _, module in iter_kernel_modules(model):
-                if isinstance(module, Int8Linear) and module.kernel == "fbgemm":
-                    module.register_packed()  # the compiled step reads packed weights through their handles
-            report.compile_seconds = decoder.compile()
-        if report.fallbacks:
-            expected = all("compressed before" in f for f in report.fallbacks)
-            shown = "; ".join(report.fallbacks[:3])
-            if len(report.fallbacks) > 3:
-                shown += f"; and {len(report.fallbacks) - 3} more (KernelReport.fallbacks lists them all)"
-            (logger.info if expected else logger.warning)("KernelOptimizer fallbacks: %s", shown)
-        logger.info(
-            "KernelOptimizer: %s, kernels %s (native path %s), %.1f MB/token -> %.1f MB/token, attention %s, decode %s",
-            model_type,
-            report.kernels,
-            report.native_isa,
-            report.weight_bytes_before / 1e6,
-            report.bytes_per_token / 1e6,
-            report.attention,
-            report.decode,
-        )
-        self.report = report
-        return model
+        return decoder
 
     def _set_attention(self, model: Any) -> str:
         wanted = self.config.attention
@@ -472,9 +472,29 @@ def _decode_bytes(model: nn.Module) -> int:
     return total
 
 
+def _log_report(report: KernelReport) -> None:
+    """One line of what changed; fallbacks as a warning unless every one was expected (compressed before)."""
+    if report.fallbacks:
+        expected = all("compressed before" in f for f in report.fallbacks)
+        shown = "; ".join(report.fallbacks[:3])
+        if len(report.fallbacks) > 3:
+            shown += f"; and {len(report.fallbacks) - 3} more (KernelReport.fallbacks lists them all)"
+        (logger.info if expected else logger.warning)("KernelOptimizer fallbacks: %s", shown)
+    logger.info(
+        "KernelOptimizer: %s, kernels %s (native path %s), %.1f MB/token -> %.1f MB/token, attention %s, decode %s",
+        report.model_type,
+        report.kernels,
+        report.native_isa,
+        report.weight_bytes_before / 1e6,
+        report.bytes_per_token / 1e6,
+        report.attention,
+        report.decode,
+    )
+
+
 def kernel_report_or_none(model: nn.Module) -> KernelReport | None:
     """:func:`kernel_report` for a model that may not be optimized."""
-    report = getattr(model, "_ryzen_kernels", None)
+    report = state.attached(model, state.KERNELS, KernelReport)
     return None if report is None else replace(report)
 
 
@@ -489,7 +509,7 @@ def iter_kernel_modules(model: nn.Module) -> Iterator[tuple[str, KernelLinear]]:
 
 def kernel_report(model: nn.Module) -> KernelReport:
     """The :class:`KernelReport` of an optimized model."""
-    report = getattr(model, "_ryzen_kernels", None)
+    report = state.attached(model, state.KERNELS, KernelReport)
     if report is None:
         raise ConfigError("this model was not optimized by a KernelOptimizer")
     return replace(report)

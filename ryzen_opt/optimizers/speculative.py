@@ -174,13 +174,109 @@ class SpecOutput:
     stats: SpecStats
 
 
-# ------------------------------------------------------------------------------------------------ runners
-
-
-# ------------------------------------------------------------------------------------------------ drafters
-
-
 # ---------------------------------------------------------------------------------------------- decoder
+
+
+def _check_generate_args(input_ids: torch.Tensor, max_new_tokens: int, temperature: float) -> None:
+    """Refuse what :meth:`SpeculativeDecoder.generate` cannot serve before any cache is touched."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ConfigError(
+            f"SpeculativeDecoder serves batch size 1; got input_ids of shape {tuple(input_ids.shape)}. "
+            "Loop over the batch, or use HF generate(assistant_model=...) for batches."
+        )
+    if input_ids.shape[1] < 1 or max_new_tokens < 1:
+        raise ConfigError("SpeculativeDecoder.generate needs a non-empty prompt and max_new_tokens >= 1")
+    if temperature < 0:
+        raise ConfigError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+
+
+def verify_draft(
+    logits: torch.Tensor,
+    drafts: list[int],
+    dists: torch.Tensor | None,
+    sampling: Sampler,
+    stats: SpecStats,
+) -> tuple[list[int], int]:
+    """``(tokens to append, number of drafts accepted)`` from the target's ``logits`` ``[k + 1, V]``: the rule that
+    makes speculation lossless (see the module docstring). ``dists`` ``[k, V]`` are the draft's probabilities, None
+    for a deterministic drafter; near-ties of a greedy verification are counted in ``stats``."""
+    if sampling.greedy:
+        top2 = logits.topk(2, dim=-1)
+        choice = top2.indices[:, 0].tolist()
+        gaps = (top2.values[:, 0] - top2.values[:, 1]).tolist()
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
+            accepted += 1
+        stats.near_ties += sum(gap < NEAR_TIE_GAP for gap in gaps[: accepted + 1])
+        return drafts[:accepted] + [choice[accepted]], accepted
+    target_probs = sampling.probs(logits)
+    for i, token in enumerate(drafts):
+        q = target_probs[i]
+        p_token = float(dists[i, token]) if dists is not None else 1.0
+        if sampling.uniform() < min(1.0, float(q[token]) / p_token):
+            continue
+        residual = q - dists[i] if dists is not None else q.clone()
+        if dists is None:
+            residual[token] = 0.0
+        residual = residual.clamp_min(0.0)
+        total = float(residual.sum())
+        # An all-zero residual only happens when q <= p everywhere, i.e. q == p: then rejection had probability 0.
+        return drafts[:i] + [sampling.draw(residual / total if total > 0 else q)], i
+    return drafts + [sampling.draw(target_probs[len(drafts)])], len(drafts)
+
+
+@dataclass
+class _Generation:
+    """One ``generate`` call's settings and growing sequence, shared by its prefill and its draft-verify rounds."""
+
+    prompt: list[int]
+    sequence: list[int]
+    max_new_tokens: int
+    sampling: Sampler
+    eos: set[int]
+    device: torch.device
+    features: bool  # the drafter drafts from the target's hidden states (``needs_features``)
+    stats: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def produced(self) -> int:
+        """Tokens generated so far."""
+        return len(self.sequence) - len(self.prompt)
+
+
+class _DraftSchedule:
+    """The next round's draft length: HF's adaptive ``k`` and the low-acceptance pause of :class:`SpecConfig`."""
+
+    def __init__(self, config: SpecConfig) -> None:
+        self.config = config
+        self.k = config.num_draft_tokens
+        self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=config.stop_window)
+        self.paused_until, self.pause = 0, config.stop_pause
+
+    def budget(self, produced: int, remaining: int, stats: SpecStats) -> int:
+        """Drafts to propose now: ``k``, less if the end is near, 0 while drafting is paused (counted in stats)."""
+        budget = min(self.k, remaining - 1)  # the target adds one token of its own
+        if produced < self.paused_until:
+            budget = 0
+            stats.undrafted_tokens += 1
+        return budget
+
+    def update(self, proposed: int, accepted: int, produced: int, stats: SpecStats) -> None:
+        """After a round: pause drafting when recent acceptance does not pay for it, then adapt ``k``."""
+        if proposed and self.config.stop_acceptance > 0:
+            self.recent.append((proposed, accepted))
+            if len(self.recent) == self.recent.maxlen:
+                rate = sum(a for _, a in self.recent) / sum(p for p, _ in self.recent)
+                if rate < self.config.stop_acceptance:
+                    stats.stops += 1
+                    self.paused_until = produced + self.pause
+                    self.pause *= 2
+                    self.recent.clear()
+        if self.config.adaptive and proposed:
+            if accepted == proposed:
+                self.k = min(self.config.max_draft_tokens, self.k + 2)
+            else:
+                self.k = max(self.config.min_draft_tokens, self.k - 1)
 
 
 class SpeculativeDecoder:
@@ -236,15 +332,7 @@ class SpeculativeDecoder:
     ) -> SpecOutput:
         """Generate up to ``max_new_tokens`` after ``input_ids`` ``[1, T]``; stops after an EOS token
         (``eos_token_id``, default: none, so that a run has a known length)."""
-        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-            raise ConfigError(
-                f"SpeculativeDecoder serves batch size 1; got input_ids of shape {tuple(input_ids.shape)}. "
-                "Loop over the batch, or use HF generate(assistant_model=...) for batches."
-            )
-        if input_ids.shape[1] < 1 or max_new_tokens < 1:
-            raise ConfigError("SpeculativeDecoder.generate needs a non-empty prompt and max_new_tokens >= 1")
-        if temperature < 0:
-            raise ConfigError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+        _check_generate_args(input_ids, max_new_tokens, temperature)
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -253,120 +341,98 @@ class SpeculativeDecoder:
         device = model_device(self.target)
         prompt = input_ids[0].tolist()
         max_len = len(prompt) + max_new_tokens + self.config.max_draft_tokens + 2
-        stats = SpecStats()
-        sequence = list(prompt)
         self.runner.reset(max_len)
         self.drafter.start(prompt, max_len)
         try:
-            # The whole prompt in one pass, as the target's own generate() runs it, and the first token from its
-            # logits: with activations rounded to int8 a prompt token computed inside a verification instead would
-            # get other bits (another attention order), and greedy output could leave the target's. From then on the
-            # target has processed everything but the last committed token, which opens the next verification.
             features = bool(getattr(self.drafter, "needs_features", False))
-            prompt_ids = torch.tensor([prompt], device=device)
-            if features:
-                logits, hidden = self.runner.extend_features(prompt_ids)
-                logits = logits[-1:]
-            else:
-                logits = self.runner.prefill(prompt_ids)
-            stats.target_forwards += 1
-            first, _ = self._verify(logits, [], None, sampling, stats)
-            sequence.extend(first)
-            if features:
-                self.drafter.observe(hidden, prompt[1:] + first)  # type: ignore[attr-defined]
-            k = self.config.num_draft_tokens
-            recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=self.config.stop_window)
-            paused_until, pause = 0, self.config.stop_pause
-            while len(sequence) - len(prompt) < max_new_tokens and sequence[-1] not in eos:
-                produced = len(sequence) - len(prompt)
-                remaining = max_new_tokens - produced
-                started = time.perf_counter()
-                budget = min(k, remaining - 1)  # the target adds one token of its own
-                if produced < paused_until:
-                    budget = 0
-                    stats.undrafted_tokens += 1
-                drafts, dists = self.drafter.propose(sequence, budget, sampling) if budget > 0 else ([], None)
-                stats.draft_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                committed = len(sequence)
-                verify_ids = torch.tensor([[sequence[-1], *drafts]], device=device)
-                if features:
-                    logits, hidden = self.runner.extend_features(verify_ids)
-                else:
-                    logits = self.runner.extend(verify_ids)
-                stats.target_forwards += 1
-                new, accepted = self._verify(logits, drafts, dists, sampling, stats)
-                self.runner.rollback(committed + accepted)  # keep what the target processed of the kept tokens
-                stats.verify_seconds += time.perf_counter() - started
-                stats.proposed += len(drafts)
-                stats.accepted += accepted
-                if drafts:
-                    stats.draft_lengths.append(len(drafts))
-                for i in range(len(drafts)):
-                    stats._count_position(i, i < accepted)
-                new = new[:remaining]
-                stop = next((i for i, t in enumerate(new) if t in eos), None)
-                if stop is not None:
-                    new = new[: stop + 1]
-                sequence.extend(new)
-                if features:
-                    self.drafter.observe(hidden[: len(new)], new)  # type: ignore[attr-defined]
-                if stop is not None:
-                    break
-                if drafts and self.config.stop_acceptance > 0:
-                    recent.append((len(drafts), accepted))
-                    if len(recent) == recent.maxlen:
-                        rate = sum(a for _, a in recent) / sum(p for p, _ in recent)
-                        if rate < self.config.stop_acceptance:
-                            stats.stops += 1
-                            paused_until = len(sequence) - len(prompt) + pause
-                            pause *= 2
-                            recent.clear()
-                if self.config.adaptive and drafts:
-                    if accepted == len(drafts):
-                        k = min(self.config.max_draft_tokens, k + 2)
-                    else:
-                        k = max(self.config.min_draft_tokens, k - 1)
+            gen = _Generation(prompt, list(prompt), max_new_tokens, sampling, eos, device, features)
+            self._prefill(gen)
+            self._speculative_decode(gen)
         finally:
-            self.drafter.close()
-            close = getattr(self.runner, "close", None)
-            if close is not None:
-                close()
-        stats.new_tokens = len(sequence) - len(prompt)
-        return SpecOutput(torch.tensor([sequence], dtype=input_ids.dtype, device=input_ids.device), stats)
+            self._close()
+        gen.stats.new_tokens = gen.produced
+        return SpecOutput(torch.tensor([gen.sequence], dtype=input_ids.dtype, device=input_ids.device), gen.stats)
 
-    def _verify(
-        self,
-        logits: torch.Tensor,
-        drafts: list[int],
-        dists: torch.Tensor | None,
-        sampling: Sampler,
-        stats: SpecStats,
-    ) -> tuple[list[int], int]:
-        """``(tokens to append, number of drafts accepted)`` from the target's ``logits`` ``[k + 1, V]``."""
-        if sampling.greedy:
-            top2 = logits.topk(2, dim=-1)
-            choice = top2.indices[:, 0].tolist()
-            gaps = (top2.values[:, 0] - top2.values[:, 1]).tolist()
-            accepted = 0
-            while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
-                accepted += 1
-            stats.near_ties += sum(gap < NEAR_TIE_GAP for gap in gaps[: accepted + 1])
-            return drafts[:accepted] + [choice[accepted]], accepted
-        target_probs = sampling.probs(logits)
-        for i, token in enumerate(drafts):
-            q = target_probs[i]
-            p_token = float(dists[i, token]) if dists is not None else 1.0
-            if sampling.uniform() < min(1.0, float(q[token]) / p_token):
-                continue
-            residual = q - dists[i] if dists is not None else q.clone()
-            if dists is None:
-                residual[token] = 0.0
-            residual = residual.clamp_min(0.0)
-            total = float(residual.sum())
-            # An all-zero residual only happens when q <= p everywhere, i.e. q == p: then rejection had probability 0.
-            return drafts[:i] + [sampling.draw(residual / total if total > 0 else q)], i
-        return drafts + [sampling.draw(target_probs[len(drafts)])], len(drafts)
+    def _prefill(self, gen: _Generation) -> None:
+        """Run the whole prompt in one target pass and commit the first token, as the target's generate() would."""
+        # The whole prompt in one pass, as the target's own generate() runs it, and the first token from its
+        # logits: with activations rounded to int8 a prompt token computed inside a verification instead would
+        # get other bits (another attention order), and greedy output could leave the target's. From then on the
+        # target has processed everything but the last committed token, which opens the next verification.
+        prompt_ids = torch.tensor([gen.prompt], device=gen.device)
+        if gen.features:
+            logits, hidden = self.runner.extend_features(prompt_ids)
+            logits = logits[-1:]
+        else:
+            logits = self.runner.prefill(prompt_ids)
+        gen.stats.target_forwards += 1
+        first, _ = verify_draft(logits, [], None, gen.sampling, gen.stats)
+        gen.sequence.extend(first)
+        if gen.features:
+            self.drafter.observe(hidden, gen.prompt[1:] + first)
+
+    def _speculative_decode(self, gen: _Generation) -> None:
+        """Draft-verify rounds until ``max_new_tokens`` are produced or an EOS token is committed."""
+        schedule = _DraftSchedule(self.config)
+        while gen.produced < gen.max_new_tokens and gen.sequence[-1] not in gen.eos:
+            remaining = gen.max_new_tokens - gen.produced
+            drafts, dists = self._draft(gen, schedule, remaining)
+            new, accepted, hidden = self._verify_round(gen, drafts, dists)
+            if self._commit(gen, new[:remaining], hidden):
+                break
+            schedule.update(len(drafts), accepted, gen.produced, gen.stats)
+
+    def _draft(
+        self, gen: _Generation, schedule: _DraftSchedule, remaining: int
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """The drafter's proposal for this round (none while drafting is paused), timed into ``draft_seconds``."""
+        started = time.perf_counter()
+        budget = schedule.budget(gen.produced, remaining, gen.stats)
+        drafts, dists = self.drafter.propose(gen.sequence, budget, gen.sampling) if budget > 0 else ([], None)
+        gen.stats.draft_seconds += time.perf_counter() - started
+        return drafts, dists
+
+    def _verify_round(
+        self, gen: _Generation, drafts: list[int], dists: torch.Tensor | None
+    ) -> tuple[list[int], int, torch.Tensor | None]:
+        """Check ``drafts`` with one target forward (rolled back to the kept tokens): ``(new, accepted, features)``."""
+        started = time.perf_counter()
+        stats = gen.stats
+        committed = len(gen.sequence)
+        verify_ids = torch.tensor([[gen.sequence[-1], *drafts]], device=gen.device)
+        hidden = None
+        if gen.features:
+            logits, hidden = self.runner.extend_features(verify_ids)
+        else:
+            logits = self.runner.extend(verify_ids)
+        stats.target_forwards += 1
+        new, accepted = verify_draft(logits, drafts, dists, gen.sampling, stats)
+        self.runner.rollback(committed + accepted)  # keep what the target processed of the kept tokens
+        stats.verify_seconds += time.perf_counter() - started
+        stats.proposed += len(drafts)
+        stats.accepted += accepted
+        if drafts:
+            stats.draft_lengths.append(len(drafts))
+        for i in range(len(drafts)):
+            stats._count_position(i, i < accepted)
+        return new, accepted, hidden
+
+    def _commit(self, gen: _Generation, new: list[int], hidden: torch.Tensor | None) -> bool:
+        """Append ``new`` up to its first EOS token (the drafter sees the features if it needs them); True at an EOS."""
+        stop = next((i for i, t in enumerate(new) if t in gen.eos), None)
+        if stop is not None:
+            new = new[: stop + 1]
+        gen.sequence.extend(new)
+        if gen.features:
+            self.drafter.observe(hidden[: len(new)], new)  # type: ignore[index]  # set whenever gen.features
+        return stop is not None
+
+    def _close(self) -> None:
+        """Release the drafter's and the runner's per-generation state, also after an error."""
+        self.drafter.close()
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
 
 def check_lossless(
@@ -410,5 +476,4 @@ def rejection_sample(
     ``draft_probs`` ``[k, V]``, the ``k`` draft tokens drawn from them. Returns ``(tokens, accepted)``."""
     sampling = Sampler(1.0, None, None, generator)
     sampling.probs = lambda logits: logits  # type: ignore[method-assign]  # inputs are probabilities already
-    decoder = SpeculativeDecoder.__new__(SpeculativeDecoder)
-    return decoder._verify(target_probs, draft_tokens, draft_probs, sampling, SpecStats())
+    return verify_draft(target_probs, draft_tokens, draft_probs, sampling, SpecStats())

@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ryzen_opt.errors import ConfigError, RyzenOptError
 from ryzen_opt.models import corpus, zoo
+from ryzen_opt.run.config import TrainingSection
 from ryzen_opt.run.context import RunContext
 from ryzen_opt.run.setup import fine_tunes
 from ryzen_opt.training.loop import TokenBlocks, TrainConfig, evaluate, train, use_bf16_autocast
@@ -41,41 +44,10 @@ BUILTIN_CORPUS = "CPython's documentation, the 'tune' half (ryzen_opt.models.zoo
 
 def fine_tune(ctx: RunContext) -> dict[str, Any]:
     """Fine-tune the target on its blocks but the held-out ones; their loss must go down (else RyzenOptError)."""
-
     cfg = ctx.config.training
-    if cfg.text_files:
-        texts = []
-        for name in cfg.text_files:
-            p = Path(name)
-            if not p.is_file():
-                raise ConfigError(f"[training] text_files: {name!r} does not exist")
-            texts.append(p.read_text(encoding="utf-8", errors="replace"))
-        ids = ctx.tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-        source: Any = list(cfg.text_files)
-    else:
-        ctx.say(f"training: no [training] text_files; fine-tuning on the built-in corpus: {BUILTIN_CORPUS}")
-        ids = corpus.prose_blocks(ctx.tokenizer, "tune", blocks=None, block_size=cfg.block_size).flatten()
-        source = BUILTIN_CORPUS
-    if ids.numel() < 2 * cfg.block_size:
-        raise ConfigError(
-            f"[training] the text holds {ids.numel()} tokens: need at least 2 blocks of {cfg.block_size} "
-            "(one to train on, one held out)"
-        )
-    blocks = TokenBlocks(ids, cfg.block_size).blocks
-    n_heldout = max(1, min(cfg.heldout_blocks, len(blocks) // 10))
-    train_blocks = TokenBlocks(blocks[:-n_heldout].flatten(), cfg.block_size)
-    heldout = TokenBlocks(blocks[-n_heldout:].flatten(), cfg.block_size)
-    config = TrainConfig(
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        warmup_steps=cfg.steps // 10,
-        eval_every=cfg.steps,  # one evaluation, at the end, of every held-out block
-        eval_batches=math.ceil(n_heldout / cfg.batch_size),
-        progress=True,
-        accumulation_steps=cfg.accumulation_steps,
-        bucket_cap_mb=cfg.bucket_cap_mb,
-    )
+    ids, source = _training_tokens(ctx, cfg)
+    train_blocks, heldout, n_heldout = _split_heldout(ids, cfg)
+    config = _train_config(cfg, n_heldout)
     label = ctx.config.model.target
     collector = TrainingMetricsCollector(
         experiment_id="ryzen-opt run: fine-tune", model=label, batch_size=cfg.batch_size
@@ -84,27 +56,8 @@ def fine_tune(ctx: RunContext) -> dict[str, Any]:
         f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.block_size} tokens on {len(train_blocks)} blocks; "
         f"held-out loss on the last {n_heldout} blocks before and after"
     )
-    started = time.perf_counter()
-    bf16 = use_bf16_autocast(config, ctx.device)
-    before = evaluate(ctx.target, heldout.fixed_batches(config.batch_size, config.eval_batches), ctx.device, bf16)
-    collector.record_epoch_metric(
-        EpochMetric(
-            epoch=0,
-            train_loss=None,
-            val_loss=before["loss"],
-            accuracy=before["accuracy"],
-            perplexity=before["perplexity"],
-            duration_s=time.perf_counter() - started,
-            extra={"step": 0.0},  # before training: the baseline the fine-tune must improve on
-        )
-    )
-    try:
-        summary = train(ctx.target, train_blocks, config, collector, heldout=heldout, device=ctx.device)
-    finally:
-        # Written on failure too (a NaN is then the report's anomaly), by rank 0 only: it holds every rank's
-        # reduced losses and step times.
-        if ctx.dist.is_main:
-            collector.export_metrics(ctx.out / "training_metrics_report.json")
+    before = _heldout_before(ctx, config, heldout, collector)
+    summary = _train_and_export(ctx, train_blocks, heldout, config, collector)
     ctx.target.zero_grad(set_to_none=True)
     ctx.target.eval()
     after = summary["final_eval"]
@@ -129,3 +82,86 @@ def fine_tune(ctx: RunContext) -> dict[str, Any]:
         )
     ctx.say(f"training: held-out loss {before['loss']:.4f} -> {after['loss']:.4f}")
     return data
+
+
+def _training_tokens(ctx: RunContext, cfg: TrainingSection) -> tuple[torch.Tensor, Any]:
+    """The token stream to fine-tune on, and where it came from: ``text_files`` joined, or the built-in corpus."""
+    if cfg.text_files:
+        texts = []
+        for name in cfg.text_files:
+            p = Path(name)
+            if not p.is_file():
+                raise ConfigError(f"[training] text_files: {name!r} does not exist")
+            texts.append(p.read_text(encoding="utf-8", errors="replace"))
+        ids = ctx.tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+        return ids, list(cfg.text_files)
+    ctx.say(f"training: no [training] text_files; fine-tuning on the built-in corpus: {BUILTIN_CORPUS}")
+    ids = corpus.prose_blocks(ctx.tokenizer, "tune", blocks=None, block_size=cfg.block_size).flatten()
+    return ids, BUILTIN_CORPUS
+
+
+def _split_heldout(ids: torch.Tensor, cfg: TrainingSection) -> tuple[TokenBlocks, TokenBlocks, int]:
+    """Cut the stream into blocks and hold out the last ones (at most a tenth): training blocks, held-out, count."""
+    if ids.numel() < 2 * cfg.block_size:
+        raise ConfigError(
+            f"[training] the text holds {ids.numel()} tokens: need at least 2 blocks of {cfg.block_size} "
+            "(one to train on, one held out)"
+        )
+    blocks = TokenBlocks(ids, cfg.block_size).blocks
+    n_heldout = max(1, min(cfg.heldout_blocks, len(blocks) // 10))
+    train_blocks = TokenBlocks(blocks[:-n_heldout].flatten(), cfg.block_size)
+    heldout = TokenBlocks(blocks[-n_heldout:].flatten(), cfg.block_size)
+    return train_blocks, heldout, n_heldout
+
+
+def _train_config(cfg: TrainingSection, n_heldout: int) -> TrainConfig:
+    """The training loop's configuration for ``[training]``: one evaluation, at the end, of every held-out block."""
+    return TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        warmup_steps=cfg.steps // 10,
+        eval_every=cfg.steps,  # one evaluation, at the end, of every held-out block
+        eval_batches=math.ceil(n_heldout / cfg.batch_size),
+        progress=True,
+        accumulation_steps=cfg.accumulation_steps,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+    )
+
+
+def _heldout_before(
+    ctx: RunContext, config: TrainConfig, heldout: TokenBlocks, collector: TrainingMetricsCollector
+) -> dict[str, float]:
+    """Evaluate the held-out blocks before training (as ``train`` will after) and record it as step 0."""
+    started = time.perf_counter()
+    bf16 = use_bf16_autocast(config, ctx.device)
+    before = evaluate(ctx.target, heldout.fixed_batches(config.batch_size, config.eval_batches), ctx.device, bf16)
+    collector.record_epoch_metric(
+        EpochMetric(
+            epoch=0,
+            train_loss=None,
+            val_loss=before["loss"],
+            accuracy=before["accuracy"],
+            perplexity=before["perplexity"],
+            duration_s=time.perf_counter() - started,
+            extra={"step": 0.0},  # before training: the baseline the fine-tune must improve on
+        )
+    )
+    return before
+
+
+def _train_and_export(
+    ctx: RunContext,
+    train_blocks: TokenBlocks,
+    heldout: TokenBlocks,
+    config: TrainConfig,
+    collector: TrainingMetricsCollector,
+) -> dict[str, Any]:
+    """Train the target; the metrics report is written (by rank 0) whether training succeeded or not."""
+    try:
+        return train(ctx.target, train_blocks, config, collector, heldout=heldout, device=ctx.device)
+    finally:
+        # Written on failure too (a NaN is then the report's anomaly), by rank 0 only: it holds every rank's
+        # reduced losses and step times.
+        if ctx.dist.is_main:
+            collector.export_metrics(ctx.out / "training_metrics_report.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from ryzen_opt.models import corpus, zoo
 from ryzen_opt.optimizers.drafting import NGramDrafter
 from ryzen_opt.optimizers.kv_cache import KVCacheOptimizer
 from ryzen_opt.optimizers.speculative import SpeculativeDecoder, check_lossless
-from ryzen_opt.optimizers.system import build_variants, compose
+from ryzen_opt.optimizers.system import Variants, build_variants, compose
 from ryzen_opt.run.context import RunContext
 from ryzen_opt.validation.validator import OptimizationValidator, load_thresholds
 
@@ -101,21 +102,52 @@ def speculative_workloads(ctx: RunContext, validator: Any, target: Any) -> dict[
     return out
 
 
-def validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[str, dict[str, Any]]:
-    """One model's measurements (see ``run_validation``); returns ``(label, measurements)``.
+@dataclass
+class ModelUnderTest:
+    """What every measurement of one model shares, so its variants are built once and its inputs picked once."""
 
-    Each optimized variant is built once (``build_variants``; for the target, setup's build is reused when training
-    left the target as it was) and every measurement of this model shares it.
-    """
+    label: str
+    reference: Any
+    draft: Any | None
+    variants: Variants
+    prompts: list[torch.Tensor]
+    blocks: torch.Tensor | None  # held-out text for accuracy; None for random weights
+
+
+class Phases:
+    """Where the stage's minutes go, kept in the report: (phase, start) marks, one per phase, shown on a bar."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = [("build", time.perf_counter())]
+        self.bar: Any = None
+
+    def show(self, label: str) -> None:
+        """Open the bar once the model is built, so the build is not counted as a step."""
+        # The timed arms (one step: they share each round), then speculative, KV memory, compression and accuracy.
+        self.bar = tqdm(total=5, desc=f"validation [{label}]", unit="step", leave=False, disable=None)
+
+    def step(self, what: str) -> None:
+        """Start phase ``what``: mark its start and advance the bar, so the report says where the time went."""
+        self.marks.append((what, time.perf_counter()))
+        self.bar.set_postfix_str(what)
+        self.bar.update(1)
+
+    def seconds(self) -> dict[str, float]:
+        """Close the bar and return each phase's seconds, in order, for the report."""
+        self.bar.close()
+        self.marks.append(("end", time.perf_counter()))
+        return {a: round(t1 - t0, 1) for (a, t0), (_, t1) in itertools.pairwise(self.marks)}
+
+
+def tag(result: Any, optimizer: str, model: str) -> None:
+    """Label a validation result with its optimizer and model, so the report can say which failed where."""
+    result.details.update(optimizer=optimizer, model=model)
+
+
+def prepare_model(ctx: RunContext, model_name: str) -> ModelUnderTest:
+    """Build ``model_name``'s variants once (the target reuses setup's build) and pick its prompts and blocks."""
 
     cfg, v = ctx.config, ctx.config.validation
-    baseline = "HF generate, fp32, default attention, dynamic cache"
-    # Where the stage's minutes go, kept in the report: (phase, start) marks, one per phase.
-    marks: list[tuple[str, float]] = [("build", time.perf_counter())]
-
-    def tag(result: Any, optimizer: str, model: str) -> None:
-        result.details.update(optimizer=optimizer, model=model)
-
     if model_name == "target":
         reference, draft, label = ctx.target, ctx.draft, "target"
         blocks = validation_blocks(ctx, v.accuracy_blocks)
@@ -123,72 +155,80 @@ def validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[st
         if ctx.variants is None:
             ctx.say(f"validation [{label}]: building the four optimizers, each alone and all together (once)")
             ctx.variants = build_variants(reference, draft, cfg.system)
-        variants = ctx.variants
-    else:
-        reference, draft, label = zoo.llama_134m(device=ctx.device), None, "134m"
-        blocks = None
-        generator = torch.Generator().manual_seed(0)
-        # One prompt: HF generate on the 134M takes ~2 s per 64 tokens, and the ratio is stable across prompts.
-        prompts = [torch.randint(1, 32000, (1, 32), generator=generator).to(ctx.device)]
-        variants = build_variants(reference, None, cfg.system)
-    ctx.say(f"validation [{label}]: each optimizer alone and all four together vs HF generate")
+        return ModelUnderTest(label, reference, draft, ctx.variants, prompts, blocks)
+    reference = zoo.llama_134m(device=ctx.device)
+    generator = torch.Generator().manual_seed(0)
+    # One prompt: HF generate on the 134M takes ~2 s per 64 tokens, and the ratio is stable across prompts.
+    prompts = [torch.randint(1, 32000, (1, 32), generator=generator).to(ctx.device)]
+    variants = build_variants(reference, None, cfg.system)
+    return ModelUnderTest("134m", reference, None, variants, prompts, None)
 
-    # The timed arms (one step: they share each round), then speculative, KV memory, compression and accuracy.
-    bar = tqdm(total=5, desc=f"validation [{label}]", unit="step", leave=False, disable=None)
 
-    def step(what: str) -> None:
-        marks.append((what, time.perf_counter()))
-        bar.set_postfix_str(what)
-        bar.update(1)
+def measure_speed(
+    ctx: RunContext, validator: OptimizationValidator, model: ModelUnderTest, phases: Phases
+) -> dict[str, Any]:
+    """Time each optimizer alone and all four together against HF generate, and gate the kernels and the system."""
 
+    cfg, v = ctx.config, ctx.config.validation
+    baseline = "HF generate, fp32, default attention, dynamic cache"
     speeds = compose(
-        reference,
-        draft,
-        prompts,
+        model.reference,
+        model.draft,
+        model.prompts,
         new_tokens=v.new_tokens,
         config=cfg.system,
         pairs=v.pairs,
-        progress=step,
-        variants=variants,
+        progress=phases.step,
+        variants=model.variants,
     )
-    model_data: dict[str, Any] = {"speedups_vs_hf": {k: m.to_dict() for k, m in speeds.items()}}
+    data: dict[str, Any] = {"speedups_vs_hf": {k: m.to_dict() for k, m in speeds.items()}}
     # Which gates apply where is the issues' definition: the kernel speedup (3x) is a claim about a model big enough
     # to be bound by streaming weights (the 134M, a real target such as SmolLM2); the zoo target's 6.8M are bound by
     # per-token overhead, so there the kernels' speedup is reported (speedups_vs_hf) but not gated. Speculative
     # decoding's gates are about a trained draft (the zoo's); n-gram drafting on arbitrary text is reported, not gated.
+    label = model.label
     if label == "134m" or cfg.model.target != "zoo":
         tag(validator.validate_kernel_performance(speeds["kernels"], baseline=baseline), "kernel_optimizer", label)
-    workload = f"{len(prompts)} held-out prose prompt(s) of 32 tokens, {v.new_tokens} new tokens each, greedy"
-    model_data["workload"] = workload
+    workload = f"{len(model.prompts)} held-out prose prompt(s) of 32 tokens, {v.new_tokens} new tokens each, greedy"
+    data["workload"] = workload
     tag(validator.validate_end_to_end_system(speeds["all four"], baseline=baseline, workload=workload), "e2e", label)
+    return data
+
+
+def measure_speculation(
+    ctx: RunContext, validator: OptimizationValidator, model: ModelUnderTest, phases: Phases
+) -> dict[str, Any]:
+    """Speculative decoding against its own baseline (the target alone, same kernels), gated for a trained draft."""
+
+    cfg, v = ctx.config, ctx.config.validation
     # Speculative decoding against its own baseline: the target alone with the same kernels, so the drafting target
     # has those kernels only too; a draft model drafts with its kernels (the system's, compiled once).
-    kernels_only = variants.kernels
-    drafter = variants.system.draft if variants.system.draft is not None else NGramDrafter()
+    kernels_only = model.variants.kernels
+    drafter = model.variants.system.draft if model.variants.system.draft is not None else NGramDrafter()
     spec = SpeculativeDecoder(kernels_only, drafter, cfg.system.speculative)
-    step("speculative vs the target alone")
+    phases.step("speculative vs the target alone")
     stats = None
-    for ids in prompts:
+    for ids in model.prompts:
         out = spec.generate(ids, v.new_tokens)
         stats = out.stats if stats is None else stats.merge(out.stats)
     spec_speed = compare(
         lambda: [
             kernels_only.generate(ids, max_new_tokens=v.new_tokens, min_new_tokens=v.new_tokens, do_sample=False)
-            for ids in prompts
+            for ids in model.prompts
         ],
-        lambda: [spec.generate(ids, v.new_tokens) for ids in prompts],
+        lambda: [spec.generate(ids, v.new_tokens) for ids in model.prompts],
         min_pairs=v.pairs,
         max_pairs=v.pairs,
         warmup=1,
         baseline_name="target alone, same kernels",
         candidate_name="speculative decoding",
     )
-    model_data["speculative"] = {
-        "drafter": "draft model" if draft is not None else "n-gram prompt lookup",
+    data = {
+        "drafter": "draft model" if model.draft is not None else "n-gram prompt lookup",
         "stats": stats.to_dict() if stats else None,
         "speedup": spec_speed.to_dict(),
     }
-    if draft is not None:
+    if model.draft is not None:
         tag(
             validator.validate_speculative_decoding(
                 stats.acceptance_rate if stats else None,
@@ -197,28 +237,47 @@ def validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[st
                 reason=None if stats and stats.proposed else "the drafter proposed nothing",
             ),
             "speculative_decoder",
-            label,
+            model.label,
         )
-        tag(validator.results[-1], "speculative_decoder", label)
-    if label == "target":
-        model_data["speculative_tasks"] = speculative_workloads(ctx, validator, kernels_only)
-        tag(validator.results[-1], "speculative_decoder", label)
-    # KV memory at the configured context, and the compression ratio.
-    step("KV cache memory")
-    context = min(v.context_len, getattr(reference.config, "max_position_embeddings", v.context_len))
-    kv = KVCacheOptimizer(cfg.system.kv_cache)
-    kv_report = kv.memory_report(reference, context, decode_steps=4)
-    model_data["kv_memory"] = kv_report
+        tag(validator.results[-1], "speculative_decoder", model.label)
+    return data
+
+
+def measure_kv_memory(
+    ctx: RunContext, validator: OptimizationValidator, model: ModelUnderTest, phases: Phases
+) -> tuple[KVCacheOptimizer, dict[str, Any]]:
+    """KV memory at the configured context, gated on its reduction; the optimizer is returned for accuracy."""
+
+    v = ctx.config.validation
+    phases.step("KV cache memory")
+    context = min(v.context_len, getattr(model.reference.config, "max_position_embeddings", v.context_len))
+    kv = KVCacheOptimizer(ctx.config.system.kv_cache)
+    report = kv.memory_report(model.reference, context, decode_steps=4)
     tag(
-        validator.validate_kv_cache_optimization(kv_report["reduction"], context_len=context),
+        validator.validate_kv_cache_optimization(report["reduction"], context_len=context),
         "kv_cache_optimizer",
-        label,
+        model.label,
     )
-    step("embedding compression")
-    model_data["compression"] = variants.embeddings_report
-    tag(validator.validate_embedding_compression(model_data["compression"]["ratio"]), "embedding_compressor", label)
+    return kv, report
+
+
+def measure_compression(validator: OptimizationValidator, model: ModelUnderTest, phases: Phases) -> dict[str, Any]:
+    """The embedding compressor's ratio (measured when the variants were built), against its gate."""
+
+    phases.step("embedding compression")
+    report = model.variants.embeddings_report
+    tag(validator.validate_embedding_compression(report["ratio"]), "embedding_compressor", model.label)
+    return report
+
+
+def measure_accuracy(
+    ctx: RunContext, validator: OptimizationValidator, model: ModelUnderTest, kv: KVCacheOptimizer, phases: Phases
+) -> dict[str, Any]:
+    """Each optimizer and the system against the fp32 forward on held-out text; ``{}`` (skipped) for random weights."""
+
     # Accuracy: only a trained model's held-out text can say anything.
-    step("accuracy")
+    phases.step("accuracy")
+    reference, blocks, label = model.reference, model.blocks, model.label
     if blocks is None:
         for optimizer in ("kernel_optimizer", "embedding_compressor", "kv_cache_optimizer", "e2e"):
             tag(
@@ -226,31 +285,49 @@ def validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[st
                 optimizer,
                 label,
             )
-    else:
-        ctx.say(f"validation [{label}]: accuracy on {blocks.shape[0]} held-out blocks")
-        # Every candidate against the one fp32 forward (computed once, memoized). Cached candidates read their
-        # cache in chunks of 64: with the quantized cache's 128-token full-precision window, the second half of
-        # each 256-token block attends to quantized keys and values. (A full-precision cache read the same way
-        # agrees with the plain forward to float rounding; it is no longer run as a separate reference: ~40 s.)
-        plain = memo_logits(reference, blocks)
-        comparisons = {
-            "kernel_optimizer": (plain, variants.kernels),
-            "embedding_compressor": (plain, variants.embeddings),
-            "kv_cache_optimizer": (plain, CachedForward(reference, lambda: kv.make_cache(reference), chunk=64)),
-            "e2e": (plain, variants.system.accuracy_model(chunk=64)),
-        }
-        accuracies = {}
-        for optimizer, (reference_model, candidate) in comparisons.items():
-            m = accuracy(reference_model, candidate, blocks, reference_name="fp32 reference", candidate_name=optimizer)
-            accuracies[optimizer] = m.to_dict()
-            tag(validator.validate_correctness(m), optimizer, label)
-        model_data["accuracy"] = accuracies
-        model_data["accuracy_text"] = (
-            "the zoo's held-out files" if cfg.model.target == "zoo" else "CPython's docs, the 'test' half"
-        )
-    bar.close()
-    marks.append(("end", time.perf_counter()))
-    model_data["seconds"] = {a: round(t1 - t0, 1) for (a, t0), (_, t1) in itertools.pairwise(marks)}
+        return {}
+    ctx.say(f"validation [{label}]: accuracy on {blocks.shape[0]} held-out blocks")
+    # Every candidate against the one fp32 forward (computed once, memoized). Cached candidates read their
+    # cache in chunks of 64: with the quantized cache's 128-token full-precision window, the second half of
+    # each 256-token block attends to quantized keys and values. (A full-precision cache read the same way
+    # agrees with the plain forward to float rounding; it is no longer run as a separate reference: ~40 s.)
+    plain = memo_logits(reference, blocks)
+    comparisons = {
+        "kernel_optimizer": (plain, model.variants.kernels),
+        "embedding_compressor": (plain, model.variants.embeddings),
+        "kv_cache_optimizer": (plain, CachedForward(reference, lambda: kv.make_cache(reference), chunk=64)),
+        "e2e": (plain, model.variants.system.accuracy_model(chunk=64)),
+    }
+    accuracies = {}
+    for optimizer, (reference_model, candidate) in comparisons.items():
+        m = accuracy(reference_model, candidate, blocks, reference_name="fp32 reference", candidate_name=optimizer)
+        accuracies[optimizer] = m.to_dict()
+        tag(validator.validate_correctness(m), optimizer, label)
+    text = "the zoo's held-out files" if ctx.config.model.target == "zoo" else "CPython's docs, the 'test' half"
+    return {"accuracy": accuracies, "accuracy_text": text}
+
+
+def validate_model(ctx: RunContext, validator: Any, model_name: str) -> tuple[str, dict[str, Any]]:
+    """One model's measurements (see ``run_validation``); returns ``(label, measurements)``.
+
+    Each optimized variant is built once (``build_variants``; for the target, setup's build is reused when training
+    left the target as it was) and every measurement of this model shares it.
+    """
+
+    phases = Phases()  # the "build" phase starts now
+    model = prepare_model(ctx, model_name)
+    label = model.label
+    ctx.say(f"validation [{label}]: each optimizer alone and all four together vs HF generate")
+    phases.show(label)
+    model_data = measure_speed(ctx, validator, model, phases)
+    model_data["speculative"] = measure_speculation(ctx, validator, model, phases)
+    if label == "target":
+        model_data["speculative_tasks"] = speculative_workloads(ctx, validator, model.variants.kernels)
+        tag(validator.results[-1], "speculative_decoder", label)
+    kv, model_data["kv_memory"] = measure_kv_memory(ctx, validator, model, phases)
+    model_data["compression"] = measure_compression(validator, model, phases)
+    model_data.update(measure_accuracy(ctx, validator, model, kv, phases))
+    model_data["seconds"] = phases.seconds()
     return label, model_data
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from ryzen_opt.errors import ConfigError
 from ryzen_opt.ops import native
 from ryzen_opt.runtime.arch import Arch, Layer
+from ryzen_opt.runtime.state import DECODER, attach, attached
 
 logger = logging.getLogger(__name__)
 
@@ -497,15 +498,11 @@ class StaticDecoder:
         return logits
 
 
-_ATTRIBUTE = "_ryzen_decoder"
-
-
 def attach_decoder(model: nn.Module, decoder: StaticDecoder) -> None:
     """Make ``decoder`` the one :func:`decoder_of` finds on ``model``."""
-    setattr(model, _ATTRIBUTE, decoder)
+    attach(model, DECODER, decoder)
 
 
 def decoder_of(model: nn.Module) -> StaticDecoder | None:
     """The lean decoder attached to ``model`` (a KernelOptimizer with ``decode="static"`` attaches one), or ``None``."""
-    found = getattr(model, _ATTRIBUTE, None)
-    return found if isinstance(found, StaticDecoder) else None
+    return attached(model, DECODER, StaticDecoder)

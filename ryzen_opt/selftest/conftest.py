@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 import torch
 
+from ryzen_opt.errors import ModelLoadError
 from ryzen_opt.measure.accuracy import MemoLogits
+from ryzen_opt.models import corpus, zoo
+from ryzen_opt.models.loading import load_model
+from ryzen_opt.optimizers.system import SystemConfig
+from ryzen_opt.run.config import RunConfig
 from ryzen_opt.selftest import MODEL_ENV, SYSTEM_CONFIG_FILE
 
 # Held-out blocks for the accuracy checks: 4 x 256 tokens keep each forward over them to seconds on SmolLM2.
@@ -26,8 +31,6 @@ def model_dir() -> Path:
         if not (path / "config.json").is_file():
             pytest.fail(f"${MODEL_ENV} = {value!r} is not a save_pretrained directory (no config.json there)")
         return path
-    from ryzen_opt.errors import ModelLoadError
-    from ryzen_opt.models import zoo
 
     try:
         return zoo.smollm2_dir()
@@ -40,7 +43,6 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(model_dir: Path) -> tuple[Any, Any]:
-    from ryzen_opt.models.loading import load_model
 
     model, tokenizer = load_model(model_dir, device="cpu")
     if tokenizer is None:
@@ -61,8 +63,6 @@ def tokenizer(loaded: tuple[Any, Any]) -> Any:
 @pytest.fixture(scope="session")
 def system_config(model_dir: Path) -> Any:
     """The optimizer configs the model was validated with (saved beside it by ``ryzen-opt run``), else the defaults."""
-    from ryzen_opt.optimizers.system import SystemConfig
-    from ryzen_opt.run.config import RunConfig
 
     path = model_dir / SYSTEM_CONFIG_FILE
     if not path.is_file():
@@ -78,7 +78,6 @@ def max_positions(model: Any) -> int:
 @pytest.fixture(scope="session")
 def prose(model: Any, tokenizer: Any) -> torch.Tensor:
     """``[4, T]`` blocks of held-out English prose (CPython's docs, the half no default was tuned on)."""
-    from ryzen_opt.models import corpus
 
     return corpus.prose_blocks(tokenizer, "test", blocks=PROSE_BLOCKS, block_size=min(256, max_positions(model) // 2))
 

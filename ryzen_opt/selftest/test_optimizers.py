@@ -8,6 +8,14 @@ from typing import Any
 import pytest
 import torch
 
+from ryzen_opt.compat import cache_kwargs
+from ryzen_opt.measure.accuracy import accuracy
+from ryzen_opt.measure.memory import cache_bytes
+from ryzen_opt.optimizers.drafting import NGramDrafter
+from ryzen_opt.optimizers.embeddings import EmbeddingCompressor
+from ryzen_opt.optimizers.kernels import KernelOptimizer
+from ryzen_opt.optimizers.kv_cache import KVCacheOptimizer
+from ryzen_opt.optimizers.speculative import SpeculativeDecoder
 from ryzen_opt.selftest.conftest import max_positions
 
 # Greedy decoding in fp32 may pick another token where the two best logits are this close: batch shapes change the
@@ -66,8 +74,6 @@ def _prompts(tokenizer: Any, prose: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("which", ["repeating", "prose"])
 def test_speculative_ngram_is_lossless(model: Any, tokenizer: Any, prose: torch.Tensor, system_config: Any, which):
-    from ryzen_opt.optimizers.drafting import NGramDrafter
-    from ryzen_opt.optimizers.speculative import SpeculativeDecoder
 
     ids = _prompts(tokenizer, prose)[which]
     n = 24
@@ -79,7 +85,6 @@ def test_speculative_ngram_is_lossless(model: Any, tokenizer: Any, prose: torch.
 
 
 def test_speculative_accepts_what_the_model_would_say(model: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.optimizers.speculative import SpeculativeDecoder
 
     ids = prose[:1, :32]
     n = 24
@@ -104,8 +109,6 @@ def _check_accuracy(m: Any, what: str) -> None:
 
 
 def test_kernels_keep_accuracy(model: Any, reference: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.measure.accuracy import accuracy
-    from ryzen_opt.optimizers.kernels import KernelOptimizer
 
     optimized = KernelOptimizer(system_config.kernels).apply_to_model(copy.deepcopy(model))
     m = accuracy(reference, optimized, prose, reference_name="model", candidate_name="KernelOptimizer")
@@ -113,8 +116,6 @@ def test_kernels_keep_accuracy(model: Any, reference: Any, prose: torch.Tensor, 
 
 
 def test_embedding_compression_keeps_accuracy(model: Any, reference: Any, prose: torch.Tensor, system_config: Any):
-    from ryzen_opt.measure.accuracy import accuracy
-    from ryzen_opt.optimizers.embeddings import EmbeddingCompressor
 
     compressor = EmbeddingCompressor(system_config.embeddings)
     optimized = compressor.apply_to_model(copy.deepcopy(model))
@@ -126,9 +127,6 @@ def test_embedding_compression_keeps_accuracy(model: Any, reference: Any, prose:
 @torch.no_grad()
 def test_kv_cache_stores_less_and_decodes_within_a_margin(model: Any, prose: torch.Tensor, system_config: Any):
     from transformers import DynamicCache
-
-    from ryzen_opt.compat import cache_kwargs
-    from ryzen_opt.optimizers.kv_cache import KVCacheOptimizer, cache_bytes
 
     kv = system_config.kv_cache
     n = 16

@@ -1,7 +1,8 @@
 """A real causal-LM training loop: AdamW, warm-up + cosine, clipping, bf16 autocast, held-out evaluation.
 
-The loop is deliberately plain (gpt-fast / nanoGPT style): one function, no Trainer. Every number it hands the
-:class:`~ryzen_opt.training.metrics.TrainingMetricsCollector` is measured from the step that produced it.
+The loop is deliberately plain (gpt-fast / nanoGPT style): a few functions and one small state holder, no Trainer.
+Every number it hands the :class:`~ryzen_opt.training.metrics.TrainingMetricsCollector` is measured from the step
+that produced it.
 
 Budget training by steps, not seconds (CPU_BASELINES.md): equal steps give byte-identical weights on the same
 machine and software, while a time budget varies with load.
@@ -15,15 +16,19 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ryzen_opt.device import cpu_info
 from ryzen_opt.errors import ConfigError, RyzenOptError
+from ryzen_opt.measure.token_blocks import TokenBlocks  # re-exported: its home was here
+from ryzen_opt.training import distributed
+from ryzen_opt.training.metrics import BatchMetric, EpochMetric
 
 logger = logging.getLogger(__name__)
 
@@ -168,49 +173,9 @@ def use_bf16_autocast(config: TrainConfig, device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        from ryzen_opt.device import cpu_info
-
         flags = cpu_info()["flags"]
         return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
     return False
-
-
-class TokenBlocks:
-    """A token stream cut into fixed-length blocks; the unit of training and evaluation data.
-
-    Args:
-        ids: the whole stream (documents joined with an end-of-text token).
-        block_size: tokens per block (the model's training context).
-    """
-
-    def __init__(self, ids: torch.Tensor | Sequence[int], block_size: int) -> None:
-        stream = torch.as_tensor(ids, dtype=torch.long).flatten()
-        n = stream.numel() // block_size
-        if n < 1:
-            raise ConfigError(f"{stream.numel()} tokens cannot fill one block of {block_size}: give more text")
-        self.blocks = stream[: n * block_size].view(n, block_size)
-        self.block_size = block_size
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def batches(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-        """Shuffled batches forever, reshuffled each data epoch with a seeded generator (reproducible)."""
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(len(self), generator=gen)
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.blocks[order[start : start + batch_size]]
-
-    def fixed_batches(self, batch_size: int, count: int) -> list[torch.Tensor]:
-        """The first ``count`` batches in order: the same held-out data at every evaluation."""
-        out = []
-        for i in range(count):
-            chunk = self.blocks[i * batch_size : (i + 1) * batch_size]
-            if chunk.shape[0] == 0:
-                break
-            out.append(chunk)
-        return out
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -236,8 +201,6 @@ def evaluate(
     Returns:
         ``{"loss", "perplexity", "accuracy", "tokens"}``; the loss is the token-weighted mean cross-entropy.
     """
-    from ryzen_opt.training import distributed
-
     info = distributed.current()
     was_training = model.training
     model.eval()
@@ -290,59 +253,38 @@ def train(
     Raises:
         TrainingDivergedError: the loss became NaN or Inf; the message names the step.
     """
-    if collector is not None:
-        from ryzen_opt.training.metrics import BatchMetric, EpochMetric
-    from ryzen_opt.training import distributed
-
     info = distributed.current()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    rows = config.batch_size // config.accumulation_steps // info.world_size
-    if rows < 1 or config.batch_size % (config.accumulation_steps * info.world_size):
-        raise ConfigError(
-            f"TrainConfig.batch_size = {config.batch_size} cannot be split into {info.world_size} rank(s) x "
-            f"{config.accumulation_steps} micro-batch(es) of equal rows: make it a multiple of "
-            f"{info.world_size * config.accumulation_steps}"
-        )
+    rows = _rows_per_micro_batch(config, info)
     torch.manual_seed(config.seed)
     bf16 = use_bf16_autocast(config, dev)
-    forward: nn.Module = model
-    if info.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        with distributed.collective(info, "DistributedDataParallel's start (broadcast of rank 0's weights)"):
-            forward = DistributedDataParallel(
-                model,
-                device_ids=[dev.index] if dev.type == "cuda" else None,
-                bucket_cap_mb=config.bucket_cap_mb,
-                # The models' buffers (RoPE frequencies) are constants: syncing them each forward is a wasted
-                # collective, and one that a rank-0-only evaluation would wait on forever.
-                forward_sync_buffers=False,
-            )
-        if collector is not None:
-            collector.set_distributed(info.world_size, info.backend)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, fused=False, foreach=True
+    # Keyword arguments evaluate left to right: DDP's start (a collective), then the optimizer, the data, the bar.
+    loop = _TrainLoop(
+        model=model,
+        forward=_wrap_for_ranks(model, dev, config, info, collector),
+        optimizer=torch.optim.AdamW(
+            _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, fused=False, foreach=True
+        ),
+        config=config,
+        info=info,
+        dev=dev,
+        bf16=bf16,
+        collector=collector,
+        step_callback=step_callback,
+        batches=data.batches(config.batch_size, config.seed),
+        eval_data=heldout.fixed_batches(config.batch_size, config.eval_batches) if heldout is not None else [],
+        tokens_per_step=config.batch_size * data.block_size,
+        steps_per_data_epoch=max(1, len(data) // config.batch_size),
+        bar=_progress_bar(config, info),
     )
-    batches = data.batches(config.batch_size, config.seed)
-    eval_data = heldout.fixed_batches(config.batch_size, config.eval_batches) if heldout is not None else []
-    tokens_per_step = config.batch_size * data.block_size
-    steps_per_data_epoch = max(1, len(data) // config.batch_size)
-
-    bar = None
-    if config.progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)
     # Training needs autograd even when the caller sits in torch.no_grad() (e.g. an evaluation that builds the
     # zoo on first use); without this the first backward() fails with "does not require grad".
     with torch.enable_grad():
         model.train()
-        last_eval: dict[str, float] = {}
-        period_losses: list[float] = []
-        period_start = time.perf_counter()
-        run_start = period_start
+        loop.period_start = time.perf_counter()
+        run_start = loop.period_start
         logger.info(
             "training %d steps, batch %d x %d tokens (%d rank(s) x %d micro-batch(es) of %d), bf16 autocast=%s",
             config.steps,
@@ -353,105 +295,88 @@ def train(
             rows,
             bf16,
         )
+        loop.run()
+    model.eval()
+    if config.checkpoint_dir and info.is_main:
+        save_checkpoint(model, Path(config.checkpoint_dir) / "final")
+    return loop.summary(time.perf_counter() - run_start)
+
+
+def _rows_per_micro_batch(config: TrainConfig, info: distributed.DistInfo) -> int:
+    """Each rank's rows per micro-batch; a ConfigError when the global batch does not split evenly."""
+    rows = config.batch_size // config.accumulation_steps // info.world_size
+    if rows < 1 or config.batch_size % (config.accumulation_steps * info.world_size):
+        raise ConfigError(
+            f"TrainConfig.batch_size = {config.batch_size} cannot be split into {info.world_size} rank(s) x "
+            f"{config.accumulation_steps} micro-batch(es) of equal rows: make it a multiple of "
+            f"{info.world_size * config.accumulation_steps}"
+        )
+    return rows
+
+
+def _wrap_for_ranks(
+    model: nn.Module, dev: torch.device, config: TrainConfig, info: distributed.DistInfo, collector: Any | None
+) -> nn.Module:
+    """What the steps call forward on: the model itself, or under torchrun its DistributedDataParallel wrapper."""
+    if not info.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    with distributed.collective(info, "DistributedDataParallel's start (broadcast of rank 0's weights)"):
+        forward = DistributedDataParallel(
+            model,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            bucket_cap_mb=config.bucket_cap_mb,
+            # The models' buffers (RoPE frequencies) are constants: syncing them each forward is a wasted
+            # collective, and one that a rank-0-only evaluation would wait on forever.
+            forward_sync_buffers=False,
+        )
+    if collector is not None:
+        collector.set_distributed(info.world_size, info.backend)
+    return forward
+
+
+def _progress_bar(config: TrainConfig, info: distributed.DistInfo) -> Any | None:
+    """A tqdm bar over the steps, on rank 0 only and only if ``config.progress``; else ``None``."""
+    if not (config.progress and info.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)
+
+
+@dataclass
+class _TrainLoop:
+    """One ``train`` call's state from step to step, so that each phase of a step can be a short method."""
+
+    model: nn.Module
+    forward: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    info: distributed.DistInfo
+    dev: torch.device
+    bf16: bool
+    collector: Any | None
+    step_callback: Callable[[], None] | None
+    batches: Iterator[torch.Tensor]
+    eval_data: list[torch.Tensor]
+    tokens_per_step: int
+    steps_per_data_epoch: int
+    bar: Any | None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    period_losses: list[float] = field(default_factory=list)
+    period_start: float = 0.0
+
+    def run(self) -> None:
+        """Every step in order; under torchrun a peer's death (a RuntimeError here) becomes a RankFailedError."""
         step = 0
         try:
-            for step in range(config.steps):
-                t0 = time.perf_counter()
-                lr = lr_at(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                mine = distributed.shard_batch(next(batches), info).to(dev)
-                optimizer.zero_grad(set_to_none=True)
-                loss_value = _forward_backward(forward, mine, config, bf16, info)
-                # One host sync per step: needed to stop at the first NaN, not later. Every rank's loss is gathered,
-                # so a NaN on any rank stops all of them at this step (and is the anomaly in every rank's record).
-                losses = [v[0] for v in distributed.all_gather_floats(info, [loss_value], f"step {step}'s loss")]
-                loss_value = math.fsum(losses) / len(losses)
-                bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
-                if bad:
-                    if collector is not None:
-                        collector.record_batch_metric(
-                            BatchMetric(
-                                step // config.eval_every,
-                                step % config.eval_every,
-                                loss_value,
-                                0.0,
-                                0.0,
-                                lr,
-                                None,
-                                time.perf_counter() - t0,
-                                step=step,
-                                tokens=tokens_per_step,
-                            )
-                        )
-                    where = f" on rank(s) {bad}" if info.active else ""
-                    raise TrainingDivergedError(
-                        f"loss became {losses[bad[0]]} at step {step}{where} (lr {lr:.3g}). Lower TrainConfig.lr, "
-                        "keep grad_clip > 0, or check the data for empty or corrupt batches."
-                    )
-                if config.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-                else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-                optimizer.step()
-                own = time.perf_counter() - t0
-                # Each rank's step time: the slowest sets the pace (stragglers show in rank_step_s).
-                durations = [v[0] for v in distributed.all_gather_floats(info, [own], f"step {step}'s timing")]
-                duration = max(durations)
-                period_losses.append(loss_value)
-                epoch_index = step // config.eval_every
-                if collector is not None:
-                    collector.record_batch_metric(
-                        BatchMetric(
-                            epoch=epoch_index,
-                            batch=step % config.eval_every,
-                            step=step,
-                            loss=loss_value,
-                            samples_per_s=config.batch_size / duration,
-                            tokens_per_s=tokens_per_step / duration,
-                            learning_rate=lr,
-                            grad_norm=grad_norm,
-                            duration_s=duration,
-                            tokens=tokens_per_step,
-                            rank_step_s=tuple(durations) if info.active else None,
-                        )
-                    )
-                if bar is not None and (step % config.log_every == 0 or step == config.steps - 1):
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", tok_s=f"{tokens_per_step / duration:.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if step_callback is not None:
-                    step_callback()
-                last_step = step == config.steps - 1
-                if (step + 1) % config.eval_every == 0 or last_step:
-                    if eval_data:
-                        last_eval = evaluate(model, eval_data, dev, bf16)
-                        loss_, acc_ = last_eval["loss"], last_eval["accuracy"]
-                        logger.info("step %d: held-out loss %.4f, top-1 %.4f", step + 1, loss_, acc_)
-                    if collector is not None:
-                        collector.record_epoch_metric(
-                            EpochMetric(
-                                epoch=epoch_index,
-                                train_loss=sum(period_losses) / len(period_losses),
-                                val_loss=last_eval.get("loss"),
-                                accuracy=last_eval.get("accuracy"),
-                                perplexity=last_eval.get("perplexity"),
-                                duration_s=time.perf_counter() - period_start,
-                                extra={"step": float(step + 1), "data_epochs": (step + 1) / steps_per_data_epoch},
-                            )
-                        )
-                    period_losses = []
-                    period_start = time.perf_counter()
-                if (
-                    info.is_main
-                    and config.checkpoint_dir
-                    and config.checkpoint_every
-                    and (step + 1) % config.checkpoint_every == 0
-                ):
-                    save_checkpoint(model, Path(config.checkpoint_dir) / f"step-{step + 1}")
+            for step in range(self.config.steps):
+                self.run_step(step)
         except RuntimeError as exc:
-            if not info.active or isinstance(exc, RyzenOptError):
+            if not self.info.active or isinstance(exc, RyzenOptError):
                 raise
+            info = self.info
             # A peer died mid-step: DDP's gradient all-reduce (inside backward) is where the others notice.
             raise distributed.RankFailedError(
                 f"rank {info.rank} of {info.world_size}: training failed at step {step} "
@@ -459,24 +384,147 @@ def train(
                 "died or stopped with an error: its own log (torchrun prefixes each line with the rank) says why"
             ) from exc
         finally:
-            if bar is not None:
-                bar.close()
-            del forward  # DDP's hooks go with it; the model is the caller's again
-    model.eval()
-    if config.checkpoint_dir and info.is_main:
-        save_checkpoint(model, Path(config.checkpoint_dir) / "final")
-    seconds = time.perf_counter() - run_start
-    return {
-        "steps": config.steps,
-        "tokens": config.steps * tokens_per_step,
-        "seconds": seconds,
-        "tokens_per_s": config.steps * tokens_per_step / seconds,
-        "bf16_autocast": bf16,
-        "data_epochs": config.steps / steps_per_data_epoch,
-        "final_eval": last_eval,
-        "world_size": info.world_size,
-        "backend": info.backend,
-    }
+            if self.bar is not None:
+                self.bar.close()
+            self.forward = self.model  # DDP's hooks go with it; the model is the caller's again
+
+    def run_step(self, step: int) -> None:
+        """One optimizer step, then its record, progress, callback, and the evaluation or checkpoint if one is due."""
+        t0 = time.perf_counter()
+        lr = lr_at(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_value = self._loss_of_all_ranks(step, lr, t0)
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.optimizer.step()
+        own = time.perf_counter() - t0
+        # Each rank's step time: the slowest sets the pace (stragglers show in rank_step_s).
+        durations = [v[0] for v in distributed.all_gather_floats(self.info, [own], f"step {step}'s timing")]
+        self.period_losses.append(loss_value)
+        self._record_step(step, loss_value, lr, grad_norm, durations)
+        self._show_progress(step, loss_value, lr, max(durations))
+        if self.step_callback is not None:
+            self.step_callback()
+        if (step + 1) % self.config.eval_every == 0 or step == self.config.steps - 1:
+            self._end_period(step)
+        self._maybe_checkpoint(step)
+
+    def _loss_of_all_ranks(self, step: int, lr: float, t0: float) -> float:
+        """Forward and backward on this rank's share of the next batch; the mean loss of all ranks, checked finite."""
+        mine = distributed.shard_batch(next(self.batches), self.info).to(self.dev)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = _forward_backward(self.forward, mine, self.config, self.bf16, self.info)
+        # One host sync per step: needed to stop at the first NaN, not later. Every rank's loss is gathered,
+        # so a NaN on any rank stops all of them at this step (and is the anomaly in every rank's record).
+        losses = [v[0] for v in distributed.all_gather_floats(self.info, [loss_value], f"step {step}'s loss")]
+        loss_value = math.fsum(losses) / len(losses)
+        bad = [r for r, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            self._diverged(step, losses, bad, loss_value, lr, t0)
+        return loss_value
+
+    def _diverged(
+        self, step: int, losses: list[float], bad: list[int], loss_value: float, lr: float, t0: float
+    ) -> NoReturn:
+        """Record the step whose loss is NaN or Inf (the report's anomaly), then stop with what to try."""
+        if self.collector is not None:
+            self.collector.record_batch_metric(
+                BatchMetric(
+                    step // self.config.eval_every,
+                    step % self.config.eval_every,
+                    loss_value,
+                    0.0,
+                    0.0,
+                    lr,
+                    None,
+                    time.perf_counter() - t0,
+                    step=step,
+                    tokens=self.tokens_per_step,
+                )
+            )
+        where = f" on rank(s) {bad}" if self.info.active else ""
+        raise TrainingDivergedError(
+            f"loss became {losses[bad[0]]} at step {step}{where} (lr {lr:.3g}). Lower TrainConfig.lr, "
+            "keep grad_clip > 0, or check the data for empty or corrupt batches."
+        )
+
+    def _record_step(self, step: int, loss_value: float, lr: float, grad_norm: float, durations: list[float]) -> None:
+        """Hand the step's measurements to the collector (if any), timed by the slowest rank."""
+        if self.collector is None:
+            return
+        duration = max(durations)
+        self.collector.record_batch_metric(
+            BatchMetric(
+                epoch=step // self.config.eval_every,
+                batch=step % self.config.eval_every,
+                step=step,
+                loss=loss_value,
+                samples_per_s=self.config.batch_size / duration,
+                tokens_per_s=self.tokens_per_step / duration,
+                learning_rate=lr,
+                grad_norm=grad_norm,
+                duration_s=duration,
+                tokens=self.tokens_per_step,
+                rank_step_s=tuple(durations) if self.info.active else None,
+            )
+        )
+
+    def _show_progress(self, step: int, loss_value: float, lr: float, duration: float) -> None:
+        """Advance the progress bar, refreshing its loss, lr and tokens/s every ``log_every`` steps and at the end."""
+        if self.bar is None:
+            return
+        if step % self.config.log_every == 0 or step == self.config.steps - 1:
+            tok_s = f"{self.tokens_per_step / duration:.0f}"
+            self.bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", tok_s=tok_s)
+        self.bar.update(1)
+
+    def _end_period(self, step: int) -> None:
+        """Close an evaluation period: evaluate the held-out data (if any), record the period, start the next."""
+        if self.eval_data:
+            self.last_eval = evaluate(self.model, self.eval_data, self.dev, self.bf16)
+            loss_, acc_ = self.last_eval["loss"], self.last_eval["accuracy"]
+            logger.info("step %d: held-out loss %.4f, top-1 %.4f", step + 1, loss_, acc_)
+        if self.collector is not None:
+            self.collector.record_epoch_metric(
+                EpochMetric(
+                    epoch=step // self.config.eval_every,
+                    train_loss=sum(self.period_losses) / len(self.period_losses),
+                    val_loss=self.last_eval.get("loss"),
+                    accuracy=self.last_eval.get("accuracy"),
+                    perplexity=self.last_eval.get("perplexity"),
+                    duration_s=time.perf_counter() - self.period_start,
+                    extra={"step": float(step + 1), "data_epochs": (step + 1) / self.steps_per_data_epoch},
+                )
+            )
+        self.period_losses = []
+        self.period_start = time.perf_counter()
+
+    def _maybe_checkpoint(self, step: int) -> None:
+        """Save a checkpoint every ``checkpoint_every`` steps (rank 0 only), when ``checkpoint_dir`` is set."""
+        config = self.config
+        if (
+            self.info.is_main
+            and config.checkpoint_dir
+            and config.checkpoint_every
+            and (step + 1) % config.checkpoint_every == 0
+        ):
+            save_checkpoint(self.model, Path(config.checkpoint_dir) / f"step-{step + 1}")
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        """What ``train`` returns: the run's totals and throughput, the last evaluation and the ranks."""
+        config, info = self.config, self.info
+        return {
+            "steps": config.steps,
+            "tokens": config.steps * self.tokens_per_step,
+            "seconds": seconds,
+            "tokens_per_s": config.steps * self.tokens_per_step / seconds,
+            "bf16_autocast": self.bf16,
+            "data_epochs": config.steps / self.steps_per_data_epoch,
+            "final_eval": self.last_eval,
+            "world_size": info.world_size,
+            "backend": info.backend,
+        }
 
 
 def _forward_backward(forward: nn.Module, rows: torch.Tensor, config: TrainConfig, bf16: bool, info: Any) -> float:

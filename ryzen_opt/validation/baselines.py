@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ryzen_opt.errors import ConfigError
+from ryzen_opt.validation.reports import SCHEMA_VERSION, atomic_write_json
 
 BASELINE_DIR = ".ryzen"
 FORMAT = "ryzen-baseline/1"
@@ -97,7 +98,6 @@ def entry_from_gate(gate: Mapping[str, Any]) -> dict[str, Any]:
 
 def save(root: str | Path, name: str, gates: Iterable[Mapping[str, Any]], environment: Mapping[str, Any]) -> Path:
     """Write ``<root>/.ryzen/<name>.json`` atomically: every measured gate, the machine and the commit."""
-    from ryzen_opt.validation.reports import atomic_write_json
 
     check_name(name)
     entries = [entry_from_gate(g) for g in gates]
@@ -321,7 +321,6 @@ def merge(folders: Sequence[str | Path]) -> tuple[dict[str, Any], list[str], lis
     Raises:
         ConfigError: fewer than one directory, or one without reports.
     """
-    from ryzen_opt.validation.reports import SCHEMA_VERSION
 
     if not folders:
         raise ConfigError("report merge needs at least one report directory")

@@ -73,6 +73,7 @@ def git_sha(cwd: str | os.PathLike[str] | None = None) -> str | None:
 
 def environment(device: Any = None) -> dict[str, Any]:
     """The environment block of every report: device facts, git sha and a UTC timestamp."""
+    # lazy: imports torch, and reports are written by the torch-free plugin
     from ryzen_opt.device import device_info
 
     env = device_info(device)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ryzen_opt.errors import ConfigError, RyzenOptError
-from ryzen_opt.measure.timing import SpeedupMeasurement, Verdict, verdict_for
+from ryzen_opt.measure.stats import SpeedupMeasurement, Verdict, verdict_for
 from ryzen_opt.validation import reports
 from ryzen_opt.validation.gates import (
     CHECKS,
@@ -234,16 +234,10 @@ def check(
     Returns:
         The :class:`ValidationResult`; nothing is recorded anywhere (see :class:`OptimizationValidator`).
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+    threshold = _checked_threshold(name, metric, measurement, threshold, reason)
     spec = METRICS[metric]
-    threshold = _real(threshold, f"threshold of {name}")
-    if not math.isfinite(threshold):
-        raise ConfigError(f"threshold of {name} must be finite, got {threshold!r}")
-    if measurement is None and not reason:
-        raise ValueError(f"{name}: a check without a measurement needs a reason (why it was not measured)")
-    is_min, x = spec.comparison == "min", "x" if spec.unit == "x" else ""
-    thr_text = f"{'required' if is_min else 'allowed'} {_fmt_threshold(threshold, 1 if x else 2)}{x}"
+    x = "x" if spec.unit == "x" else ""
+    thr_text = f"{'required' if spec.comparison == 'min' else 'allowed'} {_fmt_threshold(threshold, 1 if x else 2)}{x}"
     if baseline is None and isinstance(measurement, SpeedupMeasurement) and measurement.baseline_name != "baseline":
         baseline = measurement.baseline_name
     vs = f" vs {baseline}" if baseline else ""
@@ -260,33 +254,64 @@ def check(
         text = f"{metric} not measured ({thr_text}{vs}): {reason}"
         result = ValidationResult(status=ValidationStatus.SKIPPED, message=text, reason=reason, **base)
     elif not all(math.isfinite(v) for v in (p.value, p.low, p.high) if v is not None):
-        why = f"measurement is NaN: {metric} = {p.value!r} (interval {p.low!r} to {p.high!r}); a non-finite number "
-        why += "is a broken measurement and never passes"
-        text = f"{metric} is not a number: FAIL against {thr_text}{vs}"
-        result = ValidationResult(status=ValidationStatus.FAIL, n=p.n, message=text, reason=why, **base)
+        text, result = _non_finite_result(metric, p, f"{thr_text}{vs}", base)
     else:
-        verdict, noisy = _judge(metric, p, threshold, measurement, noisy_cv)
-        d = _VALUE_DECIMALS.get(metric, 2)
-        text = f"{metric} {p.value:.{d}f}{x}"
-        if p.low is not None and p.high is not None:
-            text += f" ({p.confidence * 100:g}% CI {p.low:.{d}f}-{p.high:.{d}f}{', ' if p.n_text else ''}{p.n_text})"
-        relation = {"PASS": ">=" if is_min else "<=", "FAIL": "<" if is_min else ">"}
-        text += f" {relation.get(verdict.value, 'is inconclusive against')} {thr_text}{vs}"
-        status = ValidationStatus(verdict.value)
-        if verdict is Verdict.INCONCLUSIVE:
-            text += " (the interval contains the threshold: more samples or less noise needed)"
-        elif verdict is Verdict.PASS and noisy:
-            status = ValidationStatus.WARNING
-            cvs = {k: float(_field(measurement, k) or 0.0) for k in ("cv_baseline", "cv_candidate")}
-            arms = ", ".join(f"{k[3:]} CV {v:.2f}" for k, v in cvs.items() if v > noisy_cv)
-            text += f"; WARNING: noisy measurement ({arms} > {noisy_cv:g}), the pass may not reproduce"
-            extra["noisy"] = {**cvs, "noisy_cv": noisy_cv}
-        half = (p.high - p.low) / 2.0 if p.low is not None and p.high is not None else 0.0
-        result = ValidationResult(
-            status=status, actual=p.value, tolerance=half, ci_low=p.low, ci_high=p.high, n=p.n, message=text, **base
-        )
+        text, result = _judged_result(metric, p, threshold, measurement, noisy_cv, f"{thr_text}{vs}", base)
     logger.log(logging.INFO if result.status is ValidationStatus.PASS else logging.WARNING, "%s: %s", name, text)
     return result
+
+
+def _checked_threshold(name: str, metric: str, measurement: Any, threshold: float, reason: str | None) -> float:
+    """The threshold as a float, after refusing an unknown metric, a non-finite threshold or an unexplained skip."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+    threshold = _real(threshold, f"threshold of {name}")
+    if not math.isfinite(threshold):
+        raise ConfigError(f"threshold of {name} must be finite, got {threshold!r}")
+    if measurement is None and not reason:
+        raise ValueError(f"{name}: a check without a measurement needs a reason (why it was not measured)")
+    return threshold
+
+
+def _non_finite_result(metric: str, p: _Parsed, against: str, base: dict[str, Any]) -> tuple[str, ValidationResult]:
+    """A FAIL with its reason for a NaN/Inf measurement: a broken measurement never passes, nor reaches a report."""
+    why = f"measurement is NaN: {metric} = {p.value!r} (interval {p.low!r} to {p.high!r}); a non-finite number "
+    why += "is a broken measurement and never passes"
+    text = f"{metric} is not a number: FAIL against {against}"
+    return text, ValidationResult(status=ValidationStatus.FAIL, n=p.n, message=text, reason=why, **base)
+
+
+def _judged_result(
+    metric: str, p: _Parsed, threshold: float, measurement: Any, noisy_cv: float, against: str, base: dict[str, Any]
+) -> tuple[str, ValidationResult]:
+    """The three-state verdict on a finite measurement, with its message; a noisy would-be PASS is a WARNING.
+
+    ``against`` is the threshold's text with what was compared (e.g. "required 3.0x vs eager");
+    ``base["details"]`` gets the noise record of a WARNING.
+    """
+    spec = METRICS[metric]
+    is_min, x = spec.comparison == "min", "x" if spec.unit == "x" else ""
+    verdict, noisy = _judge(metric, p, threshold, measurement, noisy_cv)
+    d = _VALUE_DECIMALS.get(metric, 2)
+    text = f"{metric} {p.value:.{d}f}{x}"
+    if p.low is not None and p.high is not None:
+        text += f" ({p.confidence * 100:g}% CI {p.low:.{d}f}-{p.high:.{d}f}{', ' if p.n_text else ''}{p.n_text})"
+    relation = {"PASS": ">=" if is_min else "<=", "FAIL": "<" if is_min else ">"}
+    text += f" {relation.get(verdict.value, 'is inconclusive against')} {against}"
+    status = ValidationStatus(verdict.value)
+    if verdict is Verdict.INCONCLUSIVE:
+        text += " (the interval contains the threshold: more samples or less noise needed)"
+    elif verdict is Verdict.PASS and noisy:
+        status = ValidationStatus.WARNING
+        cvs = {k: float(_field(measurement, k) or 0.0) for k in ("cv_baseline", "cv_candidate")}
+        arms = ", ".join(f"{k[3:]} CV {v:.2f}" for k, v in cvs.items() if v > noisy_cv)
+        text += f"; WARNING: noisy measurement ({arms} > {noisy_cv:g}), the pass may not reproduce"
+        base["details"]["noisy"] = {**cvs, "noisy_cv": noisy_cv}
+    half = (p.high - p.low) / 2.0 if p.low is not None and p.high is not None else 0.0
+    result = ValidationResult(
+        status=status, actual=p.value, tolerance=half, ci_low=p.low, ci_high=p.high, n=p.n, message=text, **base
+    )
+    return text, result
 
 
 def is_failing(result: ValidationResult, gate: str = "strict") -> bool:

@@ -533,7 +533,41 @@ def test_slow_arms_cost_no_extra_call_to_calibrate() -> None:
 
     m = compare(arm("a"), arm("b"), min_pairs=3, max_pairs=3, warmup=1, timer=clock.now, calibrate=True)
     assert (m.baseline_calls, m.candidate_calls) == (1, 1)
-    assert calls == {"a": 4, "b": 4}  # 1 timed warm-up + 3 pairs each
+    assert calls == {"a": 6, "b": 6}  # 3 timed warm-ups (calibration starts from their median) + 3 pairs each
+
+
+def test_one_slow_warm_up_call_does_not_set_the_calls_per_sample() -> None:
+    clock = FakeClock()
+    slow_first = {"left": 1}
+
+    def hiccup() -> None:  # 0.3 ms a call, but its first timed call is held up for 5 ms (an interrupt)
+        clock.ns += 5_000_000 if slow_first["left"] else 300_000
+        slow_first["left"] = 0
+
+    fast = clock.workload("fast", 150e-6, sigma=0.0)
+    m = compare(hiccup, fast, min_pairs=3, max_pairs=3, warmup=0, timer=clock.now, calibrate=True)
+    # 0.3 ms needs 5 calls for a 1 ms sample; had the 5 ms call set it, the arm would run 1 call per sample.
+    assert (m.baseline_calls, m.candidate_calls) == (5, 10)
+    assert m.ratio == pytest.approx(2.0, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("baseline_s", "candidate_s", "verdict"),
+    [
+        (250e-6, 125e-6, "PASS"),  # 5 and 10 calls per sample: the raw samples are equal, per call it is 2x
+        (125e-6, 250e-6, "FAIL"),  # 10 and 5 calls: raw samples equal, per call 0.5x
+    ],
+)
+def test_the_stopping_rule_reads_per_call_ratios(baseline_s: float, candidate_s: float, verdict: str) -> None:
+    clock = FakeClock(seed=3)
+    a = clock.workload("a", baseline_s, sigma=0.02)
+    b = clock.workload("b", candidate_s, sigma=0.02)
+    m = compare(a, b, threshold=1.0, min_pairs=10, max_pairs=200, timer=clock.now, calibrate=True)
+    assert {m.baseline_calls, m.candidate_calls} == {5, 10}
+    # A rule on raw sample times sees 1.0x against the 1.0x gate and samples to max_pairs; per call it is decided at
+    # the first look, on the ratio it reports.
+    assert (m.stopped_because, m.n, m.verdict.value) == ("decided", 10, verdict)
+    assert m.ratio == pytest.approx(baseline_s / candidate_s, rel=0.05)
 
 
 def test_oversubscription_is_flagged(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,15 +20,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from ryzen_opt.errors import ConfigError, ModelLoadError
 from ryzen_opt.models.cache import verify
 from ryzen_opt.optimizers import draft as draft_mod
-from ryzen_opt.optimizers.draft import (
-    DraftConfig,
-    FeatureDraft,
-    HeadShape,
-    build_draft,
-    fit_head,
-    load_draft,
-    save_draft,
-)
+from ryzen_opt.optimizers.draft import DraftConfig, build_draft, fit_head, load_draft, save_draft
+from ryzen_opt.optimizers.feature_draft import FeatureDraft, HeadShape
 from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer
 from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder
 from ryzen_opt.runtime import UnsupportedModelError
