@@ -24,13 +24,24 @@ class RyzenRecorder:
         thresholds: metric -> threshold from this test's markers, so adaptive sampling aims at the right gate.
         lock: take the cross-process perf lock while timing (set under pytest-xdist).
         nodeid: the test, for messages.
+        disabled: ``--ryzen-disable``: ``compare`` runs each arm once, untimed, and records nothing (pytest-benchmark's
+            ``--benchmark-disable``), so a perf test runs as a quick functional test.
     """
 
-    def __init__(self, device: torch.device, thresholds: dict[str, float], *, lock: bool, nodeid: str) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        thresholds: dict[str, float],
+        *,
+        lock: bool,
+        nodeid: str,
+        disabled: bool = False,
+    ) -> None:
         self.device = device
         self.thresholds = thresholds
         self.lock = lock
         self.nodeid = nodeid
+        self.disabled = disabled
         self.records: list[dict[str, Any]] = []
 
     # -- measuring ---------------------------------------------------------------------------------------------
@@ -47,8 +58,14 @@ class RyzenRecorder:
         """Paired, interleaved A/B timing (``ryzen_opt.measure.timing.compare``); records a ``speedup``.
 
         The threshold defaults to this test's ``speedup`` marker. Under xdist the sampling holds a cross-process
-        lock so that two perf tests never time at once; the record notes how long it waited.
+        lock so that two perf tests never time at once; the record notes how long it waited. Returns the
+        :class:`~ryzen_opt.measure.stats.SpeedupMeasurement`, or ``None`` under ``--ryzen-disable`` (each arm ran
+        once, untimed).
         """
+        if self.disabled:
+            baseline()
+            candidate()
+            return None
         kwargs.setdefault("threshold", self.thresholds.get("speedup"))
         kwargs.setdefault("device", self.device)
         if self.lock:
@@ -72,6 +89,10 @@ class RyzenRecorder:
                 "threads": measurement.threads,
                 "baseline_calls": measurement.baseline_calls,
                 "candidate_calls": measurement.candidate_calls,
+                "baseline_median_s": measurement.baseline_median_s,
+                "candidate_median_s": measurement.candidate_median_s,
+                "baseline_iqr_s": measurement.baseline_iqr_s,
+                "candidate_iqr_s": measurement.candidate_iqr_s,
                 "oversubscribed": measurement.oversubscribed,
             },
         )

@@ -1,10 +1,13 @@
 """The pytest plugin, registered as the ``ryzen`` pytest11 entry point.
 
 - Options: ``--device`` (``--ryzen-device``; only ``--ryzen-device`` where another plugin owns ``--device``),
-  ``--ryzen-report-dir``, ``--ryzen-gate``, ``--ryzen-thresholds``, ``--ryzen-threads``.
+  ``--ryzen-report-dir``, ``--ryzen-gate``, ``--ryzen-thresholds``, ``--ryzen-threads``, ``--ryzen-save``,
+  ``--ryzen-compare``, ``--ryzen-disable``.
+- Under pytest-xdist a test that measures runs alone (:mod:`pytest_ryzen.scheduling`).
 - Markers: the threshold gates ``speedup``, ``accuracy_loss``, ``compression_ratio``, ``memory_reduction``,
   ``acceptance_rate``, plus ``perf``, ``gpu`` and ``slow``. Arguments are checked at collection.
-- Fixtures: ``device``, ``ryzen`` (measure and record), ``training_metrics``, ``ryzen_thresholds``.
+- Fixtures: ``device``, ``ryzen`` (measure and record), ``ryzen_heldout`` (held-out text), ``training_metrics``,
+  ``ryzen_thresholds``.
 - After each test's call, every threshold marker is checked against what the test recorded; a failing gate fails
   the test. At session end the controller writes the JSON reports: ``validation_report``,
   ``integration_test_report``, ``training_metrics_report`` (only when training metrics were recorded) and the final
@@ -17,30 +20,31 @@ machine without ROCm stops with one clear message instead of fifty skips. Import
 
 from __future__ import annotations
 
-import os
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_ryzen import hookspec
+from pytest_ryzen import hookspec, reporting, scheduling
 from pytest_ryzen.session import (
     FINAL_REPORT,
     GATES_PROPERTY,
     RECORDS_PROPERTY,
+    TRACKED_PROPERTY,
     RyzenSession,
     evaluate_gates,
     iter_gate_failures,
     marker_threshold,
     profile_key,
     threshold_markers,
+    tracked_entries,
 )
 from ryzen_opt.errors import RyzenOptError
 from ryzen_opt.training.metrics import TrainingMetricsCollector
 from ryzen_opt.validation import baselines
 from ryzen_opt.validation.gates import GATE_MODES, METRICS
-from ryzen_opt.validation.reports import atomic_write_json, environment
+from ryzen_opt.validation.reports import environment
 from ryzen_opt.validation.validator import load_thresholds
 
 if TYPE_CHECKING:
@@ -51,7 +55,8 @@ if TYPE_CHECKING:
 
 MARKERS: dict[str, str] = {
     **{f"{name}({spec.comparison})": f"gate: {spec.meaning}" for name, spec in METRICS.items()},
-    "perf": "a performance test: times code (serialized under xdist), selected with -m perf",
+    "perf": "a performance test: times code; under xdist it runs alone (no other test runs meanwhile), "
+    "selected with -m perf",
     "gpu": "needs a GPU device (--device=cuda or --device=rocm)",
     "slow": "takes more than a few seconds",
 }
@@ -131,6 +136,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="NAME",
         help="compare every gate's measurement with baseline NAME (or 'latest', or a baseline .json path): a test "
         "whose measurement regressed (the 95%% intervals do not overlap, worse side) fails",
+    )
+    group.addoption(
+        "--ryzen-disable",
+        dest="ryzen_disable",
+        action="store_true",
+        default=False,
+        help="run perf tests once as functional tests: ryzen.compare runs each arm once, untimed, and speedup "
+        "gates are SKIPPED (pytest-benchmark's --benchmark-disable)",
     )
     parser.addini("ryzen_device", "default device for the ryzen fixtures when --device is not given", default="auto")
     parser.addini("ryzen_gate", "default --ryzen-gate mode", default="strict")
@@ -214,20 +227,9 @@ def _configure_baselines(config: pytest.Config) -> None:
 
 def _check_report_dir(out: Path) -> None:
     """A report directory that cannot be written is a usage error now, not a traceback after the whole run."""
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if probe == out and not out.is_dir():
-        raise pytest.UsageError(f"ryzen: the report directory {out} is a file; choose another with --ryzen-report-dir")
-    if not probe.is_dir():
-        raise pytest.UsageError(
-            f"ryzen: cannot create the report directory {out}: {probe} is not a directory; "
-            "choose another with --ryzen-report-dir"
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise pytest.UsageError(
-            f"ryzen: cannot write reports into {out} ({probe} is not writable); choose another with --ryzen-report-dir"
-        )
+    problem = reporting.unwritable(out)
+    if problem is not None:
+        raise pytest.UsageError(f"ryzen: {problem}; choose another with --ryzen-report-dir")
 
 
 def _resolve(spec: str) -> torch.device:
@@ -317,9 +319,26 @@ def ryzen(request: pytest.FixtureRequest, device: torch.device) -> RyzenRecorder
         for m in threshold_markers(request.node)
     }
     under_xdist = hasattr(request.config, "workerinput")
-    recorder = RyzenRecorder(device, thresholds, lock=under_xdist, nodeid=request.node.nodeid)
+    recorder = RyzenRecorder(
+        device,
+        thresholds,
+        lock=under_xdist,
+        nodeid=request.node.nodeid,
+        disabled=request.config.getoption("ryzen_disable"),
+    )
     request.node.stash[_RECORDER_KEY] = recorder
     return recorder
+
+
+@pytest.fixture(scope="session")
+def ryzen_heldout() -> Callable[..., torch.Tensor]:
+    """Held-out English prose as token blocks, for an accuracy gate:
+    ``ryzen_heldout(tokenizer, blocks=24, block_size=256, split="test")`` (:func:`pytest_ryzen.heldout_blocks`:
+    CPython's documentation, PSF licence; choose your defaults on ``split="tune"``, judge on ``"test"``)."""
+    # lazy: imports torch, and the plugin loads without torch
+    from pytest_ryzen.helpers import heldout_blocks
+
+    return heldout_blocks
 
 
 @pytest.fixture
@@ -335,28 +354,53 @@ def training_metrics(request: pytest.FixtureRequest) -> Iterator[TrainingMetrics
 
 # -- gates ---------------------------------------------------------------------------------------------------------
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
-    report: pytest.TestReport = yield
-    if report.when != "call":
-        return report
-    markers = threshold_markers(item)
-    recorder = item.stash.get(_RECORDER_KEY, None)
-    if not markers and recorder is None:
-        return report
-    records = recorder.records if recorder is not None else []
-    report.user_properties.append((RECORDS_PROPERTY, records))
-    if not markers or report.skipped:
-        return report
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
+    """Under xdist, a test that measures runs alone: it holds the run's machine lock exclusively over its setup,
+    call and teardown, every other test shared (see :mod:`pytest_ryzen.scheduling`)."""
+    path = scheduling.lock_path(item.config)
+    if path is None:
+        return (yield)
+    exclusive = scheduling.measures(item, tuple(METRICS))
+    with scheduling.hold_machine(path, exclusive=exclusive) as waited:
+        if exclusive:
+            item.user_properties.append(("ryzen_machine_wait_s", round(waited, 3)))
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
+    """A gate's failure is the test's failure, raised in the call phase after the body returned, so ``xfail``,
+    ``xfail(strict=True)`` and ``--runxfail`` treat it as pytest users expect. A body that raised is judged by its
+    exception alone: its gates are not evaluated (they would only add "recorded no measurement")."""
+    result = yield
+    if not threshold_markers(item):
+        return result
     gates = _item_gates(item)
-    report.user_properties.append((GATES_PROPERTY, gates))
     mode = item.config.stash[_SESSION_KEY].gate_mode
     lines = [f"ryzen gate failed: {g['message']}" for g in iter_gate_failures(gates, mode)]
     baseline = item.config.stash.get(_BASELINE_KEY, None)
     if baseline is not None:
         lines += _compare_with_baseline(gates, baseline, mode)
-    if lines and report.passed:
-        report.outcome = "failed"
-        report.longrepr = "\n".join(lines)
+    if lines:
+        pytest.fail("\n".join(lines), pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """The call report carries this test's records, its gates and its ungated (tracked) measurements to the
+    controller (xdist forwards ``user_properties``)."""
+    report: pytest.TestReport = yield
+    if report.when != "call":
+        return report
+    recorder = item.stash.get(_RECORDER_KEY, None)
+    records = recorder.records if recorder is not None else []
+    if recorder is not None:
+        report.user_properties.append((RECORDS_PROPERTY, records))
+        report.user_properties.append((TRACKED_PROPERTY, tracked_entries(item, records)))
+    gates = item.stash.get(_GATES_KEY, None)
+    if gates is not None:
+        report.user_properties.append((GATES_PROPERTY, gates))
     return report
 
 
@@ -383,7 +427,8 @@ def _item_gates(item: pytest.Item) -> list[dict[str, Any]]:
         records = recorder.records if recorder is not None else []
         device = str(recorder.device) if recorder is not None else None
         thresholds = _thresholds(item.config) if any(profile_key(m) is not None for m in markers) else None
-        gates = item.stash[_GATES_KEY] = evaluate_gates(item, records, thresholds, device)
+        disabled = item.config.getoption("ryzen_disable")
+        gates = item.stash[_GATES_KEY] = evaluate_gates(item, records, thresholds, device, disabled=disabled)
     return gates
 
 
@@ -406,7 +451,7 @@ def pytest_json_runtest_metadata(item: pytest.Item, call: pytest.CallInfo[None])
         return {}
     recorder = item.stash.get(_RECORDER_KEY, None)
     records = recorder.records if recorder is not None else []
-    gates = _item_gates(item) if threshold_markers(item) and call.excinfo is None else []
+    gates = item.stash.get(_GATES_KEY, None) or []  # evaluated in the call phase, when the body returned
     if not records and not gates:
         return {}
     keep = ("metric", "status", "actual", "expected", "comparison", "ci_low", "ci_high", "n", "message")
@@ -449,15 +494,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     env = environment(_session_device(config))
     out = report_dir(config)
+    problem = reporting.unwritable(out)
+    if problem is not None:
+        ryzen.write_error = f"ryzen: reports not written: {problem}; choose another with --ryzen-report-dir"
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return
     built = ryzen.build_reports(env, _used_thresholds(config, ryzen), report_parts(config), final_report_name(config))
+    reports = {}
     for name, data in built.items():
         report = config.hook.pytest_ryzen_generate_report(config=config, name=name, data=data)
         config.hook.pytest_ryzen_modify_report(config=config, name=name, report=report)
-        atomic_write_json(out / f"{name}.json", report)
+        reports[name] = report
+    ryzen.history = reporting.write_reports(out, reports)
     ryzen.written = out
     save = config.getoption("ryzen_save")
     if save:
-        ryzen.saved = baselines.save(config.rootpath, save, ryzen.gates(), env)
+        ryzen.saved = baselines.save(config.rootpath, save, [*ryzen.gates(), *ryzen.tracked()], env)
 
 
 def report_parts(config: pytest.Config) -> list[str]:
@@ -494,7 +547,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if gates:
         terminalreporter.section("ryzen gates")
         for gate in gates:
-            terminalreporter.write_line(f"{gate['status']:<12} {gate['name']}: {gate['message']}")
+            accepted = " [xfail: accepted]" if gate.get("xfail") else ""
+            terminalreporter.write_line(f"{gate['status']:<12} {gate['name']}: {gate['message']}{accepted}")
+        for line in reporting.arm_table([*gates, *ryzen.tracked()]):
+            terminalreporter.write_line(line)
         # What a gentler mode let pass is said, not hidden: each gate strict would have failed.
         let_through = iter_gate_failures(gates, "strict") if ryzen.gate_mode != "strict" else []
         if let_through:
@@ -508,8 +564,17 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     baseline = config.stash.get(_BASELINE_KEY, None)
     if baseline is not None:
         _summarize_baseline(terminalreporter, config, gates, baseline)
+    tracked = ryzen.tracked()
+    if tracked:
+        terminalreporter.section("ryzen tracked (measured, no gate)")
+        for entry in tracked:
+            terminalreporter.write_line(f"TRACKED      {entry['name']}: {entry['metric']} = {entry['actual']}")
+    if ryzen.write_error is not None:
+        terminalreporter.write_line(ryzen.write_error, red=True)
     if ryzen.written is not None:
         terminalreporter.write_line(f"ryzen reports written to {ryzen.written}/")
+        if ryzen.history is not None:
+            terminalreporter.write_line(f"ryzen history: this run's copy in {ryzen.history}/")
     if ryzen.saved is not None:
         terminalreporter.write_line(f"ryzen baseline saved to {ryzen.saved}")
 

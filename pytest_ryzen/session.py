@@ -31,6 +31,9 @@ from ryzen_opt.validation.validator import (
 
 GATES_PROPERTY = "ryzen_gates"
 RECORDS_PROPERTY = "ryzen_records"
+TRACKED_PROPERTY = "ryzen_tracked"
+# The status of a measurement no gate judges.
+TRACKED = "TRACKED"
 # The final report's file name is the project's (ini ``ryzen_final_report``); these are the other three.
 REPORT_NAMES = ("validation_report", "integration_test_report", "training_metrics_report")
 FINAL_REPORT = "final_report"
@@ -38,7 +41,7 @@ FINAL_REPORT = "final_report"
 # The group of a gate recorded without ``optimizer=``.
 UNGROUPED = "ungrouped"
 # Keys a gate dict carries beyond its ValidationResult.
-_GATE_ONLY = ("metric", "optimizer", "threshold_key", "baseline_compare")
+_GATE_ONLY = ("metric", "optimizer", "threshold_key", "baseline_compare", "xfail")
 
 
 def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
@@ -62,6 +65,10 @@ def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
             f"e.g. @{name}({'0.01' if key == 'max' else '3.0'}) or a thresholds-profile key"
         )
     value = args[0]
+    if isinstance(value, str) and _is_number(value):
+        raise pytest.UsageError(
+            f"@{name}({value!r}): a number in quotes; write @{name}({value}) (a string names a thresholds-profile key)"
+        )
     if isinstance(value, str):
         if thresholds is None:
             raise pytest.UsageError(f"@{name}({value!r}): a profile key needs a thresholds profile")
@@ -78,9 +85,20 @@ def marker_threshold(marker: pytest.Mark, thresholds: Any | None) -> float:
         value = thresholds.get(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise pytest.UsageError(f"@{name}({value!r}): the threshold must be a positive finite number")
-    if name in ("accuracy_loss", "memory_reduction", "acceptance_rate") and value > 1:
-        raise pytest.UsageError(f"@{name}({value!r}): a fraction, so at most 1 (0.01 means 1%)")
+    if name in ("accuracy_loss", "memory_reduction") and value >= 1:
+        # 1 would mean 100%: almost always a percentage written as a number ("1" for 1%), so refused.
+        raise pytest.UsageError(f"@{name}({value!r}): a fraction below 1, and 0.01 means 1%")
+    if name == "acceptance_rate" and value > 1:
+        raise pytest.UsageError(f"@{name}({value!r}): a fraction, so at most 1 (0.6 means 60%)")
     return float(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def threshold_markers(item: pytest.Item) -> list[pytest.Mark]:
@@ -88,18 +106,25 @@ def threshold_markers(item: pytest.Item) -> list[pytest.Mark]:
 
 
 def evaluate_gates(
-    item: pytest.Item, records: list[dict[str, Any]], thresholds: Any | None, device: str | None
+    item: pytest.Item,
+    records: list[dict[str, Any]],
+    thresholds: Any | None,
+    device: str | None,
+    *,
+    disabled: bool = False,
 ) -> list[dict[str, Any]]:
-    """Check each threshold marker of ``item`` against the matching records; one result dict per check."""
+    """Check each threshold marker of ``item`` against the matching records; one result dict per check. Under
+    ``disabled`` (``--ryzen-disable``) a speedup gate is SKIPPED: nothing was timed."""
     results: list[dict[str, Any]] = []
     for marker in threshold_markers(item):
         threshold = marker_threshold(marker, thresholds)
         matching = [r for r in records if r["metric"] == marker.name]
         if not matching:
+            skipped = disabled and marker.name == "speedup"
             comparison, unit = METRICS[marker.name].comparison, METRICS[marker.name].unit
             result = ValidationResult(
                 name=item.nodeid,
-                status=ValidationStatus.FAIL,
+                status=ValidationStatus.SKIPPED if skipped else ValidationStatus.FAIL,
                 actual=None,
                 expected=threshold,
                 tolerance=None,
@@ -111,10 +136,12 @@ def evaluate_gates(
                 baseline=None,
                 device=device,
                 message=(
-                    f"@{marker.name}({threshold:g}) but the test recorded no {marker.name} measurement: call "
+                    f"@{marker.name}({threshold:g}) not timed: --ryzen-disable runs each arm once"
+                    if skipped
+                    else f"@{marker.name}({threshold:g}) but the test recorded no {marker.name} measurement: call "
                     f"{_how_to_record(marker.name)} in the test"
                 ),
-                reason="no measurement recorded",
+                reason="--ryzen-disable" if skipped else "no measurement recorded",
                 details={"metric": marker.name},
             )
             results.append(result.to_dict() | {"metric": marker.name, "optimizer": UNGROUPED})
@@ -145,6 +172,32 @@ def evaluate_gates(
     return results
 
 
+def tracked_entries(item: pytest.Item, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The measurements no threshold marker of ``item`` judges: kept as TRACKED entries (the reports list them,
+    baselines store and compare them) instead of vanishing because no gate asked for them."""
+    gated = {m.name for m in threshold_markers(item)}
+    return [
+        {
+            "name": item.nodeid,
+            "metric": r["metric"],
+            "status": TRACKED,
+            "actual": r.get("value"),
+            "expected": None,
+            "ci_low": r.get("ci_low"),
+            "ci_high": r.get("ci_high"),
+            "n": r.get("n"),
+            "unit": r.get("unit") or METRICS[r["metric"]].unit,
+            "comparison": METRICS[r["metric"]].comparison,
+            "baseline": r.get("baseline"),
+            "optimizer": r.get("optimizer") or UNGROUPED,
+            "details": r.get("details") or {},
+            "message": f"tracked (no @{r['metric']} gate): {r.get('value')}",
+        }
+        for r in records
+        if r["metric"] not in gated
+    ]
+
+
 def _how_to_record(metric: str) -> str:
     return {
         "speedup": "ryzen.compare(baseline, candidate)",
@@ -167,6 +220,7 @@ class TestCase:
     status: str = "PASSED"
     duration_sec: float = 0.0
     gates: list[dict[str, Any]] = field(default_factory=list)
+    tracked: list[dict[str, Any]] = field(default_factory=list)
     message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +230,7 @@ class TestCase:
             "status": self.status,
             "duration_sec": round(self.duration_sec, 6),
             "gates": self.gates,
+            "tracked": self.tracked,
             "message": self.message,
         }
 
@@ -190,6 +245,8 @@ class RyzenSession:
         self.used = False  # any ryzen fixture or gate seen: only then are reports written by default
         self.started = datetime.now(timezone.utc)
         self.written: Path | None = None
+        self.history: Path | None = None  # this run's numbered copy of the reports
+        self.write_error: str | None = None  # why the reports could not be written, said in the terminal summary
         self.saved: Path | None = None
 
     def add_report(self, report: pytest.TestReport) -> None:
@@ -202,9 +259,15 @@ class RyzenSession:
             if key == GATES_PROPERTY:
                 case.gates.extend(value)
                 self.used = True
+            elif key == TRACKED_PROPERTY:
+                case.tracked.extend(value)
+                self.used = True
             elif key == RECORDS_PROPERTY:
                 self.used = True
         wasxfail = hasattr(report, "wasxfail")
+        if report.when == "call" and wasxfail and report.skipped:
+            for gate in case.gates:  # an expected failure the project accepted: listed, not counted against it
+                gate["xfail"] = str(report.wasxfail) or "xfail"
         if report.when == "setup":
             if report.failed:
                 case.status, case.message = "ERROR", _short(report)
@@ -222,6 +285,9 @@ class RyzenSession:
 
     def gates(self) -> list[dict[str, Any]]:
         return [g for case in self.cases.values() for g in case.gates]
+
+    def tracked(self) -> list[dict[str, Any]]:
+        return [t for case in self.cases.values() for t in case.tracked]
 
     # -- reports -----------------------------------------------------------------------------------------------
     def build_reports(
@@ -245,11 +311,13 @@ class RyzenSession:
         for gate in self.gates():
             result = ValidationResult.from_dict({k: v for k, v in gate.items() if k not in _GATE_ONLY})
             # Metric, group and any baseline comparison stay with the result: `ryzen-opt report merge` reads them.
-            extra = {k: gate[k] for k in ("metric", "optimizer", "baseline_compare") if gate.get(k) is not None}
+            kept = ("metric", "optimizer", "baseline_compare", "xfail")
+            extra = {k: gate[k] for k in kept if gate.get(k) is not None}
             result.details = {**result.details, **extra}
             validator.add(result)
         report = validator.report_dict(environment=environment)
         report["gate_mode"] = self.gate_mode
+        report["tracked"] = self.tracked()
         if thresholds is None:  # no profile in play: the gates' own numbers are the thresholds
             report["thresholds"] = None
         return report
@@ -308,7 +376,7 @@ class RyzenSession:
         reasons = [
             f"{g.get('name')}: {g.get('metric')} {g.get('status')}: {g.get('message')}"
             for g in gates
-            if g.get("status") not in ("PASS", "WARNING")
+            if g.get("status") not in ("PASS", "WARNING") and not g.get("xfail")
         ]
         reasons += [f"{c.name}: {c.status}" for c in self.cases.values() if c.status in ("FAILED", "ERROR")]
         measured = {g.get("optimizer") for g in gates if g.get("actual") is not None}
@@ -326,6 +394,22 @@ class RyzenSession:
                 {"test": g.get("name"), "metric": g.get("metric"), "status": g.get("status")}
                 for g in gates
                 if g.get("actual") is None
+            ],
+            "expected_failures": [
+                {"test": g.get("name"), "metric": g.get("metric"), "status": g.get("status"), "reason": g["xfail"]}
+                for g in gates
+                if g.get("xfail")
+            ],
+            "tracked": [
+                {
+                    "test": t["name"],
+                    "metric": t["metric"],
+                    "value": t["actual"],
+                    "ci_low": t["ci_low"],
+                    "ci_high": t["ci_high"],
+                    "optimizer": t["optimizer"],
+                }
+                for t in self.tracked()
             ],
             "gate_mode": self.gate_mode,
             "environment": environment,

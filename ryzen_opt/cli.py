@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -376,7 +377,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit status of a command whose output pipe closed: what a shell reports for one killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so that the interpreter's final flush of the output still buffered has
+    somewhere to go instead of raising BrokenPipeError again ("Exception ignored ..." on stderr, exit 120).
+
+    The recipe of the Python documentation ("Note on SIGPIPE", in the ``signal`` module's page). A ``sys.stdout``
+    without a file descriptor (a test's capture) has no final flush to guard.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``ryzen-opt`` console script: parse, run one command, return its exit status.
+
+    A reader that closes the output early (``ryzen-opt report compare a b | head``) ends the command quietly with
+    :data:`EXIT_BROKEN_PIPE`, as ``cat`` or ``git log`` do, and not with a BrokenPipeError traceback: the output is
+    flushed here, inside the handler, rather than at interpreter exit, where the error could not be caught.
+    """
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            sys.stdout.flush()  # argparse's --help exits through here too (SystemExit)
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

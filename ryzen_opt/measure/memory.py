@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
+
+logger = logging.getLogger(__name__)
 
 
 def cache_bytes(cache: Cache) -> int:
@@ -23,6 +26,54 @@ def cache_bytes(cache: Cache) -> int:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
+    return total
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer ``model`` holds, each storage counted once.
+
+    Why this and not ``sum(p.numel() * p.element_size())`` over parameters: the compression gates (a compression
+    ratio, a memory reduction) compare the bytes a model stores before and after an optimizer, and an optimizer moves
+    weights out of parameters into buffers (int8/uint8 ``qweight``, scales, packed int4), so both must be counted;
+    and a weight stored once must count once, whether it is tied (an LM head sharing the embedding) or viewed by
+    several modules (a fused projection sliced into q, k, v). So: every parameter and buffer, including
+    non-persistent ones (they occupy memory too), each underlying storage counted once at its full size (a view keeps
+    its whole storage alive). A tensor subclass that wraps inner tensors (``__tensor_flatten__``, as torchao's
+    quantized tensors do) is counted by those inner tensors. Copies a kernel keeps outside parameters and buffers
+    (e.g. a backend's prepacked weight in a plain attribute) are not seen; weights kept *only* there, as
+    ``torch.ao.quantization.quantize_dynamic``'s packed parameters are, are missing from the total, and a warning
+    names the modules that hold them (their owner must count them).
+
+    Example:
+        >>> model_bytes(torch.nn.Linear(4, 2))  # 8 weights + 2 biases, fp32
+        40
+    """
+    seen: set[tuple[str, int]] = set()
+    tensors = [*model.parameters(), *model.buffers()]  # each already unique by identity: a tied weight appears once
+    total = 0
+    while tensors:
+        t = tensors.pop()
+        if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass: its own storage is empty
+            names, _ = t.__tensor_flatten__()
+            tensors.extend(getattr(t, name) for name in names)
+            continue
+        storage = t.untyped_storage()
+        # Storages are the same memory when their data pointers are (on one device); a pointer of 0 (meta, empty)
+        # identifies nothing, so such a tensor counts alone.
+        key = (str(t.device), storage.data_ptr()) if storage.data_ptr() else ("tensor", id(t))
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    packed = [
+        name for name, m in model.named_modules() if isinstance(vars(m).get("_packed_params"), torch.ScriptObject)
+    ]
+    if packed:
+        logger.warning(
+            "model_bytes: %d modules (%s) keep weights in torch.ao packed parameters, outside parameters and buffers: "
+            "their bytes are not counted",
+            len(packed),
+            ", ".join(packed[:3]) + (", ..." if len(packed) > 3 else ""),
+        )
     return total
 
 

@@ -141,6 +141,8 @@ class SpeedupMeasurement:
     baseline_calls: int = 1  # calls of the baseline timed together as one sample (calibrated; times are per call)
     candidate_calls: int = 1  # the same for the candidate
     oversubscribed: str | None = None  # why the machine was too busy to trust this, or None
+    baseline_iqr_s: float = 0.0  # interquartile range of the baseline's per-call times: its spread, robustly
+    candidate_iqr_s: float = 0.0
 
     def __post_init__(self) -> None:
         # Validate here so that to_dict() is JSON-safe by construction: a NaN never reaches a report.

@@ -62,6 +62,9 @@ from ryzen_opt.measure.stats import (
     verdict_for,
 )
 
+# Re-exported: generate_workload lived here, and callers (benchmarks, perf tests, the system optimizer) import it here.
+from ryzen_opt.measure.workloads import generate_workload as generate_workload
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOCK_NAME = "ryzen_opt_perf.lock"
@@ -479,6 +482,8 @@ def _measurement(
         confidence=confidence,
         baseline_median_s=float(np.median(a)) / _NS_PER_S,
         candidate_median_s=float(np.median(b)) / _NS_PER_S,
+        baseline_iqr_s=_iqr(a) / _NS_PER_S,
+        candidate_iqr_s=_iqr(b) / _NS_PER_S,
         cv_baseline=coefficient_of_variation(a),
         cv_candidate=coefficient_of_variation(b),
         threshold=None if threshold is None else float(threshold),
@@ -486,6 +491,11 @@ def _measurement(
         oversubscribed=_oversubscribed(fields_["threads"], coefficient_of_variation(a), coefficient_of_variation(b)),
         **fields_,
     )
+
+
+def _iqr(times: np.ndarray) -> float:
+    q1, q3 = np.percentile(times, [25.0, 75.0])
+    return float(q3 - q1)
 
 
 def _decided(
@@ -582,36 +592,6 @@ def serial_lock(path: str | os.PathLike[str] | None = None) -> Iterator[float]:
     """
     with file_lock(path if path is not None else default_lock_path()) as waited:
         yield waited
-
-
-def generate_workload(model: Any, prompt: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
-    """A zero-argument call for :func:`compare`: ``model.generate`` of exactly ``new_tokens`` greedy tokens.
-
-    ``min_new_tokens`` holds EOS off, so every call does the same work whatever the weights predict (a decode that
-    stopped early would look fast). The first call checks the output length, so a workload that silently does
-    less fails loudly instead of being timed.
-    """
-    if prompt.ndim != 2:
-        raise ConfigError(f"prompt must be [batch, tokens] token ids, got shape {tuple(prompt.shape)}")
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    kwargs["pad_token_id"] = 0 if pad is None else pad
-    checked = False
-
-    @torch.no_grad()
-    def run() -> torch.Tensor:
-        nonlocal checked
-        out = model.generate(prompt, **kwargs)
-        if not checked:
-            if out.shape[1] != prompt.shape[1] + new_tokens:
-                raise MeasurementError(
-                    f"generate produced {out.shape[1] - prompt.shape[1]} new tokens, not {new_tokens}: "
-                    "the workload would not be comparable"
-                )
-            checked = True
-        return out
-
-    return run
 
 
 def read_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:

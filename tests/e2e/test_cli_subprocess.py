@@ -41,6 +41,44 @@ def test_unknown_command_is_usage_error() -> None:
     assert "invalid choice" in proc.stderr
 
 
+def _baseline(root: Path, name: str, rows: int) -> None:
+    entry = {"metric": "speedup", "value": 2.0, "ci_low": 1.9, "ci_high": 2.1}
+    entries = [{"test": f"test_{i}", **entry} for i in range(rows)]
+    (root / ".ryzen").mkdir(exist_ok=True)
+    (root / ".ryzen" / f"{name}.json").write_text(json.dumps({"format": "ryzen-baseline/1", "entries": entries}))
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])  # output flushed at the end by main, or at every print
+@pytest.mark.parametrize("command", ["report compare", "--help"])  # a command's output; argparse's (SystemExit)
+def test_output_closed_early_ends_quietly(tmp_path: Path, command: str, unbuffered: str) -> None:
+    """``ryzen-opt report compare a b | head``: the reader is gone before the output is written. Exit 141 (SIGPIPE's
+    status in a shell), nothing on stderr: no BrokenPipeError traceback, no "Exception ignored" at interpreter exit."""
+    _baseline(tmp_path, "a", 2000)
+    _baseline(tmp_path, "b", 2000)
+    args = ["report", "compare", "a", "b", "--root", str(tmp_path)] if command == "report compare" else ["--help"]
+    read, write = os.pipe()
+    os.close(read)  # no reader at all, so the first write fails however fast the child is
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ryzen_opt", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+            env=env,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr
+    assert "BrokenPipeError" not in proc.stderr
+    assert proc.stderr == ""
+    # argparse ignores a failed write of its help itself (exit 0); a failed flush of it reaches main's handler (141).
+    assert proc.returncode == 141 or (command == "--help" and proc.returncode == 0)
+
+
 @pytest.mark.slow
 def test_run_writes_report_in_cwd(tmp_path: Path) -> None:
     (tmp_path / "tiny.toml").write_text(

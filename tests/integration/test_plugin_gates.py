@@ -271,7 +271,10 @@ def test_nan(ryzen):
         ("speedup(-1)", "positive finite"),
         ("speedup('fast')", "no such threshold"),
         ("speedup(1, 2)", "exactly one threshold"),
-        ("accuracy_loss(5)", "at most 1"),
+        ("accuracy_loss(5)", "a fraction below 1, and 0.01 means 1%"),
+        ("accuracy_loss(1)", "a fraction below 1, and 0.01 means 1%"),  # 1 is 100%: almost surely "1%" meant
+        ("acceptance_rate(1.5)", "at most 1"),
+        ("speedup('1.3')", "a number in quotes; write @speedup(1.3)"),
         ("speedup(minimum=2)", "unknown argument"),
         ("acceptance_rate(float('nan'))", "positive finite"),
         ("speedup('accuracy_loss')", "is a accuracy_loss threshold, not a speedup one"),
