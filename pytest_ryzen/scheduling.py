@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; tests run unserialized, and the run says so once
+except ImportError:  # Windows: no flock; the tests of an xdist run are not serialized there
     fcntl = None  # type: ignore[assignment]
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ryzen_opt.models.cache import cache_root
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "gate-your-own.md"
 
 
@@ -24,8 +26,12 @@ def _example(name: str) -> str:
     return found.group(1)
 
 
-def test_the_gate_your_own_example_runs_as_documented(pytester: pytest.Pytester) -> None:
+def test_the_gate_your_own_example_runs_as_documented(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytester.makepyfile(test_my_optimizations=_example("test_my_optimizations.py"))
+    # pytester gives the run a fresh HOME; the model cache stays the user's, as it would for a user's own project.
+    monkeypatch.setenv("RYZEN_OPT_CACHE", str(cache_root()))
     # A subprocess, as a user's run: its own warning filters and its own process state.
     result = pytester.runpytest_subprocess("--device=cpu", "--ryzen-report-dir=out", "-rfxX")
     result.assert_outcomes(passed=2, xfailed=1)

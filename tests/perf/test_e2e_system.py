@@ -23,7 +23,7 @@ NEW_TOKENS = 64
 
 @speedup(3.0)
 @accuracy_loss(0.01)
-def test_all_four_on_smollm2(ryzen, smollm2, prose, two_threads) -> None:
+def test_all_four_on_smollm2(ryzen, smollm2, reference_logits, prose, two_threads) -> None:
     target, _ = smollm2
     system = OptimizedSystem(target, None)
     prompts = [prose[i : i + 1, :32] for i in range(2)]
@@ -48,7 +48,7 @@ def test_all_four_on_smollm2(ryzen, smollm2, prose, two_threads) -> None:
         max_time=150.0,
     )
     ryzen.record_accuracy(
-        target,
+        reference_logits,
         system.accuracy_model(),
         prose,
         optimizer="e2e",

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.perf
 
 @compression_ratio(2.0)
 @accuracy_loss(0.01)
-def test_int8_embedding_and_lm_head(ryzen, smollm2, prose) -> None:
+def test_int8_embedding_and_lm_head(ryzen, smollm2, reference_logits, prose) -> None:
     reference, _ = smollm2
     compressor = EmbeddingCompressor(CompressionConfig(method="int8"))
     compressed = compressor.apply_to_model(copy.deepcopy(reference))
@@ -32,7 +32,7 @@ def test_int8_embedding_and_lm_head(ryzen, smollm2, prose) -> None:
         sqnr_db=report["tensors"][0]["sqnr_db"],
     )
     ryzen.record_accuracy(
-        reference,
+        reference_logits,
         compressed,
         prose,
         optimizer="embedding_compressor",

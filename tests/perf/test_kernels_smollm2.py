@@ -26,16 +26,15 @@ Numbers measured here are in the README; ``python benchmarks/bench_kernels.py --
 
 from __future__ import annotations
 
-import copy
-
 import pytest
+import torch
 from transformers import DynamicCache
 
 from pytest_ryzen import accuracy_loss, speedup
 from ryzen_opt.measure.decode import CachedForward
 from ryzen_opt.measure.timing import generate_workload
 from ryzen_opt.models import corpus
-from ryzen_opt.optimizers.kernels import KernelConfig, KernelOptimizer, kernel_report
+from ryzen_opt.optimizers.kernels import KernelConfig, kernel_report
 
 pytestmark = pytest.mark.perf
 
@@ -43,12 +42,14 @@ PROMPT_TOKENS, NEW_TOKENS = 32, 64
 
 
 @speedup(3.0)
-def test_int8_decode_beats_hf_generate_at_2_threads(ryzen, smollm2, prose, two_threads, record_property) -> None:
+def test_int8_decode_beats_hf_generate_at_2_threads(
+    ryzen, smollm2, kernel_variant, prose, two_threads, record_property
+) -> None:
     reference, _ = smollm2
     # The defaults: one fused native call per layer, eager (compiling the decode step is slower on CPU since the native
     # layers, 1.05 against 0.89 s for these 64 tokens, and costs ~16 s of compile; see SystemConfig.compile_kernels).
     config = KernelConfig(weights="int8")
-    optimized = KernelOptimizer(config).apply_to_model(copy.deepcopy(reference))
+    optimized = kernel_variant(config)
     weights = config.weights
     prompt = prose[:1, :PROMPT_TOKENS]
     m = ryzen.compare(
@@ -69,16 +70,22 @@ def test_int8_decode_beats_hf_generate_at_2_threads(ryzen, smollm2, prose, two_t
     record_property("kernels", report.kernels)
 
 
+@pytest.fixture(scope="module")
+def prefill_blocks(smollm2) -> torch.Tensor:
+    """72 held-out blocks of 256 tokens (18k scored positions): the reference's forward over them runs once for both
+    weight formats (``reference_logits``)."""
+    reference, tokenizer = smollm2
+    return corpus.prose_blocks(tokenizer, "test", blocks=72).to(reference.device)
+
+
 @accuracy_loss(0.01)
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_prefill_accuracy(ryzen, smollm2, weights: str) -> None:
-    reference, tokenizer = smollm2
-    optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
-    blocks = corpus.prose_blocks(tokenizer, "test", blocks=72).to(reference.device)
+def test_prefill_accuracy(ryzen, kernel_variant, reference_logits, prefill_blocks, weights: str) -> None:
+    optimized = kernel_variant(KernelConfig(weights=weights))
     m = ryzen.record_accuracy(
-        reference,
+        reference_logits,
         optimized,
-        blocks,
+        prefill_blocks,
         optimizer="kernel_optimizer",
         reference_name="SmolLM2-135M fp32, one forward per block",
         candidate_name=f"KernelOptimizer(weights={weights!r}), one forward per block",
@@ -88,9 +95,8 @@ def test_prefill_accuracy(ryzen, smollm2, weights: str) -> None:
 
 @accuracy_loss(0.03)  # the resolution 2k decoded tokens give (see the module docstring); prefill gates the 1%
 @pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_token_by_token_decode_accuracy(ryzen, smollm2, prose, weights: str) -> None:
-    reference, _ = smollm2
-    optimized = KernelOptimizer(KernelConfig(weights=weights)).apply_to_model(copy.deepcopy(reference))
+def test_token_by_token_decode_accuracy(ryzen, kernel_variant, prose, weights: str) -> None:
+    optimized = kernel_variant(KernelConfig(weights=weights))
     blocks = prose[:16, :128]  # 16 sequences, one token of each a forward: the kernels' decode path
     m = ryzen.record_accuracy(
         optimized,

@@ -65,11 +65,13 @@ def test_int8_cache_accuracy_over_2k_token_documents(ryzen, smollm2, device: tor
     assert m.tokens >= 6_000
 
 
-@pytest.mark.parametrize("context", [2048, 4096])
-def test_pass_key_survives_the_quantized_cache(smollm2, context: int, record_property) -> None:
+# Two keys at 2k, one at 4k: a 4- or 5-digit key is not guessed, and each 4k probe (the full cache, then the int8 one)
+# costs ~40 s of CI; the second 4k key added that again without a case the first does not cover.
+@pytest.mark.parametrize(("context", "keys"), [(2048, ("48213", "7391")), (4096, ("48213",))])
+def test_pass_key_survives_the_quantized_cache(smollm2, context: int, keys: tuple[str, ...], record_property) -> None:
     model, tokenizer = smollm2
     filler = corpus.prose_texts("test")
-    for key in ("48213", "7391"):
+    for key in keys:
         prompt = passkey_prompt(tokenizer, filler, context, key)
         full = passkey_probe(model, tokenizer, prompt, key, lambda: DynamicCache(config=model.config))
         assert full["passed"], f"the full cache itself misses the key at {context} tokens: {full['answer']!r}"

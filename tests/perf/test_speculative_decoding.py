@@ -21,14 +21,11 @@ bits where activations are rounded to int8, and the outputs left each other on 1
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from pytest_ryzen import speedup
 from ryzen_opt.models import corpus
 from ryzen_opt.optimizers.drafting import NGramDrafter
-from ryzen_opt.optimizers.kernels import KernelOptimizer
 from ryzen_opt.optimizers.speculative import SpecConfig, SpeculativeDecoder, check_lossless
 from ryzen_opt.optimizers.system import SystemConfig
 
@@ -38,9 +35,8 @@ NEW_TOKENS = 96
 
 
 @pytest.fixture(scope="module")
-def target(smollm2):
-    model, _ = smollm2
-    return KernelOptimizer(SystemConfig().kernels).apply_to_model(copy.deepcopy(model))
+def target(kernel_variant):
+    return kernel_variant(SystemConfig().kernels)
 
 
 def _check_and_time(ryzen, target, tokenizer, prompts, label: str) -> None:
