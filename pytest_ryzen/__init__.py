@@ -9,7 +9,7 @@
 The measuring helpers (:mod:`pytest_ryzen.helpers`) are here too, imported on first use: they need torch, and the
 plugin loads in every ``pytest`` run (``pytest --help`` included), which must not pay for it::
 
-    from pytest_ryzen import decode_workload, heldout_blocks, model_bytes
+    from pytest_ryzen import decode_path, decode_workload, heldout_blocks, model_bytes
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports them on first use
-    from pytest_ryzen.helpers import decode_workload, heldout_blocks, model_bytes
+    from pytest_ryzen.helpers import decode_path, decode_workload, heldout_blocks, model_bytes
 
 speedup = pytest.mark.speedup
 accuracy_loss = pytest.mark.accuracy_loss
@@ -31,12 +31,13 @@ gpu = pytest.mark.gpu
 slow = pytest.mark.slow
 
 # The names pytest_ryzen.helpers gives, imported lazily by __getattr__ (PEP 562).
-_HELPERS = ("decode_workload", "heldout_blocks", "model_bytes")
+_HELPERS = ("decode_path", "decode_workload", "heldout_blocks", "model_bytes")
 
 __all__ = [
     "acceptance_rate",
     "accuracy_loss",
     "compression_ratio",
+    "decode_path",
     "decode_workload",
     "gpu",
     "heldout_blocks",

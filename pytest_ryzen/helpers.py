@@ -13,11 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from ryzen_opt.measure import memory, workloads
+from ryzen_opt.measure.decode import CachedForward
 from ryzen_opt.models import corpus
 
-__all__ = ["decode_workload", "heldout_blocks", "model_bytes"]
+__all__ = ["decode_path", "decode_workload", "heldout_blocks", "model_bytes"]
 
 
 def decode_workload(model: Any, prompt: torch.Tensor, new_tokens: int, **generate_kwargs: Any) -> Callable[[], Any]:
@@ -73,3 +75,26 @@ def heldout_blocks(tokenizer: Any, blocks: int = 24, block_size: int = 256, spli
         calibration = heldout_blocks(tokenizer, blocks=8, split="tune")  # to choose defaults on
     """
     return corpus.prose_blocks(tokenizer, split, blocks=blocks, block_size=block_size)
+
+
+def decode_path(model: Any, make_cache: Callable[[], Any] | None = None, chunk: int = 1) -> torch.nn.Module:
+    """``model`` read the way a decode reads it: ``chunk`` tokens per forward (one by default) through a KV cache
+    from ``make_cache`` (default: a fresh ``transformers.DynamicCache``), as a module whose forward gives every
+    position's logits, for ``ryzen.record_accuracy``.
+
+    Why: a prefill (the whole block in one forward) never exercises a cache, so an optimization of the cache or of
+    the one-row decode kernels must be judged through this path. Compare against the same model read the same way
+    with the full-precision cache, so that only your change differs. See
+    :class:`ryzen_opt.measure.decode.CachedForward`.
+
+    Example::
+
+        blocks = heldout_blocks(tokenizer, blocks=8, block_size=128)
+        ryzen.record_accuracy(decode_path(model), decode_path(model, my_quantized_cache), blocks)
+    """
+    if make_cache is None:
+
+        def make_cache() -> Any:
+            return DynamicCache(config=model.config)
+
+    return CachedForward(model, make_cache, chunk=chunk)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,3 +127,24 @@ def test_the_prose_corpus_names_its_licence() -> None:
     for words in ("pydoc_data.topics", "Python Software Foundation License Version 2", '"tune"', '"test"'):
         assert words in doc
     assert 'split="tune"' in " ".join((helpers.heldout_blocks.__doc__ or "").split())
+
+
+def test_decode_path_reads_one_token_per_forward_and_matches_the_prefill(tiny: LlamaForCausalLM) -> None:
+    from pytest_ryzen import decode_path
+
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    calls: list[int] = []
+
+    def count(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((args[0] if args else kwargs["input_ids"]).shape[1])
+
+    with torch.no_grad():
+        prefill = tiny(input_ids=ids).logits
+        hook = tiny.register_forward_pre_hook(count, with_kwargs=True)  # the fixture is shared: removed below
+        try:
+            decoded = decode_path(tiny)(ids).logits
+        finally:
+            hook.remove()
+    assert calls == [1] * 12  # one token a forward, through the cache
+    # fp32, the same weights, another summation order: equal to float rounding (the cache itself is exact)
+    torch.testing.assert_close(decoded, prefill, rtol=1e-4, atol=1e-4)

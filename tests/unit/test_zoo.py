@@ -112,9 +112,9 @@ def test_unfinished_build_is_rebuilt(built: Path) -> None:
 
 
 def test_cache_key_survives_minor_upgrades_but_not_major_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tokenizers
-    import transformers
-
+    # The module objects zoo reads: transformers' lazy module can be re-created in sys.modules by its own imports
+    # (auto_docstring loading model modules), so `import transformers` here may give another object than zoo's.
+    tokenizers, transformers = zoo.tokenizers, zoo.transformers
     recipe = recipes.get_recipe("tiny")
     key = zoo.recipe_hash(recipe)
     major = transformers.__version__.split(".")[0]
